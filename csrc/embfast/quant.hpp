@@ -1,0 +1,159 @@
+// embfast native core: top-k over quantized corpora.
+//
+// int8: score = sum_j q[j] * c[j] in int32, returned as float32 (exact).
+// binary: vectors packed 8 dims per byte (numpy.packbits order); score =
+// number of bits - Hamming distance, so higher is closer, like the float case.
+// Same ordering and tie rule as topk.hpp; corpus split across threads.
+#pragma once
+
+#include <cstring>
+#include <vector>
+
+#include "common.hpp"
+#include "topk.hpp"
+
+namespace embfast {
+
+EMBFAST_INLINE std::int32_t dot_i8_generic(const std::int8_t* a, const std::int8_t* b, std::size_t d) {
+    std::int32_t acc = 0;
+    for (std::size_t j = 0; j < d; ++j) acc += static_cast<std::int32_t>(a[j]) * b[j];
+    return acc;
+}
+
+EMBFAST_INLINE std::uint32_t hamming_generic(const std::uint8_t* a, const std::uint8_t* b, std::size_t nb) {
+    std::uint32_t acc = 0;
+    std::size_t j = 0;
+    for (; j + 8 <= nb; j += 8) {
+        std::uint64_t x, y;
+        std::memcpy(&x, a + j, 8);
+        std::memcpy(&y, b + j, 8);
+        acc += static_cast<std::uint32_t>(__builtin_popcountll(x ^ y));
+    }
+    for (; j < nb; ++j) acc += static_cast<std::uint32_t>(__builtin_popcount(static_cast<unsigned>(a[j] ^ b[j])));
+    return acc;
+}
+
+#if EMBFAST_X86
+// int8 x int8 -> int32 via sign extension to int16 and madd (no saturation,
+// unlike maddubs, so the full -128..127 range is exact).
+EMBFAST_AVX2 inline std::int32_t dot_i8_avx2(const std::int8_t* a, const std::int8_t* b, std::size_t d) {
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+    std::size_t j = 0;
+    for (; j + 32 <= d; j += 32) {
+        __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j));
+        __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j));
+        __m256i a_lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(va));
+        __m256i a_hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(va, 1));
+        __m256i b_lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(vb));
+        __m256i b_hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(vb, 1));
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(a_lo, b_lo));
+        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(a_hi, b_hi));
+    }
+    for (; j + 16 <= d; j += 16) {
+        __m256i a16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + j)));
+        __m256i b16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + j)));
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(a16, b16));
+    }
+    __m256i acc = _mm256_add_epi32(acc0, acc1);
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    std::int32_t r = _mm_cvtsi128_si32(s);
+    for (; j < d; ++j) r += static_cast<std::int32_t>(a[j]) * b[j];
+    return r;
+}
+
+EMBFAST_AVX2 inline std::uint32_t hamming_popcnt(const std::uint8_t* a, const std::uint8_t* b,
+                                                         std::size_t nb) {
+    std::uint64_t acc = 0;
+    std::size_t j = 0;
+    for (; j + 8 <= nb; j += 8) {
+        std::uint64_t x, y;
+        std::memcpy(&x, a + j, 8);
+        std::memcpy(&y, b + j, 8);
+        acc += static_cast<std::uint64_t>(_mm_popcnt_u64(x ^ y));
+    }
+    for (; j < nb; ++j) acc += static_cast<std::uint64_t>(_mm_popcnt_u32(static_cast<unsigned>(a[j] ^ b[j])));
+    return static_cast<std::uint32_t>(acc);
+}
+#endif
+
+// Per-thread scans over corpus rows [begin, end): one plain and one AVX2 body.
+template <typename T, typename ScoreFn>
+inline void scan_quantized(const T* Q, std::size_t nq, const T* C, std::size_t begin, std::size_t end,
+                                   std::size_t d, TopKHeap* heaps, ScoreFn score_fn) {
+    for (std::size_t r = begin; r < end; ++r) {
+        const T* row = C + r * d;
+        for (std::size_t q = 0; q < nq; ++q) {
+            float sc = score_fn(Q + q * d, row, d);
+            TopKHeap& h = heaps[q];
+            if (sc > h.threshold() || !h.full()) h.push(sc, static_cast<std::int64_t>(r));
+        }
+    }
+}
+
+struct Int8Dot {
+    EMBFAST_INLINE float operator()(const std::int8_t* a, const std::int8_t* b, std::size_t d) const {
+        return static_cast<float>(dot_i8_generic(a, b, d));
+    }
+};
+struct BitSim {
+    float bits;
+    EMBFAST_INLINE float operator()(const std::uint8_t* a, const std::uint8_t* b, std::size_t nb) const {
+        return bits - static_cast<float>(hamming_generic(a, b, nb));
+    }
+};
+EMBFAST_FLATTEN void scan_int8_generic(const std::int8_t* Q, std::size_t nq, const std::int8_t* C, std::size_t b,
+                              std::size_t e, std::size_t d, TopKHeap* h) {
+    scan_quantized(Q, nq, C, b, e, d, h, Int8Dot{});
+}
+EMBFAST_FLATTEN void scan_bits_generic(const std::uint8_t* Q, std::size_t nq, const std::uint8_t* C, std::size_t b,
+                              std::size_t e, std::size_t nb, TopKHeap* h) {
+    scan_quantized(Q, nq, C, b, e, nb, h, BitSim{static_cast<float>(nb * 8)});
+}
+
+#if EMBFAST_X86
+struct Int8DotAvx2 {
+    EMBFAST_AVX2 inline float operator()(const std::int8_t* a, const std::int8_t* b, std::size_t d) const {
+        return static_cast<float>(dot_i8_avx2(a, b, d));
+    }
+};
+struct BitSimPopcnt {
+    float bits;
+    EMBFAST_AVX2 inline float operator()(const std::uint8_t* a, const std::uint8_t* b, std::size_t nb) const {
+        return bits - static_cast<float>(hamming_popcnt(a, b, nb));
+    }
+};
+EMBFAST_AVX2_ENTRY void scan_int8_avx2(const std::int8_t* Q, std::size_t nq, const std::int8_t* C, std::size_t b,
+                                        std::size_t e, std::size_t d, TopKHeap* h) {
+    scan_quantized(Q, nq, C, b, e, d, h, Int8DotAvx2{});
+}
+EMBFAST_AVX2_ENTRY void scan_bits_popcnt(const std::uint8_t* Q, std::size_t nq, const std::uint8_t* C,
+                                          std::size_t b, std::size_t e, std::size_t nb, TopKHeap* h) {
+    scan_quantized(Q, nq, C, b, e, nb, h, BitSimPopcnt{static_cast<float>(nb * 8)});
+}
+#endif
+
+inline void topk_int8(const std::int8_t* Q, std::size_t nq, const std::int8_t* C, std::size_t n, std::size_t d,
+                      std::size_t k, float* s, std::int64_t* i, int threads) {
+    int t = resolve_threads(threads, static_cast<double>(n) * d * nq, 1.0e6);
+    auto scan = &scan_int8_generic;
+#if EMBFAST_X86
+    if (use_avx2()) scan = &scan_int8_avx2;
+#endif
+    parallel_corpus_topk(nq, n, k, t, s, i,
+                         [&](std::size_t b, std::size_t e, TopKHeap* h) { scan(Q, nq, C, b, e, d, h); });
+}
+
+inline void topk_hamming(const std::uint8_t* Q, std::size_t nq, const std::uint8_t* C, std::size_t n, std::size_t nb,
+                         std::size_t k, float* s, std::int64_t* i, int threads) {
+    int t = resolve_threads(threads, static_cast<double>(n) * nb * nq, 1.0e5);
+    auto scan = &scan_bits_generic;
+#if EMBFAST_X86
+    if (use_avx2()) scan = &scan_bits_popcnt;
+#endif
+    parallel_corpus_topk(nq, n, k, t, s, i,
+                         [&](std::size_t b, std::size_t e, TopKHeap* h) { scan(Q, nq, C, b, e, nb, h); });
+}
+
+}  // namespace embfast

@@ -1,0 +1,20 @@
+"""embfast: fast, exact text embeddings on ONNX Runtime with native pooling and top-k kernels.
+
+>>> import embfast
+>>> m = embfast.Embedder()                       # bundled all-MiniLM-L6-v2, CPU, fp32
+>>> v = m.encode(["The cat sat on the mat"])     # (1, 384) float32
+"""
+
+from __future__ import annotations
+
+from embfast.encoder import Embedder, EncodeInfo
+from embfast.info import build_info
+from embfast.quantization import quantize_embeddings
+from embfast.search import semantic_search
+from embfast.session import DeviceError
+from embfast.tokenization import InputTooLongError
+
+__version__ = "0.1.0"
+
+__all__ = ["DeviceError", "EncodeInfo", "Embedder", "InputTooLongError", "__version__", "build_info",
+           "quantize_embeddings", "semantic_search"]

