@@ -8,6 +8,7 @@ Flags mirror ``EMBFAST_*`` environment variables (``--device`` = EMBFAST_DEVICE,
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -150,7 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test")
     _model_args(s)
     s.set_defaults(func=cmd_eval)
+    for module in _EXTENSIONS:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:  # an optional extra (server, ray) is not installed: say so when used
+            s = sub.add_parser(module.rsplit(".", 1)[-1], help=f"unavailable: {exc}")
+            s.set_defaults(func=lambda args, exc=exc: _missing(exc))
+            continue
+        mod.register_cli(sub)
     return p
+
+
+# Modules that add their own subcommands: each has register_cli(subparsers) and keeps its code to itself.
+_EXTENSIONS: list[str] = []
+
+
+def _missing(exc: Exception) -> int:
+    print(f"embfast: this command needs an optional dependency: {exc}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,8 +120,7 @@ class Embedder:
         return precision
 
     def _variant_path(self, precision: str) -> Path:
-        if precision == "fp32":
-            return self.model_dir / "model.onnx"
+        """The graph for this precision: fp32 = the fusion-optimized export; built once, then cached."""
         from embfast.variants import ensure_variant
 
         return ensure_variant(self.model_dir, precision)

@@ -51,6 +51,7 @@ BLAS_BLOCK_ROWS = 16384
 __all__ = [
     "BACKENDS", "HAS_NATIVE", "HAS_NUMBA", "POOLING_MODES", "as_float32", "cls_pool", "l2_normalize",
     "last_token_pool", "max_pool", "mean_pool", "pool", "topk_cosine", "topk_hamming", "topk_int8",
+    "QuantizedCorpus", "quantize", "topk_quantized",
 ]
 
 
@@ -248,6 +249,9 @@ def topk_hamming(queries, corpus, k: int, *, threads: int = 0, backend: str = "a
     if b == "numba":
         return _numba.topk_hamming(np.ascontiguousarray(q), np.ascontiguousarray(c), k)
     return _core.topk_hamming(np.ascontiguousarray(q), np.ascontiguousarray(c), k, threads)
+
+
+from embfast.kernels.quantized import QuantizedCorpus, quantize, topk_quantized  # noqa: E402
 
 
 def build_info() -> dict:

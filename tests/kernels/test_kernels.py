@@ -303,3 +303,32 @@ def test_two_threads_run_topk_concurrently():
     assert not errors
     for j in range(2):
         np.testing.assert_array_equal(results[j][1], expected[j][1])
+
+
+def test_quantized_search_with_rescoring_finds_the_float_top_k():
+    rng = np.random.default_rng(0)
+    # clustered data so that quantization is not trivially exact
+    centers = rng.standard_normal((20, 64)).astype(np.float32)
+    corpus = reference.l2_normalize(centers[rng.integers(0, 20, 3000)] + 0.3 * rng.standard_normal((3000, 64)))
+    queries = reference.l2_normalize(corpus[:10] + 0.05 * rng.standard_normal((10, 64)))
+    _, exact = reference.topk_cosine(queries, corpus, 10)
+    for kind, min_recall in (("int8", 0.95), ("binary", 0.8)):  # 64 bits carry little: a loose floor
+        qc = kernels.quantize(corpus, kind)
+        s, i = kernels.topk_quantized(queries, qc, 10, rescore_multiplier=10, rescore_vectors=corpus)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i.tolist(), exact.tolist(), strict=True)])
+        assert recall >= min_recall, (kind, recall)
+        # rescored scores are the exact cosines of the returned rows
+        expected = (queries[:, None, :] * corpus[i]).sum(-1)
+        np.testing.assert_allclose(s, expected, rtol=1e-5, atol=1e-5)
+        raw_s, raw_i = kernels.topk_quantized(queries, qc, 5)
+        assert raw_s.shape == (10, 5)
+
+
+def test_quantize_errors():
+    with pytest.raises(ValueError, match="kind"):
+        kernels.quantize(np.zeros((3, 4)), "int4")
+    qc = kernels.quantize(np.ones((3, 4)), "int8")
+    with pytest.raises(ValueError, match="dim"):
+        kernels.topk_quantized(np.zeros((1, 5)), qc, 1)
+    with pytest.raises(ValueError, match="rescore_vectors"):
+        kernels.topk_quantized(np.zeros((1, 4)), qc, 1, rescore_vectors=np.zeros((2, 4), np.float32))
