@@ -206,34 +206,49 @@ class Embedder:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="encode", unit="batch")
-        hidden = self.config.dim
-        tokens_out: list = [None] * len(texts)
-        pooled = np.empty((len(texts), hidden), dtype=np.float32)
-        for rows in batches:
-            feeds = self.tokenizer.pad(tok.ids, rows)
-            token_vecs = self.session.run(feeds)
-            if output_value == "token_embeddings":
+        info = EncodeInfo(tok.lengths, tok.truncated, 0.0)
+        if output_value == "token_embeddings":
+            tokens_out: list = [None] * len(texts)
+            for rows in batches:
+                feeds = self.tokenizer.pad(tok.ids, rows)
+                token_vecs = self.session.run(feeds)
                 mask = feeds["attention_mask"].astype(bool)
                 for j, r in enumerate(rows):
                     tokens_out[r] = token_vecs[j][mask[j]]
-            else:
-                pooled[rows] = kernels.pool(token_vecs, feeds["attention_mask"], self.config.pooling)
-        info = EncodeInfo(tok.lengths, tok.truncated, 0.0)
-        if output_value == "token_embeddings":
             info.seconds = time.perf_counter() - t0
             result = tokens_out[0] if single else tokens_out
             return (result, info) if return_info else result
 
+        pooled = np.empty((len(texts), self.config.dim), dtype=np.float32)
+        for rows in batches:
+            pooled[rows] = self.embed_token_ids(tok.ids, rows)
+        emb = self.postprocess(pooled, normalize_embeddings=normalize_embeddings, truncate_dim=dim_cut,
+                               precision=precision)
+        info.seconds = time.perf_counter() - t0
+        result = emb[0] if single else (emb if convert_to_numpy else list(emb))
+        return (result, info) if return_info else result
+
+    # ---- the two halves of encode, for batchers that merge many callers ----------------
+    def embed_token_ids(self, ids: list[list[int]], rows) -> np.ndarray:
+        """Run one batch: pad the token-id lists ``ids[rows]``, run ONNX Runtime, pool.
+
+        Returns (len(rows), hidden) float32, not normalized. Thread-safe.
+        """
+        feeds = self.tokenizer.pad(ids, np.asarray(rows))
+        token_vecs = self.session.run(feeds)
+        return kernels.pool(token_vecs, feeds["attention_mask"], self.config.pooling)
+
+    def postprocess(self, pooled: np.ndarray, *, normalize_embeddings: bool | None = None,
+                    truncate_dim: int | None = None, precision: str = "float32") -> np.ndarray:
+        """truncate_dim -> normalize (None: as the model says) -> output precision, on (n, hidden) pooled vectors."""
+        dim_cut = self._check_truncate_dim(truncate_dim) if truncate_dim is not None else self.truncate_dim
         emb = pooled[:, :dim_cut] if dim_cut else pooled
         normalize = self.config.normalize if normalize_embeddings is None else bool(normalize_embeddings)
         if normalize:
             emb = kernels.l2_normalize(emb)
         elif dim_cut:
             emb = np.ascontiguousarray(emb)
-        emb = quantize_embeddings(emb, precision)
-        info.seconds = time.perf_counter() - t0
-        result = emb[0] if single else (emb if convert_to_numpy else list(emb))
-        return (result, info) if return_info else result
+        return quantize_embeddings(emb, precision)
 
     def count_tokens(self, sentences) -> np.ndarray:
         """(n,) tokens each text feeds the model (after truncation, special tokens included)."""
