@@ -103,69 +103,69 @@ def numpy_topk(q: np.ndarray, c: np.ndarray, k: int):
 
 
 def bench_fp32(limits: dict) -> None:
-    rng = np.random.default_rng(42)
-    competitors = {}
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(ARGS.threads)
-        competitors["faiss"] = faiss
-    except ImportError:
-        print("faiss not installed: pip install faiss-cpu", file=sys.stderr)
     for n in ARGS.n:
-        corpus = reference.l2_normalize(rng.standard_normal((n, ARGS.dim), dtype=np.float32))
-        index = None
-        if "faiss" in competitors and "faiss" not in ARGS.skip:
-            index = competitors["faiss"].IndexFlatIP(ARGS.dim)
+        _bench_fp32_at(n, limits)
+
+
+def _bench_fp32_at(n: int, limits: dict) -> None:
+    rng = np.random.default_rng(42)
+    corpus = reference.l2_normalize(rng.standard_normal((n, ARGS.dim), dtype=np.float32))
+    index = None
+    if "faiss" not in ARGS.skip:
+        try:
+            import faiss
+
+            faiss.omp_set_num_threads(ARGS.threads)
+            index = faiss.IndexFlatIP(ARGS.dim)
             index.add(corpus)
-        usearch_ok = "usearch" not in ARGS.skip
+        except ImportError:
+            print("faiss not installed: pip install faiss-cpu", file=sys.stderr)
+    usearch_search = None
+    if "usearch" not in ARGS.skip:
         try:
             from usearch.index import search as usearch_search
         except ImportError:
-            usearch_ok = False
-        st_search = None
-        if "st" not in ARGS.skip:
-            try:
-                import torch
-                from sentence_transformers.util import semantic_search as st_search
+            usearch_search = None
+    st_search = corpus_t = None
+    if "st" not in ARGS.skip:
+        try:
+            import torch
+            from sentence_transformers.util import semantic_search as st_search
 
-                torch.set_num_threads(ARGS.threads)
-                corpus_t = torch.from_numpy(corpus)
-            except ImportError:
-                st_search = None
-        for nq in ARGS.q:
-            queries = reference.l2_normalize(rng.standard_normal((nq, ARGS.dim), dtype=np.float32))
-            rep = ARGS.repeat if nq < 1000 else max(2, ARGS.repeat // 2)
-            results = {}
-            t = timeit(lambda q=queries: kernels.topk_cosine(q, corpus, ARGS.k, assume_normalized=True), rep)
-            results["embfast"] = t
-            ref_idx = kernels.topk_cosine(queries, corpus, ARGS.k, assume_normalized=True)[1]
-            if index is not None:
-                results["faiss"] = timeit(lambda q=queries: index.search(q, ARGS.k), rep)
-                agree = (index.search(queries, ARGS.k)[1] == ref_idx).mean()
-                emit(section="fp32", check="faiss_same_indices", n=n, q=nq, fraction=float(agree))
-            if "numpy" not in ARGS.skip:
-                results["numpy"] = timeit(lambda q=queries: numpy_topk(q, corpus, ARGS.k), max(2, rep // 2))
-            if st_search is not None:
-                qt = torch.from_numpy(queries)
-                results["sentence-transformers"] = timeit(
-                    lambda qt=qt: st_search(qt, corpus_t, top_k=ARGS.k), max(2, rep // 2))
-            if usearch_ok and nq <= 1000:
-                results["usearch-exact"] = timeit(
-                    lambda q=queries: usearch_search(corpus, q, ARGS.k, metric="ip", exact=True,
-                                                     threads=ARGS.threads), max(2, rep // 2))
-            base = results.get("faiss")
-            for name, secs in results.items():
-                row = {"section": "fp32", "impl": name, "n": n, "q": nq, "k": ARGS.k, "median_s": round(secs, 5),
-                       "x_faiss": round(base / secs, 2) if base else None}
-                if nq == 1:
-                    gbs = corpus.nbytes / secs / 1e9
-                    row.update(gb_s=round(gbs, 2), pct_bandwidth=round(100 * gbs / limits["read_gb_s"], 1))
-                if nq >= 1000:
-                    gf = 2 * nq * n * ARGS.dim / secs / 1e9
-                    row.update(gflop_s=round(gf, 1), pct_sgemm=round(100 * gf / limits["sgemm_gflop_s"], 1))
-                emit(**row)
-        del corpus, index
+            torch.set_num_threads(ARGS.threads)
+            corpus_t = torch.from_numpy(corpus)
+        except ImportError:
+            st_search = None
+    for nq in ARGS.q:
+        queries = reference.l2_normalize(rng.standard_normal((nq, ARGS.dim), dtype=np.float32))
+        rep = ARGS.repeat if nq < 1000 else max(2, ARGS.repeat // 2)
+        few = max(2, rep // 2)
+        results = {"embfast": timeit(lambda: kernels.topk_cosine(queries, corpus, ARGS.k, assume_normalized=True),
+                                     rep)}
+        ref_idx = kernels.topk_cosine(queries, corpus, ARGS.k, assume_normalized=True)[1]
+        if index is not None:
+            results["faiss"] = timeit(lambda: index.search(queries, ARGS.k), rep)
+            agree = (index.search(queries, ARGS.k)[1] == ref_idx).mean()
+            emit(section="fp32", check="faiss_same_indices", n=n, q=nq, fraction=float(agree))
+        if "numpy" not in ARGS.skip:
+            results["numpy"] = timeit(lambda: numpy_topk(queries, corpus, ARGS.k), few)
+        if st_search is not None:
+            qt = torch.from_numpy(queries)
+            results["sentence-transformers"] = timeit(lambda: st_search(qt, corpus_t, top_k=ARGS.k), few)
+        if usearch_search is not None:
+            results["usearch-exact"] = timeit(
+                lambda: usearch_search(corpus, queries, ARGS.k, metric="ip", exact=True, threads=ARGS.threads), few)
+        base = results.get("faiss")
+        for name, secs in results.items():
+            row = {"section": "fp32", "impl": name, "n": n, "q": nq, "k": ARGS.k, "median_s": round(secs, 5),
+                   "x_faiss": round(base / secs, 2) if base else None}
+            if nq == 1:
+                gbs = corpus.nbytes / secs / 1e9
+                row.update(gb_s=round(gbs, 2), pct_bandwidth=round(100 * gbs / limits["read_gb_s"], 1))
+            if nq >= 1000:
+                gf = 2 * nq * n * ARGS.dim / secs / 1e9
+                row.update(gflop_s=round(gf, 1), pct_sgemm=round(100 * gf / limits["sgemm_gflop_s"], 1))
+            emit(**row)
 
 
 def real_embeddings() -> np.ndarray:
