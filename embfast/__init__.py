@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from embfast.encoder import Embedder, EncodeInfo
+from embfast.index import Index as Index
 from embfast.info import build_info
 from embfast.quantization import quantize_embeddings
 from embfast.search import semantic_search

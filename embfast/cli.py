@@ -92,17 +92,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_encode(args) -> int:
-    import numpy as np
-
-    m = _embedder(args)
-    texts = _read_lines(args.input)
-    emb = m.encode(texts, batch_size=args.batch_size, show_progress_bar=not args.quiet and sys.stderr.isatty())
-    np.save(args.output, emb)
-    print(f"wrote {emb.shape} to {args.output}")
-    return 0
-
-
 def cmd_eval(args) -> int:
     from embfast.evaluation import evaluate_retrieval, evaluate_sts
 
@@ -138,13 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=None, help="embed at most this many texts")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("encode", help="embed a text file (one text per line) into a .npy file")
-    _model_args(s)
-    s.add_argument("input")
-    s.add_argument("-o", "--output", required=True)
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(func=cmd_encode)
-
     s = sub.add_parser("eval", help="MTEB-style evaluation: sts FILE or retrieval BEIR_DIR")
     s.add_argument("task", choices=["sts", "retrieval"])
     s.add_argument("path")
@@ -163,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands: each has register_cli(subparsers) and keeps its code to itself.
-_EXTENSIONS: list[str] = []
+_EXTENSIONS: list[str] = ["embfast.jobs", "embfast.benchcmd", "embfast.viz"]
 
 
 def _missing(exc: Exception) -> int:

@@ -1,0 +1,674 @@
+"""Batch jobs: ``embfast encode`` over large files (streaming, resumable), chunking, ``embfast index`` / ``search``.
+
+An encode job reads its inputs as a stream (:mod:`embfast.io`), embeds them
+``shard_size`` records at a time and writes each shard durably into a work folder
+``<output>.parts/`` next to the output, recording it in ``state.json`` only once
+its files are complete. Memory holds one shard, never the whole input. When every
+record is done the shards are concatenated into the output through a temporary
+file and a rename (the output is either absent or complete), and the work folder
+is removed. An interrupted job (Ctrl-C, SIGTERM, a kill, a crash) keeps its work
+folder; the same command with ``--resume`` skips the records of the recorded
+shards (re-reading, not re-embedding them) and carries on, so the result equals
+an uninterrupted run row for row.
+
+Python API: :func:`encode_files`, :class:`Chunker`, :func:`embed_texts`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from embfast import io as jio
+from embfast.batching import plan_batches
+from embfast.io import BadInputError, ReadOptions, Record
+
+STATE_FORMAT = 1
+DEFAULT_SHARD_SIZE = 4096
+MAX_BAD_SHOWN = 10
+
+
+# ---- chunking ---------------------------------------------------------------------------------------
+class Chunker:
+    """Split long documents into overlapping windows of at most ``chunk_tokens`` word-pieces.
+
+    Windows never start or end inside a word when a word boundary is available (a
+    word longer than the window is cut), so a chunk re-tokenizes to at most
+    ``chunk_tokens`` pieces. Consecutive windows share about ``overlap`` tokens.
+
+    Args:
+        embedder: the Embedder whose tokenizer counts the tokens.
+        chunk_tokens: tokens per chunk, special tokens not counted; at most the model's
+            max_seq_length minus its special tokens (e.g. 254 for 256 with [CLS] and [SEP]).
+        overlap: tokens shared by consecutive chunks, 0 <= overlap < chunk_tokens.
+    """
+
+    def __init__(self, embedder, chunk_tokens: int, overlap: int = 0):
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(embedder.tokenizer.tokenizer.to_str())  # a private copy: no truncation
+        tok.no_truncation()
+        tok.no_padding()
+        specials = len(tok.encode("", add_special_tokens=True).ids)
+        limit = embedder.max_seq_length - specials
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or not 1 <= chunk_tokens <= limit:
+            raise ValueError(f"chunk_tokens must be an int in [1, {limit}] (max_seq_length {embedder.max_seq_length} "
+                             f"minus {specials} special tokens), got {chunk_tokens!r}")
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < chunk_tokens:
+            raise ValueError(f"chunk_overlap must be an int in [0, {chunk_tokens - 1}] (less than chunk_tokens), "
+                             f"got {overlap!r}")
+        self.tokenizer = tok
+        self.chunk_tokens, self.overlap = chunk_tokens, overlap
+        self.lower = embedder.tokenizer.do_lower_case
+
+    def split(self, text: str) -> list[tuple[int, int]]:
+        """Character spans ``(start, end)`` of the chunks of ``text``, in order; ``text[start:end]`` is the chunk.
+
+        A text with no tokens (e.g. only control characters) is one chunk ``(0, len(text))``.
+        """
+        enc = self.tokenizer.encode(text.lower() if self.lower and len(text.lower()) == len(text) else text,
+                                    add_special_tokens=False)
+        offsets, words = enc.offsets, enc.word_ids
+        n = len(offsets)
+        if n == 0:
+            return [(0, len(text))]
+        spans: list[tuple[int, int]] = []
+        start = 0
+        while True:
+            end = min(start + self.chunk_tokens, n)
+            if end < n and words[end] is not None and words[end] == words[end - 1]:
+                cut = end - 1
+                while cut > start and words[cut] == words[end]:
+                    cut -= 1
+                if cut > start:  # else one word fills the window: cut inside it
+                    end = cut + 1
+            spans.append((offsets[start][0], offsets[end - 1][1]))
+            if end >= n:
+                return spans
+            nxt = max(end - self.overlap, start + 1)
+            if words[nxt] is not None and words[nxt] == words[nxt - 1]:  # mid-word: back to the word's start
+                back = nxt
+                while back > start + 1 and words[back] == words[back - 1]:
+                    back -= 1
+                if words[back] != words[back - 1]:
+                    nxt = back
+                else:  # the word reaches back to ``start``: go forward to the next word instead
+                    fwd = nxt
+                    while fwd < end and words[fwd] == words[fwd - 1]:
+                        fwd += 1
+                    nxt = fwd if fwd < end else nxt
+            start = nxt
+
+
+# ---- embedding with progress ---------------------------------------------------------------------------
+def embed_texts(embedder, texts: list[str], *, batch_size: int = 32, normalize: bool | None = None,
+                dimensions: int | None = None, max_batch_tokens: int | None = 16384,
+                on_batch: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``Embedder.encode`` for a job: the same order of steps, with a callback after every batch.
+
+    Args:
+        texts: the texts of one shard (length-sorted once, together).
+        on_batch: called with (texts, tokens) after each ONNX Runtime batch.
+
+    Returns:
+        vectors (n, dim) float32 in input order, token counts (n,) int64, truncated flags (n,) bool.
+    """
+    tok = embedder.tokenizer.tokenize(texts)
+    pooled = np.empty((len(texts), embedder.config.dim), dtype=np.float32)
+    for rows in plan_batches(tok.lengths, batch_size, max_batch_tokens):
+        pooled[rows] = embedder.embed_token_ids(tok.ids, rows)
+        if on_batch is not None:
+            on_batch(len(rows), int(tok.lengths[rows].sum()))
+    emb = embedder.postprocess(pooled, normalize_embeddings=normalize, truncate_dim=dimensions)
+    return np.ascontiguousarray(emb, dtype=np.float32), tok.lengths, tok.truncated
+
+
+class Progress:
+    """Records done of an estimated total, texts/s, tokens/s and ETA.
+
+    On a terminal: a tqdm bar. Otherwise: one plain line on stderr every ``interval``
+    seconds. ``quiet``: nothing.
+    """
+
+    def __init__(self, total: int | None, *, quiet: bool = False, interval: float = 10.0, initial: int = 0,
+                 unit: str = "records"):
+        self.total, self.quiet, self.interval, self.unit = total, quiet, interval, unit
+        self.done = float(initial)
+        self.initial = initial
+        self.texts = self.tokens = 0
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit=unit[:-1] if unit.endswith("s") else unit,
+                            desc="encode", dynamic_ncols=True, file=sys.stderr)
+
+    def rates(self) -> tuple[float, float]:
+        secs = max(time.perf_counter() - self.t0, 1e-9)
+        return self.texts / secs, self.tokens / secs
+
+    def advance(self, records: float, texts: int, tokens: int) -> None:
+        self.done += records
+        self.texts += texts
+        self.tokens += tokens
+        if self.quiet:
+            return
+        xps, tps = self.rates()
+        if self.bar is not None:
+            self.bar.update(records)
+            self.bar.set_postfix_str(f"{xps:,.0f} texts/s, {tps:,.0f} tokens/s", refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.interval:
+            self.last = now
+            print(f"encode: {self.line()}", file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        xps, tps = self.rates()
+        done = int(self.done)
+        if self.total:
+            pct = min(100.0, 100.0 * self.done / self.total)
+            secs = max(time.perf_counter() - self.t0, 1e-9)
+            speed = (self.done - self.initial) / secs
+            eta = (self.total - self.done) / speed if speed > 0 else float("inf")
+            eta_s = time.strftime("%H:%M:%S", time.gmtime(max(eta, 0))) if eta != float("inf") else "?"
+            head = f"{done:,}/{self.total:,} {self.unit} ({pct:.1f}%)"
+        else:
+            head, eta_s = f"{done:,} {self.unit}", "?"
+        return f"{head}, {xps:,.0f} texts/s, {tps:,.0f} tokens/s, ETA {eta_s}"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- shards ------------------------------------------------------------------------------------------------
+@dataclass
+class Shard:
+    """One embedded shard: its rows' fields, vectors (rows, dim), and what it consumed."""
+
+    rows: list[dict]
+    vectors: np.ndarray
+    records: int
+    tokens: int
+    truncated: int
+    texts: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BadCounter:
+    """Counts bad rows and files; shows the first few on stderr, raises when not skipping."""
+
+    skip: bool = False
+    quiet: bool = False
+    rows: int = 0
+    files: int = 0
+    muted: bool = False
+
+    def __call__(self, exc: BadInputError) -> None:
+        if self.muted:  # re-reading records a resumed job already did: they were counted then
+            return
+        if not self.skip:
+            raise exc
+        if exc.line is None:
+            self.files += 1
+        else:
+            self.rows += 1
+        if not self.quiet and self.rows + self.files <= MAX_BAD_SHOWN:
+            print(f"skipped {exc}", file=sys.stderr)
+            if self.rows + self.files == MAX_BAD_SHOWN:
+                print("(further bad inputs are counted, not shown)", file=sys.stderr)
+
+
+def embedded_shards(records: Iterator[Record], embedder, *, shard_size: int = DEFAULT_SHARD_SIZE,
+                    chunker: Chunker | None = None, include_text: bool = False, batch_size: int = 32,
+                    normalize: bool | None = None, dimensions: int | None = None,
+                    progress: Progress | None = None) -> Iterator[Shard]:
+    """Group ``records`` into shards of ``shard_size`` records and embed each one.
+
+    Rows: ``{"id"}`` per record, or with a chunker one row per chunk ``{"id": "<doc id>#<k>",
+    "doc_id", "chunk_index", "char_start", "char_end"}``; plus ``"text"`` with ``include_text``.
+    """
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+    buf: list[Record] = []
+    for rec in records:
+        buf.append(rec)
+        if len(buf) == shard_size:
+            yield _embed_shard(buf, embedder, chunker, include_text, batch_size, normalize, dimensions, progress)
+            buf = []
+    if buf:
+        yield _embed_shard(buf, embedder, chunker, include_text, batch_size, normalize, dimensions, progress)
+
+
+def _embed_shard(records, embedder, chunker, include_text, batch_size, normalize, dimensions, progress) -> Shard:
+    rows: list[dict] = []
+    texts: list[str] = []
+    sources: list[str] = []
+    for rec in records:
+        if chunker is None:
+            rows.append({"id": rec.id})
+            texts.append(rec.text)
+            sources.append(rec.source)
+            continue
+        for k, (s, e) in enumerate(chunker.split(rec.text)):
+            rows.append({"id": f"{rec.id}#{k}", "doc_id": rec.id, "chunk_index": k, "char_start": s, "char_end": e})
+            texts.append(rec.text[s:e])
+            sources.append(rec.source)
+    if include_text:
+        for r, t in zip(rows, texts, strict=True):
+            r["text"] = t
+    per_text = len(records) / max(len(texts), 1)
+
+    def on_batch(n: int, tokens: int) -> None:
+        if progress is not None:
+            progress.advance(n * per_text, n, tokens)
+
+    vec, lengths, truncated = embed_texts(embedder, texts, batch_size=batch_size, normalize=normalize,
+                                          dimensions=dimensions, on_batch=on_batch)
+    return Shard(rows, vec, len(records), int(lengths.sum()), int(truncated.sum()), texts, sources)
+
+
+# ---- the encode job ------------------------------------------------------------------------------------------
+@dataclass
+class JobResult:
+    """What an encode job did (over all its runs, when resumed)."""
+
+    output: Path
+    rows: int
+    records: int
+    dim: int
+    bad_rows: int
+    bad_files: int
+    tokens: int
+    truncated: int
+    seconds: float
+    resumed_shards: int
+    new_records: int = 0
+    new_tokens: int = 0
+
+
+def work_folder(output: str | Path) -> Path:
+    """``<output>.parts``: where a job keeps its shards and ``state.json`` until it finishes."""
+    output = Path(output)
+    return output.with_name(output.name + ".parts")
+
+
+def _write_state(folder: Path, state: dict) -> None:
+    tmp = folder / "state.json.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(state, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, folder / "state.json")
+    jio.fsync_dir(folder)
+
+
+def _load_state(folder: Path, config: dict, inputs: list[dict]) -> dict:
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"{folder}/state.json is missing or damaged ({exc}); delete {folder} and run again") from exc
+    if state.get("format") != STATE_FORMAT:
+        raise RuntimeError(f"{folder} was written by another embfast version; delete it and run again")
+    old = state.get("config", {})
+    diff = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
+            if old.get(k) != config.get(k)]
+    if diff:
+        raise ValueError(f"--resume: this run's settings differ from the interrupted run's ({'; '.join(diff)}); "
+                         f"rerun with the original settings, or delete {folder} to start over")
+    if state.get("inputs") != inputs:
+        raise ValueError(f"--resume: the inputs changed since the interrupted run (files, sizes or times differ); "
+                         f"delete {folder} to start over")
+    return state
+
+
+def encode_files(inputs: list[str], output: str | Path, embedder, *, read: ReadOptions | None = None,
+                 batch_size: int = 32, normalize: bool | None = None, dimensions: int | None = None,
+                 chunk_tokens: int | None = None, chunk_overlap: int = 0, include_text: bool = False,
+                 shard_size: int = DEFAULT_SHARD_SIZE, resume: bool = False, skip_bad: bool = False,
+                 quiet: bool = True, progress_interval: float = 10.0) -> JobResult:
+    """Embed every record of ``inputs`` into ``output`` (.npy, .parquet or .jsonl), streaming and resumable.
+
+    Args:
+        inputs: file paths or glob patterns (.txt, .jsonl, .csv, .parquet).
+        output: .npy (vectors (rows, dim) float32 only), .parquet or .jsonl (id, chunk fields, text, vector).
+        embedder: an :class:`embfast.Embedder`.
+        read: text / id fields and the input format.
+        normalize: L2-normalize (None: as the model says). dimensions: Matryoshka cut (None: all).
+        chunk_tokens / chunk_overlap: split each record into token windows, one row per chunk.
+        include_text: keep each row's text in the output (not for .npy).
+        shard_size: records per shard (the unit of progress saved; memory holds one shard).
+        resume: continue the interrupted job in ``<output>.parts``; without it an existing work folder is an error.
+        skip_bad: count and skip bad rows and unreadable files instead of stopping at the first.
+        quiet: no progress output. progress_interval: seconds between plain progress lines off a terminal.
+
+    Returns:
+        A :class:`JobResult`. Raises :class:`embfast.io.BadInputError` (a ValueError naming file and line)
+        on bad input without ``skip_bad``; ``KeyboardInterrupt`` leaves the work folder for ``resume``.
+    """
+    t0 = time.perf_counter()
+    output = Path(output)
+    fmt = jio.output_format(output)
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+    read = read or ReadOptions()
+    if fmt == "npy" and (include_text or chunk_tokens):
+        what = "--include-text" if include_text else "--chunk-tokens"
+        raise ValueError(f"{what} needs a .parquet or .jsonl output (a .npy holds vectors only), got {output}")
+    chunker = Chunker(embedder, chunk_tokens, chunk_overlap) if chunk_tokens else None
+    paths = jio.expand_inputs(inputs)
+    for p in paths:  # fail on a misspelt format before any work
+        jio.input_format(p, read.input_format)
+    config = {"model": embedder.manifest.get("name"), "model_checksum": embedder.manifest.get("source_checksum"),
+              "precision": embedder.precision, "max_seq_length": embedder.max_seq_length, "dim": embedder.dim,
+              "normalize": normalize, "dimensions": dimensions, "chunk_tokens": chunk_tokens,
+              "chunk_overlap": chunk_overlap if chunk_tokens else None, "text_field": read.text_field,
+              "id_field": read.id_field, "input_format": read.input_format, "include_text": include_text,
+              "output_format": fmt}
+    prints = jio.fingerprint(paths)
+    folder = work_folder(output)
+    if folder.exists():
+        if not resume:
+            raise ValueError(f"{folder} holds an interrupted run of this job; pass --resume to finish it, "
+                             f"or delete the folder to start over")
+        state = _load_state(folder, config, prints)
+    else:
+        state = {"format": STATE_FORMAT, "config": config, "inputs": prints, "dim": None, "shards": []}
+        folder.mkdir(parents=True)
+        _write_state(folder, state)
+    done_shards = len(state["shards"])
+    skip = sum(s["records"] for s in state["shards"])
+    bad = BadCounter(skip=skip_bad, quiet=quiet)
+    total = None if quiet else jio.count_rows(paths, read)
+    records = jio.read_records(paths, read, bad)
+    if skip:
+        bad.muted = True
+        for i, _ in enumerate(records, 1):
+            if i == skip:
+                break
+        else:
+            raise RuntimeError(f"--resume: the inputs hold fewer records than the {skip} already done; "
+                               f"delete {folder} to start over")
+        bad.muted = False
+    progress = Progress(total, quiet=quiet, interval=progress_interval, initial=skip)
+    try:
+        try:
+            for shard in embedded_shards(records, embedder, shard_size=shard_size, chunker=chunker,
+                                         include_text=include_text, batch_size=batch_size, normalize=normalize,
+                                         dimensions=dimensions, progress=progress):
+                index = len(state["shards"])
+                jio.write_shard(folder, index, shard.vectors, shard.rows)
+                state["dim"] = int(shard.vectors.shape[1])
+                state["shards"].append({"rows": len(shard.rows), "records": shard.records, "tokens": shard.tokens,
+                                        "truncated": shard.truncated, "bad_rows": bad.rows, "bad_files": bad.files})
+                bad.rows = bad.files = 0
+                _write_state(folder, state)
+        except BadInputError:
+            if not state["shards"]:  # nothing worth resuming: leave no work folder behind
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+    finally:
+        progress.close()
+    if bad.rows or bad.files:  # bad rows after the last shard: record them with an empty shard
+        state["shards"].append({"rows": 0, "records": 0, "tokens": 0, "truncated": 0, "bad_rows": bad.rows,
+                                "bad_files": bad.files})
+        jio.write_shard(folder, len(state["shards"]) - 1, np.zeros((0, state["dim"] or embedder.dim), np.float32), [])
+        _write_state(folder, state)
+    dim = state["dim"] or embedder.dim
+    meta = {"embfast": {"model": config["model"], "model_checksum": config["model_checksum"], "dim": dim,
+                        "precision": config["precision"]}}
+    rows = jio.assemble(folder, [s["rows"] for s in state["shards"]], dim, output, fmt, schema_metadata=meta)
+    shutil.rmtree(folder, ignore_errors=True)
+    sh = state["shards"]
+    return JobResult(output, rows, sum(s["records"] for s in sh), dim, sum(s["bad_rows"] for s in sh),
+                     sum(s["bad_files"] for s in sh), sum(s["tokens"] for s in sh), sum(s["truncated"] for s in sh),
+                     time.perf_counter() - t0, done_shards, sum(s["records"] for s in sh) - skip,
+                     sum(s["tokens"] for s in sh[done_shards:]))
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------
+def _env(name: str, default=None):
+    return os.environ.get(f"EMBFAST_{name}", default)
+
+
+def _input_args(p, *, many: bool = True) -> None:
+    p.add_argument("inputs", nargs="+" if many else 1, metavar="INPUT",
+                   help="files or glob patterns: .txt (one text per line), .jsonl, .csv, .parquet")
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.csv/.parquet (default text)")
+    p.add_argument("--id-field", default=None, help="field holding the row id (default: file:line)")
+    p.add_argument("--input-format", choices=["txt", "jsonl", "csv", "parquet"], default=None,
+                   help="read every input as this format (default: from each file's extension)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip and count bad rows and unreadable files instead of stopping at the first")
+    p.add_argument("--chunk-tokens", type=int, default=None, help="split texts into chunks of at most N tokens")
+    p.add_argument("--chunk-overlap", type=int, default=0, help="tokens shared by consecutive chunks (default 0)")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per ONNX Runtime call (default 32)")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                   help=f"records per shard (default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--progress-interval", type=float, default=10.0,
+                   help="seconds between progress lines when stderr is not a terminal (default 10)")
+
+
+def _model_args(p, *, precision_flag: str = "--precision") -> None:
+    p.add_argument("--model", default=_env("MODEL"), help="model folder (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--device", default=_env("DEVICE", "cpu"), choices=["cpu", "cuda", "auto"])
+    p.add_argument(precision_flag, dest="model_precision", default=_env("PRECISION", "fp32"),
+                   choices=["fp32", "int8", "fp16", "auto"], help="model precision (default fp32)")
+    p.add_argument("--threads", type=int, default=int(_env("THREADS")) if _env("THREADS") else None,
+                   help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--max-seq-length", type=int, default=None, help="truncate inputs at N tokens (default: model's)")
+
+
+def _embedder(args, model=None):
+    from embfast import Embedder
+
+    return Embedder(model if model is not None else args.model, device=args.device, precision=args.model_precision,
+                    threads=args.threads, max_seq_length=args.max_seq_length)
+
+
+def _read_opts(args) -> ReadOptions:
+    return ReadOptions(text_field=args.text_field, id_field=args.id_field, input_format=args.input_format)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the job stops and keeps what it finished."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def cmd_encode(args) -> int:
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        m = _embedder(args)
+        res = encode_files(args.inputs, args.output, m, read=_read_opts(args), batch_size=args.batch_size,
+                           normalize=args.normalize, dimensions=args.dimensions, chunk_tokens=args.chunk_tokens,
+                           chunk_overlap=args.chunk_overlap, include_text=args.include_text,
+                           shard_size=args.shard_size, resume=args.resume, skip_bad=args.skip_bad, quiet=args.quiet,
+                           progress_interval=args.progress_interval)
+    except KeyboardInterrupt:
+        folder = work_folder(args.output)
+        if folder.exists():
+            print(f"embfast encode: interrupted; finished shards are kept in {folder}: run the same command with "
+                  f"--resume to finish", file=sys.stderr)
+        else:
+            print("embfast encode: interrupted", file=sys.stderr)
+        return 130
+    except BadInputError as exc:
+        hint = "" if args.skip_bad else "; pass --skip-bad to skip and count bad rows"
+        print(f"embfast encode: error: {exc}{hint}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    rate = res.new_records / res.seconds if res.seconds > 0 else 0.0
+    extra = []
+    if res.resumed_shards:
+        extra.append(f"resumed after {res.resumed_shards} shards")
+    if res.bad_rows or res.bad_files:
+        extra.append(f"skipped {res.bad_rows} bad rows and {res.bad_files} unreadable files")
+    extra.append(f"{res.truncated} truncated at {m.max_seq_length} tokens")
+    print(f"wrote {res.rows} rows x {res.dim} from {res.records} records to {res.output} in {res.seconds:.1f} s "
+          f"({rate:,.1f} records/s, {res.new_tokens / max(res.seconds, 1e-9):,.0f} tokens/s); " + "; ".join(extra))
+    return 0
+
+
+def _index_rows(shard: Shard, chunked: bool, with_ids: bool, store_text: bool):
+    """Ids, texts and metadata for Index.add from a shard."""
+    ids = [r["id"] for r in shard.rows] if (chunked or with_ids) else None
+    meta = [{"source": src, **{k: r[k] for k in ("doc_id", "chunk_index", "char_start", "char_end") if k in r}}
+            for r, src in zip(shard.rows, shard.sources, strict=True)]
+    return ids, (shard.texts if store_text else None), meta
+
+
+def _fill_index(index, args, embedder) -> tuple[int, BadCounter]:
+    read = _read_opts(args)
+    paths = jio.expand_inputs(args.inputs)
+    bad = BadCounter(skip=args.skip_bad, quiet=args.quiet)
+    chunker = Chunker(embedder, args.chunk_tokens, args.chunk_overlap) if args.chunk_tokens else None
+    progress = Progress(None if args.quiet else jio.count_rows(paths, read), quiet=args.quiet,
+                        interval=args.progress_interval)
+    added = 0
+    try:
+        for shard in embedded_shards(jio.read_records(paths, read, bad), embedder, shard_size=args.shard_size,
+                                     chunker=chunker, batch_size=args.batch_size, progress=progress):
+            ids, texts, meta = _index_rows(shard, chunker is not None, args.id_field is not None, not args.no_text)
+            index.add(shard.vectors, ids=ids, metadata=meta, texts=texts)
+            added += len(shard.rows)
+    finally:
+        progress.close()
+    return added, bad
+
+
+def _bad_note(bad: BadCounter) -> str:
+    return f"; skipped {bad.rows} bad rows and {bad.files} unreadable files" if (bad.rows or bad.files) else ""
+
+
+def cmd_index_build(args) -> int:
+    from embfast.index import Index
+
+    t0 = time.perf_counter()
+    m = _embedder(args)
+    index = Index(m, precision=args.precision)
+    try:
+        added, bad = _fill_index(index, args, m)
+    except BadInputError as exc:
+        raise ValueError(f"{exc}{'' if args.skip_bad else '; pass --skip-bad to skip and count bad rows'}") from None
+    index.save(args.output)
+    print(f"built {args.output}: {added} rows x {index.dim}, {index.precision}, model {m.manifest.get('name')} "
+          f"({time.perf_counter() - t0:.1f} s){_bad_note(bad)}")
+    return 0
+
+
+def _model_for_index(args, manifest_model: dict | None):
+    """The --model given, else the model folder the index was built from (when it still exists)."""
+    if args.model is None and manifest_model and manifest_model.get("source") \
+            and Path(manifest_model["source"]).exists():
+        return _embedder(args, manifest_model["source"])
+    return _embedder(args)
+
+
+def cmd_index_add(args) -> int:
+    from embfast.index import Index, read_index_manifest
+
+    t0 = time.perf_counter()
+    m = _model_for_index(args, read_index_manifest(args.index).get("model"))
+    index = Index.load(args.index, embedder=m, mmap=True)
+    before = len(index)
+    try:
+        added, bad = _fill_index(index, args, m)
+    except BadInputError as exc:
+        raise ValueError(f"{exc}{'' if args.skip_bad else '; pass --skip-bad to skip and count bad rows'}") from None
+    index.save(args.index)
+    print(f"added {added} rows to {args.index}: {before} -> {len(index)} rows "
+          f"({time.perf_counter() - t0:.1f} s){_bad_note(bad)}")
+    return 0
+
+
+def cmd_index_info(args) -> int:
+    from embfast.index import read_index_manifest
+
+    man = read_index_manifest(args.index)
+    man.pop("sections", None)
+    print(json.dumps(man, indent=2))
+    return 0
+
+
+def cmd_search(args) -> int:
+    from embfast.index import Index, read_index_manifest
+
+    m = _model_for_index(args, read_index_manifest(args.index).get("model"))
+    index = Index.load(args.index, embedder=m, mmap=True, verify=not args.no_verify)
+    hits = index.search(args.queries, top_k=args.k, rescore=not args.no_rescore)
+    if args.json:
+        print(json.dumps([{"query": q, "hits": h} for q, h in zip(args.queries, hits, strict=True)],
+                         ensure_ascii=False, indent=2))
+        return 0
+    for q, row in zip(args.queries, hits, strict=True):
+        print(f"query: {q}")
+        for rank, h in enumerate(row, 1):
+            text = (h["text"] or "").replace("\n", " ")
+            text = text if len(text) <= 200 else text[:197] + "..."
+            print(f"{rank:>3}. {h['score']:.4f}  [{h['id']}]  {text}")
+        if len(args.queries) > 1:
+            print()
+    return 0
+
+
+def register_cli(sub) -> None:
+    """Add ``encode``, ``index build|add|info`` and ``search`` to the ``embfast`` command."""
+    s = sub.add_parser("encode", help="embed text files into .npy / .parquet / .jsonl (streaming, resumable)")
+    _input_args(s)
+    _model_args(s)
+    s.add_argument("-o", "--output", required=True, help="output file: .npy, .parquet or .jsonl")
+    s.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="L2-normalize (default: as the model says)")
+    s.add_argument("--dimensions", type=int, default=None, help="keep the first N dimensions (Matryoshka)")
+    s.add_argument("--include-text", action="store_true", help="store each row's text (.parquet/.jsonl)")
+    s.add_argument("--resume", action="store_true", help="finish an interrupted run from its <output>.parts folder")
+    s.set_defaults(func=cmd_encode)
+
+    s = sub.add_parser("index", help="build or extend a persistent vector index (embfast.Index)")
+    isub = s.add_subparsers(dest="index_command", required=True)
+    b = isub.add_parser("build", help="embed a corpus into a new index file")
+    _input_args(b)
+    _model_args(b, precision_flag="--model-precision")
+    b.add_argument("-o", "--output", required=True, help="the index file to write (atomically)")
+    b.add_argument("--precision", default="fp32", choices=["fp32", "int8", "binary"],
+                   help="how vectors are searched: fp32 exact, int8 or binary with fp32 rescoring (default fp32)")
+    b.add_argument("--no-text", action="store_true", help="do not store texts in the index")
+    b.set_defaults(func=cmd_index_build)
+    a = isub.add_parser("add", help="embed more texts into an existing index")
+    a.add_argument("index", help="the index file (rewritten atomically)")
+    _input_args(a)
+    _model_args(a, precision_flag="--model-precision")
+    a.add_argument("--no-text", action="store_true", help="do not store texts in the index")
+    a.set_defaults(func=cmd_index_add)
+    i = isub.add_parser("info", help="print an index's manifest as JSON")
+    i.add_argument("index")
+    i.set_defaults(func=cmd_index_info)
+
+    s = sub.add_parser("search", help="search an index with one or more text queries")
+    s.add_argument("index")
+    s.add_argument("queries", nargs="+", metavar="QUERY")
+    s.add_argument("-k", "--top-k", dest="k", type=int, default=10, help="hits per query (default 10)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a ranked list")
+    s.add_argument("--no-rescore", action="store_true", help="int8/binary: rank by quantized scores only")
+    s.add_argument("--no-verify", action="store_true", help="skip the checksum pass over the index file")
+    _model_args(s, precision_flag="--model-precision")
+    s.set_defaults(func=cmd_search)
+
