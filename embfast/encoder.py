@@ -2,8 +2,10 @@
 
 One documented order, as sentence-transformers: prompt -> tokenize (truncate at
 max_seq_length, flagged) -> ONNX Runtime (length-sorted batches) -> pool (from
-1_Pooling/config.json) -> truncate_dim -> normalize (if asked, or if the model
-has a Normalize module) -> output precision. Results come back in input order.
+1_Pooling/config.json; prompt tokens left out when it says ``include_prompt:
+false``) -> Dense layers (if the model has them) -> truncate_dim -> normalize (if
+asked, or if the model has a Normalize module) -> output precision. Results come
+back in input order.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import numpy as np
 from embfast import kernels
 from embfast.batching import plan_batches
 from embfast.config import ModelConfig
-from embfast.export import load_config, resolve_model
+from embfast.dense import DenseStack
+from embfast.export import load_config
+from embfast.models import resolve
 from embfast.quantization import OUTPUT_PRECISIONS, quantize_embeddings
 from embfast.search import semantic_search
 from embfast.session import DEVICES, OnnxSession
@@ -66,6 +70,40 @@ def as_text_list(sentences, name: str = "sentences") -> tuple[list[str], bool]:
     return list(sentences), False
 
 
+def pool_tokens(token_vecs: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    """Pool (batch, seq_len, hidden) token vectors with a (batch, seq_len) mask, as sentence-transformers does.
+
+    ``cls`` takes each row's first position whose mask is set (position 0 with
+    right padding; the first real token with left padding or when prompt tokens
+    were masked out), as sentence-transformers' Pooling does; every other mode is
+    :func:`embfast.kernels.pool`. Returns (batch, hidden) float32.
+    """
+    if mode == "cls":
+        first = np.asarray(mask).argmax(axis=1)
+        if first.any():
+            x = np.asarray(token_vecs)
+            return np.ascontiguousarray(x[np.arange(x.shape[0]), first], dtype=np.float32)
+    return kernels.pool(token_vecs, mask, mode)
+
+
+def exclude_prompt(mask: np.ndarray, prompt_length) -> np.ndarray:
+    """The pooling mask without the first ``prompt_length`` real tokens of each row.
+
+    Args:
+        mask: (batch, seq_len) attention mask, right or left padded.
+        prompt_length: an int for every row, or one int per row.
+
+    Returns:
+        A new (batch, seq_len) int64 mask (sentence-transformers' ``include_prompt=False``).
+    """
+    mask = np.asarray(mask)
+    lengths = np.broadcast_to(np.asarray(prompt_length, dtype=np.int64), (mask.shape[0],))
+    start = mask.argmax(axis=1)  # first real token: 0 with right padding
+    pos = np.arange(mask.shape[1])[None, :]
+    inside = (pos >= start[:, None]) & (pos < (start + lengths)[:, None])
+    return np.where(inside, 0, mask).astype(np.int64)
+
+
 class Embedder:
     """A sentence-embedding model on ONNX Runtime.
 
@@ -79,17 +117,26 @@ class Embedder:
         threads: ONNX Runtime intra-op threads (default: the cores this process may use).
         max_seq_length: override the model's truncation length (tokens); at most the model's own.
         truncate_dim: keep the first ``truncate_dim`` dimensions (Matryoshka), before normalization.
+        tokenizer: for a bare ONNX file: a model folder (its tokenizer.json and, when
+            present, its sentence-transformers config) or a tokenizer.json file; see
+            :func:`embfast.models.import_onnx`. Default None.
+        output_name: for a bare ONNX file: its token-embedding output; default None (detected).
+
+    ``model`` may also be a name from ``embfast models`` (``"all-mpnet-base-v2"``) or a
+    ``.onnx`` file (with ``tokenizer=``).
     """
 
     def __init__(self, model: str | Path | None = None, *, device: str = "cpu", precision: str = "fp32",
-                 threads: int | None = None, max_seq_length: int | None = None, truncate_dim: int | None = None):
+                 threads: int | None = None, max_seq_length: int | None = None, truncate_dim: int | None = None,
+                 tokenizer: str | Path | None = None, output_name: str | None = None):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         t0 = time.perf_counter()
-        self.model_dir = resolve_model(model)
+        self.model_dir = resolve(model, tokenizer=tokenizer, output_name=output_name)
         self.config, self.manifest = load_config(self.model_dir)
+        self.dense = DenseStack(self.model_dir, self.config.dense)
         self.precision = self._resolve_precision(precision, device)
         onnx_path = self._variant_path(self.precision)
         self.session = OnnxSession(onnx_path, device=device, threads=threads,
@@ -130,15 +177,15 @@ class Embedder:
             return None
         if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer)):
             raise TypeError(f"truncate_dim must be an int, got {type(truncate_dim).__name__}")
-        if not 1 <= truncate_dim <= self.config.dim:
-            raise ValueError(f"truncate_dim must be in [1, {self.config.dim}], got {truncate_dim}")
+        if not 1 <= truncate_dim <= self.config.output_dim:
+            raise ValueError(f"truncate_dim must be in [1, {self.config.output_dim}], got {truncate_dim}")
         return int(truncate_dim)
 
     # ---- properties ------------------------------------------------------------
     @property
     def dim(self) -> int:
-        """Output dimension (after ``truncate_dim``)."""
-        return self.truncate_dim or self.config.dim
+        """Output dimension: after any Dense layers and ``truncate_dim``."""
+        return self.truncate_dim or self.config.output_dim
 
     @property
     def max_seq_length(self) -> int:
@@ -147,6 +194,11 @@ class Embedder:
     def __repr__(self) -> str:
         return (f"Embedder({self.manifest.get('name')!r}, dim={self.dim}, pooling={self.config.pooling!r}, "
                 f"device={self.device!r}, precision={self.precision!r})")
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The model's named prompts (config_sentence_transformers.json)."""
+        return dict(self.config.prompts)
 
     # ---- encode -----------------------------------------------------------------
     def _prompt_text(self, prompt: str | None, prompt_name: str | None) -> str:
@@ -174,7 +226,9 @@ class Embedder:
             sentences: a str, or a list of str (may be empty).
             batch_size: at most this many texts per ONNX Runtime call (default 32).
             normalize_embeddings: L2-normalize; None follows the model (True when it has a Normalize module).
-            prompt / prompt_name: text prepended to every input, or the name of one of the model's prompts.
+            prompt / prompt_name: text prepended to every input, or the name of one of the model's prompts
+                (``prompt`` wins; neither: the model's default prompt, if it names one). When the model's
+                Pooling says ``include_prompt: false`` the prompt's tokens are left out of pooling.
             truncate: cut inputs longer than max_seq_length (True) or raise InputTooLongError (False).
             truncate_dim: keep the first dims (Matryoshka), before normalization; default the model's.
             precision: output precision: float32 | int8 | uint8 | binary | ubinary (sentence-transformers').
@@ -200,6 +254,7 @@ class Embedder:
         prefix = self._prompt_text(prompt, prompt_name)
         if prefix:
             texts = [prefix + t for t in texts]
+        skip = self.tokenizer.prompt_length(prefix) if prefix and not self.config.include_prompt else 0
         tok = self.tokenizer.tokenize(texts, truncate=truncate)
         batches = plan_batches(tok.lengths, batch_size, max_batch_tokens)
         if show_progress_bar:
@@ -221,27 +276,65 @@ class Embedder:
 
         pooled = np.empty((len(texts), self.config.dim), dtype=np.float32)
         for rows in batches:
-            pooled[rows] = self.embed_token_ids(tok.ids, rows)
+            pooled[rows] = self.embed_token_ids(tok.ids, rows, prompt_length=skip or None)
         emb = self.postprocess(pooled, normalize_embeddings=normalize_embeddings, truncate_dim=dim_cut,
                                precision=precision)
         info.seconds = time.perf_counter() - t0
         result = emb[0] if single else (emb if convert_to_numpy else list(emb))
         return (result, info) if return_info else result
 
+    def encode_query(self, sentences, prompt_name: str | None = None, prompt: str | None = None, **kwargs):
+        """:meth:`encode` for search queries: the model's "query" prompt unless a prompt is given.
+
+        Same arguments as :meth:`encode` (sentence-transformers' ``encode_query``).
+        """
+        if prompt_name is None and prompt is None and "query" in self.config.prompts:
+            prompt_name = "query"
+        return self.encode(sentences, prompt_name=prompt_name, prompt=prompt, **kwargs)
+
+    def encode_document(self, sentences, prompt_name: str | None = None, prompt: str | None = None, **kwargs):
+        """:meth:`encode` for documents: the first of the model's "document", "passage", "corpus" prompts.
+
+        Same arguments as :meth:`encode` (sentence-transformers' ``encode_document``).
+        """
+        if prompt_name is None and prompt is None:
+            prompt_name = next((n for n in ("document", "passage", "corpus") if n in self.config.prompts), None)
+        return self.encode(sentences, prompt_name=prompt_name, prompt=prompt, **kwargs)
+
     # ---- the two halves of encode, for batchers that merge many callers ----------------
-    def embed_token_ids(self, ids: list[list[int]], rows) -> np.ndarray:
+    def embed_token_ids(self, ids: list[list[int]], rows, *, prompt_length=None) -> np.ndarray:
         """Run one batch: pad the token-id lists ``ids[rows]``, run ONNX Runtime, pool.
 
-        Returns (len(rows), hidden) float32, not normalized. Thread-safe.
+        Args:
+            ids: token-id lists (from ``self.tokenizer.tokenize``).
+            rows: indices into ``ids`` of this batch.
+            prompt_length: prompt tokens to leave out of pooling (only used when the
+                model's Pooling says ``include_prompt: false``; see
+                ``self.tokenizer.prompt_length``): None, one int, or one int per entry
+                of ``ids`` (callers with different prompts in one batch).
+
+        Returns (len(rows), config.dim) float32: pooled, before any Dense layers, not
+        normalized (:meth:`postprocess` does the rest). Thread-safe.
         """
-        feeds = self.tokenizer.pad(ids, np.asarray(rows))
+        rows = np.asarray(rows)
+        feeds = self.tokenizer.pad(ids, rows)
         token_vecs = self.session.run(feeds)
-        return kernels.pool(token_vecs, feeds["attention_mask"], self.config.pooling)
+        mask = feeds["attention_mask"]
+        if prompt_length is not None and not self.config.include_prompt:
+            per_row = np.asarray(prompt_length)
+            mask = exclude_prompt(mask, per_row[rows] if per_row.ndim else per_row)
+        return pool_tokens(token_vecs, mask, self.config.pooling)
 
     def postprocess(self, pooled: np.ndarray, *, normalize_embeddings: bool | None = None,
                     truncate_dim: int | None = None, precision: str = "float32") -> np.ndarray:
-        """truncate_dim -> normalize (None: as the model says) -> output precision, on (n, hidden) pooled vectors."""
+        """Dense layers (if any) -> truncate_dim -> normalize (None: as the model says) -> output precision.
+
+        Takes (n, config.dim) pooled vectors from :meth:`embed_token_ids`; returns (n, :attr:`dim`)
+        (packed bits for binary precisions).
+        """
         dim_cut = self._check_truncate_dim(truncate_dim) if truncate_dim is not None else self.truncate_dim
+        if self.dense:
+            pooled = self.dense(pooled)
         emb = pooled[:, :dim_cut] if dim_cut else pooled
         normalize = self.config.normalize if normalize_embeddings is None else bool(normalize_embeddings)
         if normalize:

@@ -3,9 +3,11 @@
 Cache layout: ``$EMBFAST_HOME/models/<name>-<key>/`` (default
 ``~/.cache/embfast``) holding ``model.onnx`` (the transformer alone, output
 ``last_hidden_state``), the tokenizer and sentence-transformers config files,
-and ``manifest.json`` (pooling, normalize, max_seq_length, dim, input names,
-source checksum). ``key`` is derived from the source files' contents, so a
-changed source re-exports. Exports are built in a temporary folder and renamed
+``dense.npz`` when the model has Dense layers after pooling (see
+:mod:`embfast.dense`), and ``manifest.json`` (pooling, normalize,
+max_seq_length, dim, Dense layers, prompts, input names, source checksum).
+``key`` is derived from the source files' contents, so a changed source
+re-exports. Exports are built in a temporary folder and renamed
 into place under a file lock, so concurrent processes never see (or leave) a
 half-written model.
 """
@@ -24,8 +26,10 @@ import warnings
 from pathlib import Path
 
 from embfast.config import ModelConfig, read_model_config
+from embfast.dense import export_dense
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: output_dim and Dense layers in the config, dense.npz, source_kind
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 # Files copied next to the ONNX so that an exported folder is self-contained.
 _CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json", "modules.json",
@@ -147,17 +151,20 @@ def export_model(src: str | Path, out: str | Path, *, checksum: str | None = Non
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         t0 = time.perf_counter()
-        with warnings.catch_warnings():  # torch's tracer warns about constants it folds; they are expected
-            warnings.simplefilter("ignore")
-            main_export(str(src), str(tmp), task="feature-extraction", library_name="transformers",
+        with warnings.catch_warnings(), _without_tokenizer(src) as weights_only:
+            warnings.simplefilter("ignore")  # torch's tracer warns about constants it folds; they are expected
+            main_export(str(weights_only), str(tmp), task="feature-extraction", library_name="transformers",
                         do_validation=False, local_files_only=True)
         export_s = time.perf_counter() - t0
         for name in _CARRIED:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
+        if cfg.dense:
+            export_dense(src, cfg.dense, tmp)
         input_names, output_name = _onnx_io(tmp / "model.onnx")
         manifest = {
             "format": EXPORT_FORMAT,
+            "source_kind": "transformers",
             "source": str(src),
             "source_checksum": checksum,
             "name": src.name if src.name != "model" else src.parent.name,
@@ -181,19 +188,44 @@ def export_model(src: str | Path, out: str | Path, *, checksum: str | None = Non
     return out
 
 
-def _onnx_io(path: Path) -> tuple[list[str], str]:
-    """Input names and the token-embedding output (the first 3-D float output) of an ONNX model."""
+# Tokenizer files optimum would load (four times) and save next to the ONNX; we copy them ourselves.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt",
+                    "vocab.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model", "added_tokens.json")
+
+
+@contextlib.contextmanager
+def _without_tokenizer(src: Path):
+    """A temporary folder of symlinks to ``src``'s files minus the tokenizer's.
+
+    optimum loads and re-saves the tokenizer while exporting, which is most of
+    the export time for a large vocabulary (XLM-R's 17 MB tokenizer.json: 7 of
+    9 s); the graph does not depend on it.
+    """
+    with tempfile.TemporaryDirectory(prefix="embfast-export-src-") as tmp:
+        for entry in src.iterdir():
+            if entry.name not in _TOKENIZER_FILES:
+                os.symlink(entry, Path(tmp) / entry.name)
+        yield Path(tmp)
+
+
+def _onnx_io(path: Path, output_name: str | None = None) -> tuple[list[str], str]:
+    """Input names and the token-embedding output of an ONNX model (see :func:`session.find_token_output`)."""
+    from types import SimpleNamespace
+
     import onnx
+
+    from embfast.session import find_token_output
 
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in inits]
-    for o in model.graph.output:
-        shape = o.type.tensor_type.shape.dim
-        if len(shape) == 3 and o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
-            return inputs, o.name
-    raise ValueError(f"{path}: no 3-D float output (token embeddings) among "
-                     f"{[o.name for o in model.graph.output]}")
+    types = {onnx.TensorProto.FLOAT: "tensor(float)", onnx.TensorProto.FLOAT16: "tensor(float16)",
+             onnx.TensorProto.BFLOAT16: "tensor(bfloat16)", onnx.TensorProto.DOUBLE: "tensor(double)"}
+    outputs = [SimpleNamespace(name=o.name, type=types.get(o.type.tensor_type.elem_type, "other"),
+                               shape=list(o.type.tensor_type.shape.dim) if o.type.tensor_type.HasField("shape")
+                               else None)
+               for o in model.graph.output]
+    return inputs, find_token_output(outputs, output_name, where=str(path))
 
 
 def ensure_exported(src: str | Path) -> Path:
@@ -236,7 +268,7 @@ def resolve_model(model: str | Path | None) -> Path:
 def load_config(folder: Path) -> tuple[ModelConfig, dict]:
     """The ModelConfig and manifest of an exported folder."""
     manifest = read_manifest(folder)
-    if manifest.get("format") != EXPORT_FORMAT:
+    if manifest.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{folder} was exported with format {manifest.get('format')}, this embfast reads "
-                         f"format {EXPORT_FORMAT}; export it again")
+                         f"formats {', '.join(map(str, READABLE_FORMATS))}; export it again")
     return ModelConfig.from_dict(manifest["config"]), manifest

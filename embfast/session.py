@@ -36,6 +36,50 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+TOKEN_OUTPUT_NAMES = ("last_hidden_state", "token_embeddings")
+_FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)")
+
+
+def find_token_output(outputs, output_name: str | None = None, *, where: str = "model") -> str:
+    """The name of the token-embedding output (batch, seq_len, hidden) among a graph's outputs.
+
+    Exports name it ``last_hidden_state`` or ``token_embeddings``; other graphs
+    (e.g. one whose outputs are ``onnx::Shape_422`` and ``461``) get the first
+    3-D floating-point output. A given ``output_name`` must exist and be 3-D.
+
+    Args:
+        outputs: the graph's outputs: objects with ``name``, ``type`` (``"tensor(float)"``...)
+            and ``shape`` (a list; ``None`` when unknown), as ``InferenceSession.get_outputs()`` returns.
+        output_name: the output to use, or None to detect it.
+        where: the model's path, for error messages.
+
+    Raises:
+        ValueError: the named output is missing or not 3-D, or no output looks like token embeddings.
+    """
+    outputs = list(outputs)
+    names = [o.name for o in outputs]
+
+    def rank(o) -> int | None:
+        return len(o.shape) if isinstance(o.shape, (list, tuple)) else None
+
+    if output_name is not None:
+        match = [o for o in outputs if o.name == output_name]
+        if not match:
+            raise ValueError(f"{where}: output {output_name!r} not found; outputs are {names}")
+        if rank(match[0]) not in (3, None) or match[0].type not in _FLOAT_TYPES:
+            raise ValueError(f"{where}: output {output_name!r} must be the token embeddings, a 3-D float tensor "
+                             f"(batch, seq_len, hidden), got {match[0].type} of rank {rank(match[0])}")
+        return output_name
+    candidates = [o for o in outputs if rank(o) == 3 and o.type in _FLOAT_TYPES]
+    for preferred in TOKEN_OUTPUT_NAMES:
+        if any(o.name == preferred for o in candidates):
+            return preferred
+    if candidates:
+        return candidates[0].name
+    raise ValueError(f"{where}: no output looks like token embeddings (a 3-D float tensor) among {names}; "
+                     "name the right one with output_name=")
+
+
 class OnnxSession:
     """One ONNX Runtime session; ``run`` is safe to call from many threads at once.
 
@@ -43,7 +87,7 @@ class OnnxSession:
         path: the .onnx file.
         device: "cpu", "cuda" (error if CUDA cannot start) or "auto" (CUDA if it starts, else CPU).
         threads: intra-op threads for the CPU provider (default :func:`default_threads`).
-        output_name: the token-embedding output; default: the first output.
+        output_name: the token-embedding output; default: detected (:func:`find_token_output`).
         allow_spinning: let idle ORT threads spin (faster on dedicated cores,
             worse when the cores are shared); default from ``EMBFAST_ORT_SPIN`` (on).
     """
@@ -86,10 +130,7 @@ class OnnxSession:
                               f"libraries missing); it fell back to {self.provider}")
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]
-        outputs = [o.name for o in self.session.get_outputs()]
-        if output_name is not None and output_name not in outputs:
-            raise ValueError(f"{path}: output {output_name!r} not found; outputs are {outputs}")
-        self.output_name = output_name or outputs[0]
+        self.output_name = find_token_output(self.session.get_outputs(), output_name, where=str(path))
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Run one batch; returns the token embeddings (batch, seq_len, hidden) float32."""

