@@ -121,6 +121,10 @@ class Embedder:
             present, its sentence-transformers config) or a tokenizer.json file; see
             :func:`embfast.models.import_onnx`. Default None.
         output_name: for a bare ONNX file: its token-embedding output; default None (detected).
+        graph_pooling: pool inside the ONNX graph (pooling nodes appended to the model, run through
+            IO binding) so only (batch, hidden) vectors leave the device. None (default) = on for CUDA,
+            off on the CPU (where the native kernels pool). Not used for models whose pooling needs the
+            host (``include_prompt: false``, CLS with left padding): those pool on the host.
 
     ``model`` may also be a name from ``embfast models`` (``"all-mpnet-base-v2"``) or a
     ``.onnx`` file (with ``tokenizer=``).
@@ -128,7 +132,8 @@ class Embedder:
 
     def __init__(self, model: str | Path | None = None, *, device: str = "cpu", precision: str = "fp32",
                  threads: int | None = None, max_seq_length: int | None = None, truncate_dim: int | None = None,
-                 tokenizer: str | Path | None = None, output_name: str | None = None):
+                 tokenizer: str | Path | None = None, output_name: str | None = None,
+                 graph_pooling: bool | None = None):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         if precision not in PRECISIONS:
@@ -153,7 +158,27 @@ class Embedder:
         self.tokenizer = TextTokenizer(self.model_dir / "tokenizer.json", cfg.max_seq_length,
                                        self.session.input_names, padding_side=cfg.padding_side,
                                        do_lower_case=cfg.do_lower_case)
+        self._pooled_runner = self._graph_pooling_runner(onnx_path, graph_pooling, threads)
         self.load_seconds = time.perf_counter() - t0
+
+    def _graph_pooling_runner(self, onnx_path: Path, graph_pooling: bool | None, threads: int | None):
+        """A BoundRunner over the model with pooling appended, or None when pooling stays on the host."""
+        cfg = self.config
+        host_only = not cfg.include_prompt or (cfg.pooling == "cls" and cfg.padding_side == "left")
+        wanted = (self.device == "cuda") if graph_pooling is None else bool(graph_pooling)
+        if not wanted or host_only:
+            return None
+        from embfast.export import file_lock
+        from embfast.gpu import BoundRunner, build_pooled_model
+
+        pooled = onnx_path.with_name(f"{onnx_path.stem}.pooled-{cfg.pooling}.onnx")
+        if not pooled.is_file():
+            with file_lock(self.model_dir.with_name(self.model_dir.name + ".lock")):
+                if not pooled.is_file():
+                    build_pooled_model(onnx_path, pooled, self.session.output_name, cfg.pooling, normalize=False)
+        session = OnnxSession(pooled, device=self.device, threads=threads, output_name="sentence_embedding",
+                              token_output=False)
+        return BoundRunner(session.session, "sentence_embedding")
 
     # ---- construction helpers ------------------------------------------------
     def _resolve_precision(self, precision: str, device: str) -> str:
@@ -318,6 +343,9 @@ class Embedder:
         """
         rows = np.asarray(rows)
         feeds = self.tokenizer.pad(ids, rows)
+        if self._pooled_runner is not None:  # pooled on the device; include_prompt models never get here
+            names = self.session.input_names
+            return self._pooled_runner.run({n: feeds[n] for n in names})
         token_vecs = self.session.run(feeds)
         mask = feeds["attention_mask"]
         if prompt_length is not None and not self.config.include_prompt:

@@ -90,10 +90,12 @@ class OnnxSession:
         output_name: the token-embedding output; default: detected (:func:`find_token_output`).
         allow_spinning: let idle ORT threads spin (faster on dedicated cores,
             worse when the cores are shared); default from ``EMBFAST_ORT_SPIN`` (on).
+        token_output: the output is token embeddings (checked to be 3-D); False for a graph that
+            already pools (its ``output_name`` must then be given).
     """
 
     def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None,
-                 output_name: str | None = None, allow_spinning: bool | None = None):
+                 output_name: str | None = None, allow_spinning: bool | None = None, token_output: bool = True):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         self.threads = default_threads() if threads is None else int(threads)
@@ -130,7 +132,13 @@ class OnnxSession:
                               f"libraries missing); it fell back to {self.provider}")
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_name = find_token_output(self.session.get_outputs(), output_name, where=str(path))
+        outputs = self.session.get_outputs()
+        if token_output:
+            self.output_name = find_token_output(outputs, output_name, where=str(path))
+        elif output_name in [o.name for o in outputs]:
+            self.output_name = output_name
+        else:
+            raise ValueError(f"{path}: output {output_name!r} not found; outputs are {[o.name for o in outputs]}")
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Run one batch; returns the token embeddings (batch, seq_len, hidden) float32."""

@@ -88,3 +88,29 @@ def test_device_topk_on_cuda_matches_cpu():
         rs, ri = kernels.topk_cosine(queries, corpus, 10, assume_normalized=True)
         np.testing.assert_allclose(s, rs, atol=2e-3 if fp16 else 1e-4)
         assert (i[:, 0] == ri[:, 0]).all()
+
+
+def test_embedder_with_graph_pooling_matches_host_pooling(tiny_dir, tiny):
+    """The CUDA path (pooling appended to the graph, IO binding) run on the CPU provider."""
+    from embfast import Embedder
+
+    graph = Embedder(tiny_dir, threads=1, graph_pooling=True)
+    assert graph._pooled_runner is not None and tiny._pooled_runner is None
+    texts = ["hello world", "a longer sentence about cats and dogs " * 3, "x", ""]
+    np.testing.assert_allclose(graph.encode(texts, batch_size=3), tiny.encode(texts, batch_size=3),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(graph.encode(texts, truncate_dim=8), tiny.encode(texts, truncate_dim=8),
+                               rtol=1e-5, atol=1e-6)
+
+
+@needs_gpu
+def test_cuda_embedder_matches_cpu(tiny_dir, tiny):
+    from embfast import Embedder
+
+    texts = ["hello world", "a longer sentence about cats and dogs " * 3, "x"]
+    for precision in ("fp16", "fp32"):
+        gpu = Embedder(tiny_dir, device="cuda", precision=precision)
+        assert gpu.device == "cuda" and gpu._pooled_runner is not None
+        cos = (gpu.encode(texts) * tiny.encode(texts)).sum(1)
+        assert cos.min() >= 0.999
+    assert Embedder(tiny_dir, device="auto").precision == "fp16"
