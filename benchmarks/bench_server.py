@@ -1,0 +1,295 @@
+"""Embedding-server throughput and latency under concurrent clients: embfast (dynamic batching on / off)
+and, when given, infinity side by side on the same model.
+
+Each server runs as its own process (``embfast serve``; ``infinity_emb v2``);
+this process is the load generator: ``--concurrency`` closed-loop clients
+(asyncio + httpx, one connection each), each sending real sentences, either one
+per request (a JSON string) or ``k`` per request (a list), for ``--duration-s``
+seconds after ``--warmup-s`` of the same load. Every request carries
+``{"input": ..., "model": ...}`` with ``encoding_format`` float, as OpenAI's
+clients send to /v1/embeddings.
+
+Prints one JSON line per (server, clients, texts per request) with requests/s,
+texts/s, p50 / p99 / mean latency in ms and errors, then a markdown table. It
+never asserts; timings are only meaningful on a quiet machine.
+
+    python benchmarks/bench_server.py                          # embfast on vs off, 1/8/32/128 clients
+    python benchmarks/bench_server.py --infinity /tmp/infinity-venv/bin/infinity_emb
+    python benchmarks/bench_server.py --model /tmp/tiny --concurrency 1,8 --duration-s 1 --warmup-s 0.5  # smoke
+
+infinity must live in its own environment (``python -m venv /tmp/infinity-venv &&
+/tmp/infinity-venv/bin/pip install -c constraints.txt "infinity-emb[torch,server]"``):
+it pins its own versions of packages embfast uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SENTENCES = ROOT.parent / "shared" / "data" / "throughput" / "sentences.txt"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of ints, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be ints >= 1, got {text!r}")
+    return values
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sentences", default=str(DEFAULT_SENTENCES), help="text file, one sentence per line")
+    p.add_argument("--limit", type=int, default=20000, help="use the first N sentences (default 20000)")
+    p.add_argument("--model", default=None, help="model folder (default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--concurrency", type=_ints, default=[1, 8, 32, 128], help="clients (default 1,8,32,128)")
+    p.add_argument("--texts-per-request", type=_ints, default=[1, 8],
+                   help="sentences per request: 1 sends a string, k > 1 a list (default 1,8)")
+    p.add_argument("--modes", default="on,off", help="embfast dynamic batching: on, off or on,off (default)")
+    p.add_argument("--duration-s", type=float, default=15.0, help="measured seconds per point (default 15)")
+    p.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each point (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="embfast ONNX Runtime threads (default: all cores)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="embfast --max-wait-ms (default 2)")
+    p.add_argument("--max-batch-tokens", type=int, default=16384, help="embfast --max-batch-tokens (default 16384)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="embfast model precision")
+    p.add_argument("--infinity", default=None,
+                   help="path to the infinity_emb executable (its own venv); omitted: infinity is skipped")
+    p.add_argument("--infinity-engine", default="torch", choices=["torch", "optimum"],
+                   help="infinity backend (default torch, its default; optimum needs infinity-emb[optimum])")
+    p.add_argument("--infinity-batch-size", type=int, default=32, help="infinity --batch-size (default 32)")
+    p.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--startup-timeout-s", type=float, default=300.0, help="wait this long for a server to start")
+    args = p.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not set(modes) <= {"on", "off"}:
+        p.error(f"--modes must be on, off or on,off, got {args.modes!r}")
+    args.modes = modes
+    if args.duration_s <= 0 or args.warmup_s < 0:
+        p.error("--duration-s must be > 0 and --warmup-s >= 0")
+    return args
+
+
+# ---- servers -------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server subprocess on 127.0.0.1; ``path`` is its embeddings route."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, path: str, model_name: str, env: dict | None = None,
+                 extra: dict | None = None):
+        self.name, self.cmd, self.port, self.path, self.model_name = name, cmd, port, path, model_name
+        self.env = {**os.environ, **(env or {})}
+        self.extra = extra or {}
+        self.proc: subprocess.Popen | None = None
+        self.log = Path(f"/tmp/bench_server_{name}_{port}.log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float) -> None:
+        import httpx
+
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log}")
+            try:
+                r = httpx.post(self.url + self.path, json={"input": "warm up", "model": self.model_name}, timeout=30)
+                if r.status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not answer within {timeout} s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def embfast_server(args, batching: bool) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "embfast.cli", "serve", "--port", str(port), "--log-level", "warning",
+           "--max-wait-ms", str(args.max_wait_ms), "--max-batch-tokens", str(args.max_batch_tokens),
+           "--max-queue", "100000", "--precision", args.precision,
+           "--dynamic-batching" if batching else "--no-dynamic-batching"]
+    if args.model:
+        cmd += ["--model", args.model]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    return Server(f"embfast-{'on' if batching else 'off'}", cmd, port, "/v1/embeddings", "embfast",
+                  extra={"dynamic_batching": batching, "max_wait_ms": args.max_wait_ms,
+                         "max_batch_tokens": args.max_batch_tokens, "precision": args.precision})
+
+
+def infinity_server(args, model_dir: str) -> Server:
+    port = free_port()
+    cmd = [args.infinity, "v2", "--model-id", model_dir, "--served-model-name", "bench", "--engine",
+           args.infinity_engine, "--device", "cpu", "--batch-size", str(args.infinity_batch_size), "--host",
+           "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-model-warmup"]
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+           "DO_NOT_TRACK": "1"}
+    return Server("infinity", cmd, port, "/embeddings", "bench", env=env,
+                  extra={"engine": args.infinity_engine, "batch_size": args.infinity_batch_size})
+
+
+# ---- load -------------------------------------------------------------------------------------------
+async def run_load(server: Server, sentences: list[str], clients: int, k: int, seconds: float) -> dict:
+    """``clients`` closed-loop clients for ``seconds``; returns counts and latencies (seconds)."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    texts_done = 0
+    stop_at = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=120) as http:
+        async def client(c: int) -> None:
+            nonlocal errors, texts_done
+            i = c * 997
+            while time.perf_counter() < stop_at:
+                chunk = [sentences[(i + j) % len(sentences)] for j in range(k)]
+                i += k * clients
+                body = {"input": chunk[0] if k == 1 else chunk, "model": server.model_name,
+                        "encoding_format": "float"}
+                t0 = time.perf_counter()
+                try:
+                    r = await http.post(server.path, json=body)
+                    ok = r.status_code == 200 and len(r.json()["data"]) == k
+                except (httpx.HTTPError, ValueError, KeyError):
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - t0)
+                    texts_done += k
+                else:
+                    errors += 1
+
+        t_start = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        elapsed = time.perf_counter() - t_start
+    return {"latencies": latencies, "errors": errors, "texts": texts_done, "seconds": elapsed}
+
+
+def measure(server: Server, sentences: list[str], clients: int, k: int, args) -> dict:
+    import numpy as np
+
+    if args.warmup_s > 0:
+        asyncio.run(run_load(server, sentences, clients, k, args.warmup_s))
+    res = asyncio.run(run_load(server, sentences, clients, k, args.duration_s))
+    lat = np.array(res["latencies"]) * 1000
+    n = len(lat)
+    return {
+        "bench": "server", "server": server.name.split("-")[0], **server.extra, "concurrency": clients,
+        "texts_per_request": k, "requests": n, "errors": res["errors"], "seconds": round(res["seconds"], 3),
+        "requests_per_s": round(n / res["seconds"], 2), "texts_per_s": round(res["texts"] / res["seconds"], 2),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2) if n else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 2) if n else None,
+        "mean_ms": round(float(lat.mean()), 2) if n else None,
+    }
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "python": platform.python_version()}
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| server | batching | clients | texts/req | req/s | texts/s | p50 ms | p99 ms | errors |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        batching = {True: "on", False: "off"}.get(r.get("dynamic_batching"), f"batch {r.get('batch_size', '-')}")
+        out.append(f"| {r['server']} | {batching} | {r['concurrency']} | {r['texts_per_request']} | "
+                   f"{r['requests_per_s']} | {r['texts_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from embfast import build_info
+    from embfast.export import default_model_path
+
+    path = Path(args.sentences)
+    if not path.is_file():
+        print(f"bench_server: sentences file not found: {path} (pass --sentences)", file=sys.stderr)
+        return 2
+    with path.open(encoding="utf-8") as fh:
+        sentences = [line.strip() for line in fh if line.strip()][: args.limit]
+    model_dir = args.model or str(default_model_path())
+    header = {"bench": "server", "machine": machine(), "build": build_info(), "model": model_dir,
+              "sentences": str(path), "n_sentences": len(sentences), "duration_s": args.duration_s,
+              "warmup_s": args.warmup_s, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    print(json.dumps(header), flush=True)
+    servers = [embfast_server(args, mode == "on") for mode in args.modes]
+    if args.infinity:
+        if Path(args.infinity).is_file():
+            servers.append(infinity_server(args, model_dir))
+        else:
+            print(json.dumps({"bench": "server", "skipped": "infinity", "why": f"{args.infinity} not found"}))
+    rows: list[dict] = []
+    out = open(args.json_out, "a", encoding="utf-8") if args.json_out else None  # noqa: SIM115
+    try:
+        if out:
+            out.write(json.dumps(header) + "\n")
+        for server in servers:
+            try:
+                server.start(args.startup_timeout_s)
+            except RuntimeError as exc:
+                print(json.dumps({"bench": "server", "skipped": server.name, "why": str(exc)}), flush=True)
+                continue
+            try:
+                for k in args.texts_per_request:
+                    for clients in args.concurrency:
+                        row = measure(server, sentences, clients, k, args)
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+                        if out:
+                            out.write(json.dumps(row) + "\n")
+            finally:
+                server.stop()
+    finally:
+        if out:
+            out.close()
+    print()
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,670 @@
+"""Dynamic batching: many concurrent callers (threads or asyncio), one ONNX Runtime worker.
+
+Three stages, as TEI splits them (transport -> inference queue -> backend):
+
+1. **Admission and tokenization, in the caller.** ``encode`` tokenizes in the
+   calling thread; ``encode_async`` tokenizes small inputs on the event loop
+   and large ones on a small tokenizer thread pool, so the loop never stalls.
+   A full queue is refused at once with :class:`OverloadedError` (HTTP 429),
+   before any work is spent; an over-long text with ``truncate=False`` fails
+   its own caller with :class:`~embfast.InputTooLongError` and nobody else.
+2. **Batch assembly, in the worker thread.** Pending texts from all callers are
+   merged by a token budget that counts padding (rows x longest row), as the
+   offline :func:`~embfast.batching.plan_batches`: the worker plans the oldest
+   pending texts (at most ``max(max_batch_size, 256)``) into
+   length-sorted batches that minimize padded tokens plus a fixed cost per
+   ONNX Runtime call (:func:`plan_by_cost`), and runs the one holding the
+   *oldest* text, so similar lengths go together and no text waits behind an
+   endless stream of newer ones. When the
+   worker is idle and arriving requests have lately found others in flight,
+   it waits up to ``max_wait_ms`` after the oldest arrival for
+   more texts, unless a full batch (``max_batch_size`` texts or
+   ``max_batch_tokens`` tokens) is already pending.
+3. **Inference, in the worker thread**: pad, ONNX Runtime, pool
+   (:meth:`Embedder.embed_token_ids`). ORT releases the GIL, so callers keep
+   tokenizing the next batch while it runs. Truncation to ``truncate_dim``,
+   normalization and output quantization then run in each caller's own
+   thread (:meth:`Embedder.postprocess`), in encode's documented order.
+
+Threads: one worker runs ORT with the embedder's intra-op threads (default: all
+cores); tokenizer threads are few (``min(4, cores // 2)``, at least 1) and only
+used by ``encode_async`` for large inputs. In a server process also set
+``TOKENIZERS_PARALLELISM=false`` (``embfast serve`` does), so the tokenizers'
+own thread pool does not compete with ORT for the cores.
+
+Every caller gets exactly its own rows, in input order. A caller that is
+cancelled (asyncio) or times out (``timeout=``) is dropped: its texts that were
+not yet batched are never run and its finished rows are discarded; nobody else
+notices. If ONNX Runtime fails on a batch that merges several callers, each
+caller's rows are retried alone, so one bad input fails only its own caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from embfast.encoder import EncodeInfo, as_text_list
+from embfast.quantization import OUTPUT_PRECISIONS
+from embfast.tokenization import Tokenized
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BatchStats", "BatcherClosedError", "DynamicBatcher", "OverloadedError", "plan_by_cost"]
+
+
+class OverloadedError(RuntimeError):
+    """The batcher's queue is full (``max_queue`` requests waiting or running); retry later. HTTP: 429."""
+
+
+class BatcherClosedError(RuntimeError):
+    """The batcher was closed: it takes no new requests. HTTP: 503."""
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one ONNX Runtime call of the worker did; passed to batch listeners.
+
+    Attributes:
+        texts: rows in the batch.
+        requests: distinct callers whose texts are in the batch.
+        tokens: real tokens (sum of the rows' lengths, special tokens included).
+        padded_tokens: tokens fed to the model, padding included (rows x longest row).
+        seconds: wall time of pad + ONNX Runtime + pooling (a failed batch's retries included).
+        queued_texts: texts still waiting when the batch started.
+        failed_requests: callers of this batch that got an error.
+    """
+
+    texts: int
+    requests: int
+    tokens: int
+    padded_tokens: int
+    seconds: float
+    queued_texts: int
+    failed_requests: int
+
+
+class _Request:
+    """One caller's texts inside the batcher (worker-side state; guarded by the batcher's lock)."""
+
+    __slots__ = ("future", "ids", "lengths", "pooled", "todo", "remaining", "t_enqueue", "prompt_length")
+
+    def __init__(self, tok: Tokenized, hidden: int, prompt_length: int = 0):
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.prompt_length = prompt_length  # prompt tokens left out of pooling (include_prompt: false)
+        self.ids = tok.ids
+        self.lengths = np.asarray(tok.lengths, dtype=np.int64)
+        n = len(tok.ids)
+        self.pooled = np.empty((n, hidden), dtype=np.float32)
+        self.todo = np.arange(n, dtype=np.int64)  # rows not yet given to a batch, ascending
+        self.remaining = n  # rows not yet computed
+        self.t_enqueue = time.monotonic()
+
+
+def plan_by_cost(lengths: np.ndarray, max_batch_size: int, max_batch_tokens: int,
+                 call_cost_tokens: float) -> list[np.ndarray]:
+    """Split texts into length-sorted batches that minimize the estimated run time.
+
+    Cost model: a batch costs ``call_cost_tokens + rows x longest row`` (ONNX
+    Runtime's time on a CPU is close to linear in padded tokens, plus a fixed
+    cost per call). An exact dynamic program over the length-sorted texts picks
+    the contiguous groups with the least total cost, each within
+    ``max_batch_size`` rows and ``max_batch_tokens`` padded tokens (a single
+    longer text gets a batch of its own). A large ``call_cost_tokens`` gives few
+    full batches (like :func:`~embfast.batching.plan_batches`); a small one
+    splits mixed lengths to save padding.
+
+    Args:
+        lengths: (n,) tokens per text.
+        max_batch_size: >= 1. max_batch_tokens: >= 1. call_cost_tokens: >= 0.
+
+    Returns:
+        Index arrays into ``lengths``, longest texts first; every index exactly once.
+        O(n x max_batch_size) time.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    width = np.maximum(lengths[order], 1).astype(np.float64)  # width[j]: a group starting at j pads to it
+    n = width.size
+    cost = np.zeros(n + 1)
+    start = np.zeros(n + 1, dtype=np.int64)
+    for i in range(1, n + 1):
+        j0 = max(0, i - max_batch_size)
+        rows = np.arange(i - j0, 0, -1)  # group sizes for starts j0 .. i-1
+        padded = rows * width[j0:i]
+        total = cost[j0:i] + call_cost_tokens + padded
+        total[(padded > max_batch_tokens) & (rows > 1)] = np.inf
+        k = int(np.argmin(total))  # ties: the earliest start, i.e. the larger batch
+        cost[i], start[i] = total[k], j0 + k
+    groups = []
+    i = n
+    while i > 0:
+        groups.append(order[start[i]:i])
+        i = int(start[i])
+    return groups[::-1]
+
+
+def _default_tokenizer_threads() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores // 2))
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class DynamicBatcher:
+    """Merge concurrent ``encode`` calls from threads and coroutines into token-budget batches.
+
+    Args:
+        embedder: the :class:`~embfast.Embedder` to run (shared; it stays usable directly).
+        max_batch_tokens: at most this many padded tokens (rows x longest row) per
+            ONNX Runtime call (default 16384, as ``Embedder.encode``). A single
+            text longer than the budget still runs, alone.
+        max_batch_size: at most this many texts per ONNX Runtime call (default 256).
+        max_wait_ms: how long an idle worker waits after the oldest pending
+            text arrived for more texts to merge, in milliseconds (default 2.0;
+            0 = run at once). It waits only while arriving requests find
+            others in flight (a moving average), so a lone sequential caller
+            never pays it; under load it never waits either: texts that
+            arrived while it ran are already older than this.
+        max_queue: at most this many requests (calls) admitted and not finished,
+            waiting or running (default 1024); one more raises
+            :class:`OverloadedError` at once.
+        merge_requests: False gives every ONNX Runtime call the texts of one
+            request only (dynamic batching off, for comparison); queueing,
+            backpressure and the worker thread stay the same.
+        tokenizer_threads: threads that tokenize large ``encode_async`` inputs
+            (default ``min(4, cores // 2)``, at least 1).
+        call_cost_tokens: the fixed cost of one ONNX Runtime call, in padded
+            tokens, for :func:`plan_by_cost`; pending texts of mixed lengths are
+            split where saving padding beats an extra call. Default 32 on the CPU
+            (all-MiniLM-L6-v2 on 2 cores: one call costs about as much as 20-40
+            tokens), 2048 on CUDA (padding is nearly free on a GPU; a guess, not
+            measured here).
+
+    The worker thread starts with the first request. Use as a context manager,
+    or call :meth:`close`, which finishes what was admitted; a closed batcher
+    refuses new requests with :class:`BatcherClosedError`.
+    """
+
+    #: encode_async tokenizes inputs up to this many characters on the event loop (cheaper than a thread hop).
+    INLINE_TOKENIZE_CHARS = 4096
+
+    def __init__(self, embedder, *, max_batch_tokens: int = 16384, max_batch_size: int = 256,
+                 max_wait_ms: float = 2.0, max_queue: int = 1024, merge_requests: bool = True,
+                 tokenizer_threads: int | None = None, call_cost_tokens: float | None = None):
+        for attr in ("tokenizer", "embed_token_ids", "postprocess", "config"):
+            if not hasattr(embedder, attr):
+                raise TypeError(f"embedder must be an embfast.Embedder, got {type(embedder).__name__}")
+        self.embedder = embedder
+        self.max_batch_tokens = _check_int("max_batch_tokens", max_batch_tokens, 1)
+        self.max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
+        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms <= 60_000:
+            raise ValueError(f"max_wait_ms must be a number in [0, 60000], got {max_wait_ms!r}")
+        self.max_wait_ms = float(max_wait_ms)
+        self.max_queue = _check_int("max_queue", max_queue, 1)
+        self.merge_requests = bool(merge_requests)
+        self.tokenizer_threads = (_default_tokenizer_threads() if tokenizer_threads is None
+                                  else _check_int("tokenizer_threads", tokenizer_threads, 1))
+        if call_cost_tokens is None:
+            call_cost_tokens = 2048.0 if getattr(embedder, "device", "cpu") == "cuda" else 32.0
+        if isinstance(call_cost_tokens, bool) or not isinstance(call_cost_tokens, (int, float)) \
+                or not call_cost_tokens >= 0:
+            raise ValueError(f"call_cost_tokens must be a number >= 0, got {call_cost_tokens!r}")
+        self.call_cost_tokens = float(call_cost_tokens)
+        self._pool_texts = max(self.max_batch_size, 256)
+        self._hidden = int(embedder.config.dim)
+
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: deque[_Request] = deque()  # requests with rows not yet batched, oldest first
+        self._pending_texts = 0
+        self._pending_tokens = 0
+        self._in_flight = 0  # admitted and not finished (tokenizing, queued or running)
+        self._company = 1.0  # moving average of the requests in flight seen by each arriving one (itself included)
+        self._closing = False
+        self._counts = {"requests": 0, "rejected": 0, "cancelled": 0, "failed": 0, "batches": 0, "texts": 0}
+        self._listeners: list[Callable[[BatchStats], None]] = []
+        self._tok_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._worker: threading.Thread | None = None  # started by the first request
+
+    # ---- public API --------------------------------------------------------------------------
+    def encode(self, sentences, normalize_embeddings: bool | None = None, *, prompt: str | None = None,
+               prompt_name: str | None = None, truncate: bool = True, truncate_dim: int | None = None,
+               precision: str = "float32", convert_to_numpy: bool = True, return_info: bool = False,
+               timeout: float | None = None):
+        """Embed texts, batched with whatever other callers are sending; blocks the calling thread.
+
+        Args:
+            sentences: a str, or a list of str (may be empty).
+            normalize_embeddings: L2-normalize; None follows the model.
+            prompt / prompt_name: as :meth:`Embedder.encode`.
+            truncate: cut inputs longer than max_seq_length (True) or raise
+                :class:`~embfast.InputTooLongError` for this call (False).
+            truncate_dim: keep the first dims (Matryoshka) before normalization.
+            precision: output precision: float32 | int8 | uint8 | binary | ubinary.
+            convert_to_numpy: False returns a list of 1-D arrays.
+            return_info: also return an :class:`~embfast.EncodeInfo`.
+            timeout: seconds to wait for the result (None = no limit); past it,
+                ``TimeoutError`` and the call's texts are dropped from the queue.
+
+        Returns:
+            As :meth:`Embedder.encode`: a str gives (dim,), a list (n, dim) float32
+            unless ``precision`` says otherwise; with ``return_info`` (embeddings, info).
+
+        Raises:
+            OverloadedError: the queue is full. BatcherClosedError: after :meth:`close`.
+            TypeError / ValueError: bad input or options (nothing is queued).
+        """
+        t0 = time.perf_counter()
+        texts, single, prefix, opts = self._prepare(sentences, normalize_embeddings, prompt, prompt_name,
+                                                   truncate, truncate_dim, precision, timeout)
+        if not texts:
+            return self._empty(opts, convert_to_numpy, return_info)
+        self._reserve()
+        try:
+            tok, skip = self._tokenize(texts, prefix, truncate)
+        except BaseException:
+            self._release()
+            raise
+        fut = self._enqueue(tok, skip)
+        try:
+            pooled = fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if fut.cancel():
+                raise TimeoutError(f"encode did not finish within timeout={timeout} s; its texts were "
+                                   "dropped from the queue") from None
+            pooled = fut.result()  # finished while timing out
+        except BaseException:
+            fut.cancel()  # e.g. KeyboardInterrupt: do not leave work for nobody
+            raise
+        return self._finish(pooled, tok, single, opts, convert_to_numpy, return_info, t0)
+
+    async def encode_async(self, sentences, normalize_embeddings: bool | None = None, *,
+                           prompt: str | None = None, prompt_name: str | None = None, truncate: bool = True,
+                           truncate_dim: int | None = None, precision: str = "float32",
+                           convert_to_numpy: bool = True, return_info: bool = False,
+                           timeout: float | None = None):
+        """The coroutine form of :meth:`encode` (same arguments, results and errors).
+
+        The event loop never runs ONNX Runtime; it tokenizes inputs of up to
+        ``INLINE_TOKENIZE_CHARS`` characters itself and hands larger ones to the
+        tokenizer threads. Cancelling the awaiting task drops the call's texts.
+        """
+        t0 = time.perf_counter()
+        texts, single, prefix, opts = self._prepare(sentences, normalize_embeddings, prompt, prompt_name,
+                                                   truncate, truncate_dim, precision, timeout)
+        if not texts:
+            return self._empty(opts, convert_to_numpy, return_info)
+        self._reserve()
+        try:
+            if sum(map(len, texts)) + len(prefix) * len(texts) <= self.INLINE_TOKENIZE_CHARS:
+                tok, skip = self._tokenize(texts, prefix, truncate)
+            else:
+                loop = asyncio.get_running_loop()
+                tok, skip = await loop.run_in_executor(self._tokenizer_pool(), self._tokenize, texts, prefix,
+                                                       truncate)
+        except BaseException:
+            self._release()
+            raise
+        fut = self._enqueue(tok, skip)
+        waiter = asyncio.wrap_future(fut)  # cancelling it cancels fut, which drops the texts
+        try:
+            pooled = await (waiter if timeout is None else asyncio.wait_for(waiter, timeout))
+        except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on
+            raise TimeoutError(f"encode_async did not finish within timeout={timeout} s; its texts were "
+                               "dropped from the queue") from None
+        return self._finish(pooled, tok, single, opts, convert_to_numpy, return_info, t0)
+
+    def submit_tokenized(self, tok: Tokenized) -> concurrent.futures.Future:
+        """Queue texts that are already tokenized (e.g. by ``embedder.tokenizer.tokenize``).
+
+        Args:
+            tok: token ids of n texts (ids must come from this embedder's
+                tokenizer; ids the model cannot take fail this request alone,
+                with ONNX Runtime's error).
+
+        Returns:
+            A future of the (n, hidden) float32 pooled vectors, not normalized
+            (pass them to :meth:`Embedder.postprocess`). Cancelling it drops the texts.
+
+        Raises:
+            OverloadedError / BatcherClosedError, at once.
+        """
+        if not isinstance(tok, Tokenized):
+            raise TypeError(f"tok must be an embfast.tokenization.Tokenized, got {type(tok).__name__}")
+        if len(tok.ids) == 0:
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            fut.set_result(np.zeros((0, self._hidden), dtype=np.float32))
+            return fut
+        self._reserve()
+        return self._enqueue(tok)
+
+    def add_batch_listener(self, fn: Callable[[BatchStats], None]) -> None:
+        """Call ``fn(stats)`` on the worker thread after every batch, once its callers have their rows.
+
+        Keep it quick: the worker waits for it. Its exceptions are logged, never raised.
+        """
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        with self._cond:
+            self._listeners = [*self._listeners, fn]
+
+    def remove_batch_listener(self, fn: Callable[[BatchStats], None]) -> None:
+        """Stop calling ``fn`` (no error if it was not registered)."""
+        with self._cond:
+            self._listeners = [f for f in self._listeners if f is not fn]
+
+    def stats(self) -> dict:
+        """A snapshot: queued_texts, queued_tokens, queued_requests, in_flight_requests, closed, and the
+        running totals requests, rejected, cancelled, failed, batches, texts."""
+        with self._cond:
+            return {"queued_texts": self._pending_texts, "queued_tokens": self._pending_tokens,
+                    "queued_requests": len(self._pending), "in_flight_requests": self._in_flight,
+                    "closed": self._closing, **self._counts}
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def close(self, timeout: float | None = None, *, cancel_pending: bool = False) -> bool:
+        """Stop taking requests, finish every admitted one, then stop the worker.
+
+        Args:
+            timeout: seconds to wait for the worker (None = until done).
+            cancel_pending: fail requests whose texts have not all been batched
+                with :class:`BatcherClosedError` instead of running them.
+
+        Returns:
+            True when the worker has finished (False: still draining after ``timeout``).
+        """
+        dropped: list[_Request] = []
+        with self._cond:
+            self._closing = True
+            if self._in_flight:  # admitted requests still tokenizing: the worker must outlive them
+                self._start_worker()
+            if cancel_pending:
+                dropped = list(self._pending)
+                self._pending.clear()
+                self._pending_texts = self._pending_tokens = 0
+            self._cond.notify_all()
+        for req in dropped:
+            self._fail(req, BatcherClosedError("the batcher was closed before this request ran"))
+        worker = self._worker
+        if worker is not None and threading.current_thread() is not worker:
+            worker.join(timeout)
+        done = worker is None or not worker.is_alive()
+        if done and self._tok_pool is not None:
+            self._tok_pool.shutdown(wait=False)
+        return done
+
+    def __enter__(self) -> DynamicBatcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"DynamicBatcher({self.embedder!r}, max_batch_tokens={self.max_batch_tokens}, "
+                f"max_batch_size={self.max_batch_size}, max_wait_ms={self.max_wait_ms}, "
+                f"max_queue={self.max_queue}, merge_requests={self.merge_requests})")
+
+    # ---- caller side ---------------------------------------------------------------------------
+    def _prepare(self, sentences, normalize_embeddings, prompt, prompt_name, truncate, truncate_dim, precision,
+                 timeout):
+        """Validate everything before anything is queued. Returns (texts, single, prefix, postprocess opts)."""
+        texts, single = as_text_list(sentences)
+        if precision not in OUTPUT_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(OUTPUT_PRECISIONS)}, got {precision!r}")
+        if not isinstance(truncate, bool):
+            raise TypeError(f"truncate must be a bool, got {type(truncate).__name__}")
+        if normalize_embeddings is not None and not isinstance(normalize_embeddings, (bool, np.bool_)):
+            raise TypeError(f"normalize_embeddings must be a bool or None, got {type(normalize_embeddings).__name__}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
+        if truncate_dim is not None:
+            truncate_dim = self.embedder._check_truncate_dim(truncate_dim)
+        prefix = self.embedder._prompt_text(prompt, prompt_name)
+        opts = {"normalize_embeddings": normalize_embeddings, "truncate_dim": truncate_dim, "precision": precision}
+        return texts, single, prefix, opts
+
+    def _tokenize(self, texts: list[str], prefix: str, truncate: bool) -> tuple[Tokenized, int]:
+        """Tokenize (prompt prepended); also the prompt tokens pooling leaves out (0 unless include_prompt: false)."""
+        skip = 0
+        if prefix:
+            texts = [prefix + t for t in texts]
+            if not getattr(self.embedder.config, "include_prompt", True):
+                skip = self.embedder.tokenizer.prompt_length(prefix)
+        return self.embedder.tokenizer.tokenize(texts, truncate=truncate), skip
+
+    def _tokenizer_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._cond:
+            if self._tok_pool is None:
+                self._tok_pool = concurrent.futures.ThreadPoolExecutor(self.tokenizer_threads,
+                                                                       thread_name_prefix="embfast-tokenize")
+            return self._tok_pool
+
+    def _empty(self, opts: dict, convert_to_numpy: bool, return_info: bool):
+        # The facade's own answer for no input (shape, dtype and errors as encode([]) gives).
+        return self.embedder.encode([], convert_to_numpy=convert_to_numpy, return_info=return_info, **opts)
+
+    def _finish(self, pooled, tok: Tokenized, single: bool, opts: dict, convert_to_numpy: bool,
+                return_info: bool, t0: float):
+        emb = self.embedder.postprocess(pooled, **opts)
+        result = emb[0] if single else (emb if convert_to_numpy else list(emb))
+        if not return_info:
+            return result
+        return result, EncodeInfo(tok.lengths, tok.truncated, time.perf_counter() - t0)
+
+    def _reserve(self) -> None:
+        """Admit one request or refuse it at once (full queue, or closed)."""
+        with self._cond:
+            if self._closing:
+                raise BatcherClosedError("the batcher is closed and takes no new requests")
+            if self._in_flight >= self.max_queue:
+                self._counts["rejected"] += 1
+                raise OverloadedError(f"the queue is full: {self._in_flight} requests are waiting or running "
+                                      f"(max_queue={self.max_queue}); retry later")
+            self._in_flight += 1
+            self._counts["requests"] += 1
+
+    def _release(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
+
+    def _enqueue(self, tok: Tokenized, prompt_length: int = 0) -> concurrent.futures.Future:
+        """Queue an admitted request; from here its future's completion releases the admission."""
+        req = _Request(tok, self._hidden, prompt_length)
+        req.future.add_done_callback(self._on_done)
+        with self._cond:
+            self._start_worker()
+            self._company = 0.8 * self._company + 0.2 * self._in_flight
+            self._pending.append(req)
+            self._pending_texts += len(req.ids)
+            self._pending_tokens += int(req.lengths.sum())
+            self._cond.notify_all()
+        return req.future
+
+    def _start_worker(self) -> None:
+        """Start the worker thread if it is not running yet. Lock held."""
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, name="embfast-batcher", daemon=True)
+            self._worker.start()
+
+    def _on_done(self, fut: concurrent.futures.Future) -> None:
+        # Runs in whichever thread finished or cancelled the future, never with the lock held.
+        with self._cond:
+            self._in_flight -= 1
+            if fut.cancelled():
+                self._counts["cancelled"] += 1
+            self._cond.notify_all()
+
+    # ---- worker side -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            try:
+                batch, queued = self._next_batch()
+            except BaseException:  # pragma: no cover - a bug in assembly must not kill the worker
+                log.exception("embfast batcher: batch assembly failed")
+                time.sleep(0.01)
+                continue
+            if batch is None:
+                return
+            try:
+                self._execute(batch, queued)
+            except BaseException as exc:  # pragma: no cover - never leave callers waiting on a dead worker
+                log.exception("embfast batcher: batch execution failed")
+                for req, _ in batch:
+                    self._fail(req, exc)
+
+    def _purge(self) -> None:
+        """Drop requests that are already done (cancelled, timed out or failed) from the queue. Lock held."""
+        if not any(r.future.done() for r in self._pending):
+            return
+        keep: deque[_Request] = deque()
+        for r in self._pending:
+            if r.future.done():
+                self._pending_texts -= len(r.todo)
+                self._pending_tokens -= int(r.lengths[r.todo].sum())
+            else:
+                keep.append(r)
+        self._pending = keep
+
+    def _budget_reached(self) -> bool:
+        return self._pending_texts >= self.max_batch_size or self._pending_tokens >= self.max_batch_tokens
+
+    def _next_batch(self):
+        """Wait for work and take one batch: ([(request, rows), ...], texts left queued), or (None, 0) to stop."""
+        with self._cond:
+            while True:
+                self._purge()
+                if not self._pending:
+                    if self._closing and self._in_flight == 0:
+                        return None, 0
+                    self._cond.wait()
+                    continue
+                # Wait for company only when requests have had company lately: a lone sequential
+                # caller (always alone in flight) is never made to wait; a crowd merges into fuller batches.
+                if self.merge_requests and not self._closing and self.max_wait_ms > 0 and self._company > 1.2:
+                    wait = self._pending[0].t_enqueue + self.max_wait_ms / 1000.0 - time.monotonic()
+                    if wait > 0 and not self._budget_reached():
+                        self._cond.wait(wait)
+                        continue
+                batch = self._select()
+                return batch, self._pending_texts
+
+    def _select(self) -> list[tuple[_Request, np.ndarray]]:
+        """Plan the oldest pending texts into length-sorted batches; take the one holding the oldest. Lock held."""
+        pool: list[_Request] = []
+        n = 0
+        for req in self._pending:
+            pool.append(req)
+            n += len(req.todo)
+            if not self.merge_requests or n >= self._pool_texts:
+                break
+        owner = np.repeat(np.arange(len(pool)), [len(r.todo) for r in pool])
+        rows = np.concatenate([r.todo for r in pool])
+        lengths = np.concatenate([r.lengths[r.todo] for r in pool])
+        # Index 0 is the oldest request's first unbatched text: the batch holding it goes now.
+        plan = plan_by_cost(lengths, self.max_batch_size, self.max_batch_tokens, self.call_cost_tokens)
+        chosen = next(b for b in plan if (b == 0).any())
+        chosen.sort()
+        batch: list[tuple[_Request, np.ndarray]] = []
+        for k in np.unique(owner[chosen]):
+            req = pool[int(k)]
+            take = rows[chosen[owner[chosen] == k]]
+            req.todo = np.setdiff1d(req.todo, take, assume_unique=True)
+            self._pending_texts -= len(take)
+            self._pending_tokens -= int(req.lengths[take].sum())
+            batch.append((req, take))
+        if any(len(r.todo) == 0 for r, _ in batch):
+            self._pending = deque(r for r in self._pending if len(r.todo))
+        return batch
+
+    def _run_rows(self, groups: list[tuple[_Request, np.ndarray]]) -> np.ndarray:
+        ids = [req.ids[r] for req, take in groups for r in take]
+        if not any(req.prompt_length for req, _ in groups):
+            return self.embedder.embed_token_ids(ids, np.arange(len(ids)))
+        skip = np.concatenate([np.full(len(take), req.prompt_length, dtype=np.int64) for req, take in groups])
+        return self.embedder.embed_token_ids(ids, np.arange(len(ids)), prompt_length=skip)
+
+    def _execute(self, batch: list[tuple[_Request, np.ndarray]], queued: int) -> None:
+        t0 = time.perf_counter()
+        lens = np.concatenate([req.lengths[take] for req, take in batch])
+        failed = 0
+        try:
+            out = self._run_rows(batch)
+            results = []
+            start = 0
+            for req, take in batch:
+                results.append((req, take, out[start:start + len(take)]))
+                start += len(take)
+        except Exception as exc:
+            if len(batch) == 1:
+                results = [(batch[0][0], batch[0][1], exc)]
+            else:  # find the culprit: each caller's rows alone, so one bad input fails only its caller
+                results = []
+                for req, take in batch:
+                    try:
+                        results.append((req, take, self._run_rows([(req, take)])))
+                    except Exception as exc_one:
+                        results.append((req, take, exc_one))
+        seconds = time.perf_counter() - t0
+        for req, take, res in results:
+            if isinstance(res, Exception):
+                failed += 1
+                self._fail(req, res)
+                continue
+            if req.future.done():  # cancelled, timed out or failed meanwhile: drop its rows
+                continue
+            req.pooled[take] = res
+            req.remaining -= len(take)
+            if req.remaining == 0:
+                self._succeed(req)
+        with self._cond:
+            self._counts["batches"] += 1
+            self._counts["texts"] += len(lens)
+            listeners = self._listeners
+        if listeners:
+            stats = BatchStats(texts=len(lens), requests=len(batch), tokens=int(lens.sum()),
+                               padded_tokens=len(lens) * int(max(lens.max(), 1)), seconds=seconds,
+                               queued_texts=queued, failed_requests=failed)
+            for fn in listeners:
+                try:
+                    fn(stats)
+                except Exception:
+                    log.exception("embfast batcher: batch listener %r failed", fn)
+
+    @staticmethod
+    def _succeed(req: _Request) -> None:
+        try:
+            if req.future.set_running_or_notify_cancel():
+                req.future.set_result(req.pooled)
+        except (RuntimeError, concurrent.futures.InvalidStateError):
+            pass  # failed by close(cancel_pending=True) meanwhile
+
+    def _fail(self, req: _Request, exc: BaseException) -> None:
+        """Give a request its error (no-op if it was cancelled or already done)."""
+        try:
+            if req.future.set_running_or_notify_cancel():
+                req.future.set_exception(exc)
+                with self._cond:
+                    self._counts["failed"] += 1
+        except (RuntimeError, concurrent.futures.InvalidStateError):
+            pass  # already running or finished

@@ -1,0 +1,380 @@
+"""DynamicBatcher on the tiny model: own rows in order, merging, backpressure, cancellation, isolation, close.
+
+Where a test needs a batch to be held back, a batch listener (the hook the
+server's metrics use) blocks the worker until the test releases it, so
+nothing here depends on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from embfast import DynamicBatcher, InputTooLongError, OverloadedError
+from embfast.dynamic import BatcherClosedError, BatchStats, plan_by_cost
+from embfast.tokenization import Tokenized
+
+TEXTS = ["short", "a somewhat longer sentence about cats and dogs", "x", "Привет мир", "🙂 emoji",
+         "the quick brown fox jumps over the lazy dog " * 3, "word " * 200]
+
+
+class Gate:
+    """A batch listener that holds the worker after each batch until released."""
+
+    def __init__(self):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.stats: list[BatchStats] = []
+
+    def __call__(self, stats: BatchStats) -> None:
+        self.stats.append(stats)
+        self.entered.set()
+        assert self.release.wait(30), "test gate never released"
+
+
+def hold_worker(batcher: DynamicBatcher) -> Gate:
+    """Run one request, then keep the worker parked in the gate (it returns once the worker is parked)."""
+    gate = Gate()
+    batcher.add_batch_listener(gate)
+    batcher.encode("warm-up")
+    assert gate.entered.wait(30)
+    return gate
+
+
+def wait_for(predicate, what: str) -> None:
+    for _ in range(3000):
+        if predicate():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_threads_get_their_own_rows_in_order(tiny):
+    calls = [TEXTS[i % 7:] + [f"caller {i}"] for i in range(24)]
+    results: dict[int, np.ndarray] = {}
+    with DynamicBatcher(tiny, max_batch_tokens=512, max_wait_ms=1) as b:
+        def call(i):
+            results[i] = b.encode(calls[i])
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert b.stats()["in_flight_requests"] == 0
+    for i, texts in enumerate(calls):
+        assert results[i].shape == (len(texts), tiny.dim)
+        assert cosine_rows(results[i], tiny.encode(texts)).min() >= 0.9999
+
+
+def run_held(b: DynamicBatcher, calls: list[list[str]]) -> tuple[Gate, dict[int, np.ndarray]]:
+    """Queue ``calls`` from threads while the worker is parked, then let it go; (gate, results by call)."""
+    gate = hold_worker(b)
+    out: dict[int, np.ndarray] = {}
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, b.encode(calls[i]))) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    wait_for(lambda: b.stats()["queued_requests"] == len(calls), f"{len(calls)} queued requests")
+    gate.release.set()
+    for t in threads:
+        t.join()
+    return gate, out
+
+
+def test_held_requests_merge_into_one_batch(tiny):
+    calls = [[f"text {i}"] for i in range(10)]  # 4 tokens each
+    with DynamicBatcher(tiny) as b:
+        gate, out = run_held(b, calls)
+    assert (gate.stats[1].requests, gate.stats[1].texts, gate.stats[1].padded_tokens) == (10, 10, 40)
+    for i, texts in enumerate(calls):
+        np.testing.assert_allclose(out[i], tiny.encode(texts), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("call_cost", "batches"), [(32, 2), (1e6, 1)])
+def test_mixed_lengths_split_where_padding_costs_more_than_a_call(tiny, call_cost, batches):
+    calls = [["word " * 200]] + [[f"text {i}"] for i in range(10)]  # 64 tokens, then ten of 4
+    with DynamicBatcher(tiny, call_cost_tokens=call_cost) as b:
+        gate, out = run_held(b, calls)
+    ran = gate.stats[1:]
+    assert len(ran) == batches and sum(s.texts for s in ran) == 11
+    assert sum(s.padded_tokens for s in ran) == (64 + 40 if batches == 2 else 11 * 64)
+    for i, texts in enumerate(calls):
+        np.testing.assert_allclose(out[i], tiny.encode(texts), rtol=1e-4, atol=1e-5)
+
+
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=9), batch_size=st.integers(1, 5),
+       budget=st.integers(1, 120), call_cost=st.sampled_from([0.0, 4.0, 32.0]))
+def test_plan_by_cost_is_optimal_and_valid(lengths, batch_size, budget, call_cost):
+    lengths = np.array(lengths)
+    plan = plan_by_cost(lengths, batch_size, budget, call_cost)
+    assert sorted(np.concatenate(plan).tolist()) == list(range(len(lengths)))
+    for g in plan:
+        assert 1 <= len(g) <= batch_size and (len(g) * lengths[g].max() <= budget or len(g) == 1)
+
+    def cost(groups):
+        return sum(call_cost + len(g) * max(lengths[g].max(), 1) for g in groups)
+
+    # brute force over contiguous splits of the length-sorted order
+    order = np.argsort(-lengths, kind="stable")
+    best = np.inf
+    for mask in itertools.product([0, 1], repeat=len(order) - 1):
+        cuts = [0] + [i + 1 for i, m in enumerate(mask) if m] + [len(order)]
+        groups = [order[a:z] for a, z in itertools.pairwise(cuts)]
+        if all(len(g) <= batch_size and (len(g) * lengths[g].max() <= budget or len(g) == 1) for g in groups):
+            best = min(best, cost(groups))
+    assert cost(plan) == pytest.approx(best)
+
+
+def test_token_budget_splits_batches_and_keeps_order(tiny):
+    with DynamicBatcher(tiny, max_batch_tokens=64, max_batch_size=4) as b:
+        gate = Gate()
+        gate.release.set()
+        b.add_batch_listener(gate)
+        v = b.encode(TEXTS)
+    assert all(s.padded_tokens <= 64 or s.texts == 1 for s in gate.stats)
+    assert all(s.texts <= 4 for s in gate.stats) and sum(s.texts for s in gate.stats) == len(TEXTS)
+    np.testing.assert_allclose(v, tiny.encode(TEXTS), rtol=1e-4, atol=1e-5)
+
+
+def test_async_callers(tiny):
+    async def main(b):
+        return await asyncio.gather(*[b.encode_async([f"async {i}"] * (i % 3 + 1)) for i in range(20)],
+                                    b.encode_async("one string"), b.encode_async(["big " * 3000]))
+
+    with DynamicBatcher(tiny) as b:
+        results = asyncio.run(main(b))
+    for i in range(20):
+        np.testing.assert_allclose(results[i], tiny.encode([f"async {i}"] * (i % 3 + 1)), rtol=1e-4, atol=1e-5)
+    assert results[20].shape == (tiny.dim,)
+    np.testing.assert_allclose(results[21], tiny.encode(["big " * 3000]), rtol=1e-4, atol=1e-5)
+
+
+def test_options_and_info_match_encode(tiny):
+    with DynamicBatcher(tiny) as b:
+        v, info = b.encode(TEXTS, return_info=True)
+        ref, ref_info = tiny.encode(TEXTS, return_info=True)
+        np.testing.assert_array_equal(info.token_counts, ref_info.token_counts)
+        np.testing.assert_array_equal(info.truncated, ref_info.truncated)
+        np.testing.assert_allclose(b.encode(TEXTS, truncate_dim=8), tiny.encode(TEXTS, truncate_dim=8),
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(b.encode(TEXTS, normalize_embeddings=False),
+                                   tiny.encode(TEXTS, normalize_embeddings=False), rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(b.encode(TEXTS, precision="ubinary"), tiny.encode(TEXTS, precision="ubinary"))
+        np.testing.assert_allclose(b.encode(TEXTS, prompt="query: "), tiny.encode(TEXTS, prompt="query: "),
+                                   rtol=1e-4, atol=1e-5)
+        assert b.encode([]).shape == (0, tiny.dim)
+        assert isinstance(b.encode(TEXTS[:2], convert_to_numpy=False), list)
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"sentences": None}, TypeError, "got None"),
+    ({"sentences": b"bytes"}, TypeError, "bytes"),
+    ({"sentences": ["a", ["nested"]]}, TypeError, r"sentences\[1\] must be a str"),
+    ({"sentences": "a", "precision": "int4"}, ValueError, "precision must be one of"),
+    ({"sentences": "a", "truncate_dim": 33}, ValueError, "truncate_dim"),
+    ({"sentences": "a", "truncate": "no"}, TypeError, "truncate must be a bool"),
+    ({"sentences": "a", "timeout": 0}, ValueError, "timeout must be"),
+    ({"sentences": "a", "prompt_name": "nope"}, ValueError, "prompt_name"),
+])
+def test_bad_input_is_refused_before_queueing(tiny, kwargs, error, match):
+    b = DynamicBatcher(tiny)
+    with pytest.raises(error, match=match):
+        b.encode(**kwargs)
+    assert b.stats()["requests"] == 0
+    b.close()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"max_batch_tokens": 0}, "max_batch_tokens must be an int >= 1, got 0"),
+    ({"max_batch_size": 1.5}, "max_batch_size"),
+    ({"max_wait_ms": -1}, "max_wait_ms must be a number in"),
+    ({"max_queue": 0}, "max_queue"),
+    ({"tokenizer_threads": 0}, "tokenizer_threads"),
+])
+def test_bad_settings(tiny, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DynamicBatcher(tiny, **kwargs)
+    with pytest.raises(TypeError, match="embedder must be an embfast.Embedder"):
+        DynamicBatcher("model")
+
+
+def test_full_queue_is_refused_at_once(tiny):
+    with DynamicBatcher(tiny, max_queue=1) as b:
+        gate = hold_worker(b)
+        queued = threading.Thread(target=b.encode, args=(["queued"],))
+        queued.start()
+        wait_for(lambda: b.stats()["in_flight_requests"] == 1, "one admitted request")
+        with pytest.raises(OverloadedError, match=r"queue is full: 1 requests .*max_queue=1"):
+            b.encode("one too many")
+
+        async def overloaded():
+            with pytest.raises(OverloadedError):
+                await b.encode_async("one too many")
+
+        asyncio.run(overloaded())
+        assert b.stats()["rejected"] == 2
+        gate.release.set()
+        queued.join()
+        assert b.encode("fine again").shape == (tiny.dim,)
+
+
+def test_timeout_and_cancellation_do_not_poison_the_batch(tiny):
+    with DynamicBatcher(tiny) as b:
+        gate = hold_worker(b)
+        with pytest.raises(TimeoutError, match="timeout=0.05"):
+            b.encode(["timed out"], timeout=0.05)
+
+        async def main():
+            victim = asyncio.create_task(b.encode_async(["cancelled " * 5, "also cancelled"]))
+            survivor = asyncio.create_task(b.encode_async(["survivor"]))
+            await asyncio.to_thread(wait_for, lambda: b.stats()["queued_requests"] >= 2, "queued requests")
+            victim.cancel()
+            await asyncio.to_thread(wait_for, lambda: b.stats()["cancelled"] == 2, "cancellations")
+            gate.release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await victim
+            return await survivor
+
+        survivor = asyncio.run(main())
+        np.testing.assert_allclose(survivor, tiny.encode(["survivor"]), rtol=1e-4, atol=1e-5)
+        assert b.stats()["in_flight_requests"] == 0
+    # the batch after the gate held only the survivor: cancelled texts never ran
+    assert gate.stats[1].texts == 1 and gate.stats[1].requests == 1
+
+
+def test_one_failing_input_fails_only_its_caller(tiny):
+    with DynamicBatcher(tiny) as b:
+        errors, ok = [], []
+
+        def strict():
+            try:
+                b.encode(["fine", "word " * 200], truncate=False)
+            except InputTooLongError as exc:
+                errors.append(exc)
+
+        def lenient():
+            ok.append(b.encode(["fine", "word " * 200]))
+
+        threads = [threading.Thread(target=f) for f in (strict, lenient, strict, lenient)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(errors) == 2 and "input 1" in str(errors[0]) and len(ok) == 2
+        np.testing.assert_allclose(ok[0], tiny.encode(["fine", "word " * 200]), rtol=1e-4, atol=1e-5)
+
+        # An ONNX Runtime failure inside a merged batch: the batch is retried per caller.
+        gate = hold_worker(b)
+        good = tiny.tokenizer.tokenize(["good text"])
+        bad = Tokenized(ids=[[101, 10**6, 102]], lengths=np.array([3]), truncated=np.array([False]))
+        f_bad, f_good = b.submit_tokenized(bad), b.submit_tokenized(good)
+        wait_for(lambda: b.stats()["queued_requests"] == 2, "two queued requests")
+        gate.release.set()
+        with pytest.raises(Exception, match="(?i)out of range|indices|invalid"):
+            f_bad.result(30)
+        np.testing.assert_allclose(tiny.postprocess(f_good.result(30)), tiny.encode(["good text"]),
+                                   rtol=1e-4, atol=1e-5)
+        assert gate.stats[1].requests == 2 and gate.stats[1].failed_requests == 1
+        assert b.stats()["failed"] == 1
+        assert b.encode("still alive").shape == (tiny.dim,)
+
+
+def test_dynamic_batching_off_runs_one_request_per_batch(tiny):
+    with DynamicBatcher(tiny, merge_requests=False) as b:
+        gate = hold_worker(b)
+        threads = [threading.Thread(target=b.encode, args=([f"t{i}", "x y z"],)) for i in range(4)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: b.stats()["queued_requests"] == 4, "four queued requests")
+        gate.release.set()
+        for t in threads:
+            t.join()
+    assert [s.requests for s in gate.stats] == [1] * 5
+
+
+def test_close_finishes_admitted_work_then_refuses(tiny):
+    b = DynamicBatcher(tiny)
+    gate = hold_worker(b)
+    out = []
+    threads = [threading.Thread(target=lambda i=i: out.append(b.encode(f"pending {i}"))) for i in range(3)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: b.stats()["in_flight_requests"] == 3, "three admitted requests")
+    closer = threading.Thread(target=b.close)
+    closer.start()
+    wait_for(lambda: b.closed, "closing")
+    with pytest.raises(BatcherClosedError, match="closed"):
+        b.encode("too late")
+    gate.release.set()
+    closer.join(30)
+    for t in threads:
+        t.join()
+    assert len(out) == 3 and not closer.is_alive() and b.close() is True
+
+
+def test_close_can_cancel_what_has_not_run(tiny):
+    b = DynamicBatcher(tiny)
+    gate = hold_worker(b)
+    fut = b.submit_tokenized(tiny.tokenizer.tokenize(["never runs"]))
+    wait_for(lambda: b.stats()["queued_requests"] == 1, "a queued request")
+    closer = threading.Thread(target=b.close, kwargs={"cancel_pending": True})
+    closer.start()
+    with pytest.raises(BatcherClosedError, match="before this request ran"):
+        fut.result(30)
+    gate.release.set()
+    closer.join(30)
+    assert not closer.is_alive()
+
+
+def test_a_failing_listener_is_logged_not_raised(tiny, caplog):
+    def broken(stats):
+        raise RuntimeError("listener bug")
+
+    with DynamicBatcher(tiny) as b:
+        b.add_batch_listener(broken)
+        assert b.encode("x").shape == (tiny.dim,)
+        b.remove_batch_listener(broken)
+    assert "listener" in caplog.text
+
+
+def test_callers_with_different_prompts_share_a_batch(tiny, tiny_dir, tmp_path):
+    """With include_prompt: false, each caller's own prompt tokens are left out of pooling."""
+    import json
+    import shutil
+
+    from embfast import Embedder
+
+    folder = shutil.copytree(tiny_dir, tmp_path / "tiny-no-prompt")
+    pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "include_prompt": False}))
+    m = Embedder(folder, threads=1)
+    if not hasattr(m.tokenizer, "prompt_length") or getattr(m.config, "include_prompt", True):
+        pytest.skip("this Embedder does not support include_prompt: false")
+    calls = [("query: ", ["a question about cats"]), ("passage: long prefix here ", ["cats sit on mats"]),
+             ("", ["no prompt at all"])]
+    with DynamicBatcher(m) as b:
+        gate = hold_worker(b)
+        out: dict[int, np.ndarray] = {}
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, b.encode(calls[i][1], prompt=calls[i][0])))
+                   for i in range(len(calls))]
+        for t in threads:
+            t.start()
+        wait_for(lambda: b.stats()["queued_requests"] == 3, "three queued requests")
+        gate.release.set()
+        for t in threads:
+            t.join()
+    assert gate.stats[1].requests == 3
+    for i, (prompt, texts) in enumerate(calls):
+        np.testing.assert_allclose(out[i], m.encode(texts, prompt=prompt), rtol=1e-4, atol=1e-5)
+    # the same weights pooling the prompt tokens too give other vectors: the exclusion took effect
+    assert not np.allclose(out[0], tiny.encode(calls[0][1], prompt=calls[0][0]), atol=1e-3)

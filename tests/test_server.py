@@ -1,0 +1,408 @@
+"""The embedding server over real HTTP on 127.0.0.1: correctness under concurrency, bad requests, auth,
+payload limit, 429 under overload, graceful shutdown, the openai client, search, info, metrics, the CLI.
+
+Each server runs uvicorn in a thread on a free loopback port. Where a test needs
+requests to stay in flight, a batch listener parks the batcher's worker until
+the test releases it; nothing asserts on timing.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from embfast.server import create_app
+
+SENTENCES = ["The cat sat on the mat.", "A feline rested on the rug.", "Stock markets fell sharply today.",
+             "Привет, как дела?", "東京は日本の首都です。", "def f(x): return x * 2", "🙂🙃 emoji only",
+             "The quick brown fox jumps over the lazy dog. " * 4, "word " * 300, "x"]
+
+
+@contextlib.contextmanager
+def serve(app):
+    """Run ``app`` with uvicorn in a thread on a free 127.0.0.1 port; yields (base_url, uvicorn.Server)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=30))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(3000):
+            if server.started or not thread.is_alive():
+                break
+            threading.Event().wait(0.01)
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+class Gate:
+    """A batch listener that parks the worker after each batch until released."""
+
+    def __init__(self):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, stats) -> None:
+        self.entered.set()
+        assert self.release.wait(30), "test gate never released"
+
+
+def wait_for(predicate, what: str) -> None:
+    for _ in range(3000):
+        if predicate():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def refuses(port: int) -> bool:
+    """True when nothing accepts connections on 127.0.0.1:port any more."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory):
+    """A default server on the tiny model, with a search corpus of SENTENCES."""
+    folder = tmp_path_factory.mktemp("corpus")
+    np.save(folder / "corpus.npy", tiny.encode(SENTENCES))
+    (folder / "corpus.txt").write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    app = create_app(tiny, corpus=folder / "corpus.npy", corpus_texts=folder / "corpus.txt", model_name="tiny")
+    with serve(app) as (url, _):
+        yield url, app
+
+
+def test_32_concurrent_clients_get_their_own_vectors(server, tiny):
+    url, _ = server
+    expected = dict(zip(SENTENCES, tiny.encode(SENTENCES), strict=True))
+    counts = dict(zip(SENTENCES, tiny.count_tokens(SENTENCES).tolist(), strict=True))
+    rng = np.random.default_rng(0)
+    jobs = [[SENTENCES[j] for j in rng.integers(0, len(SENTENCES), size=i % 4 + 1)] for i in range(96)]
+
+    def client(k):
+        worst = 1.0
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for texts in jobs[k::32]:
+                single = len(texts) == 1 and k % 2 == 0
+                r = c.post("/v1/embeddings", json={"input": texts[0] if single else texts, "model": "any"})
+                assert r.status_code == 200, r.text
+                body = r.json()
+                assert body["object"] == "list" and body["model"] == "tiny"
+                assert [d["index"] for d in body["data"]] == list(range(len(texts)))
+                assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == sum(counts[t] for t in texts)
+                for d, t in zip(body["data"], texts, strict=True):
+                    worst = min(worst, cosine(d["embedding"], expected[t]))
+        return worst
+
+    with ThreadPoolExecutor(32) as pool:
+        assert min(pool.map(client, range(32))) >= 0.9999
+
+
+def test_base64_dimensions_and_truncation(server, tiny):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/embeddings", json={"input": SENTENCES[:3], "encoding_format": "base64"})
+        vecs = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in r.json()["data"]]
+        np.testing.assert_allclose(np.stack(vecs), tiny.encode(SENTENCES[:3]), rtol=1e-4, atol=1e-5)
+
+        r = c.post("/v1/embeddings", json={"input": SENTENCES[:3], "dimensions": 8})
+        cut = np.array([d["embedding"] for d in r.json()["data"]])
+        assert cut.shape == (3, 8)
+        np.testing.assert_allclose(np.linalg.norm(cut, axis=1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(cut, tiny.encode(SENTENCES[:3], truncate_dim=8), rtol=1e-4, atol=1e-5)
+
+        long_text = "word " * 300
+        r = c.post("/v1/embeddings", json={"input": ["short", long_text]})
+        assert r.status_code == 200 and r.headers["x-embfast-truncated-inputs"] == "1"
+        assert r.json()["usage"]["prompt_tokens"] == 3 + tiny.max_seq_length
+
+
+BAD_REQUESTS = [
+    (b"{not json", 400, "valid JSON"),
+    (b"", 400, "empty body"),
+    (b'{"input": "\xff"}', 400, "UTF-8"),
+    (b"\xff\xfe{}", 400, "UTF-8"),
+    (b"[1, 2]", 400, "must be a JSON object, got array"),
+    (b"{}", 422, "input is required"),
+    (b'{"input": null}', 422, "got null"),
+    (b'{"input": []}', 422, "must not be an empty list"),
+    (b'{"input": ""}', 422, "non-empty string"),
+    (b'{"input": ["a", ""]}', 422, r"input\[1\] must be a non-empty string"),
+    (b'{"input": ["a", 3]}', 422, r"input\[1\] must be a string, got number"),
+    (b'{"input": ["a", ["b"]]}', 422, "nested lists"),
+    (b'{"input": [1, 2, 3]}', 422, "token-id input is not supported"),
+    (b'{"input": {"text": "a"}}', 422, "got object"),
+    (b'{"input": "a", "encoding_format": "int8"}', 422, "encoding_format must be 'float' or 'base64'"),
+    (b'{"input": "a", "dimensions": 0}', 422, r"dimensions must be an integer in \[1, 32\], got 0"),
+    (b'{"input": "a", "dimensions": 33}', 422, "got 33"),
+    (b'{"input": "a", "dimensions": "8"}', 422, "dimensions must be an integer"),
+    (b'{"input": "a", "dimensions": true}', 422, "dimensions must be an integer"),
+    (b'{"input": "a", "model": 5}', 422, "model must be a string"),
+    (b'{"input": "a", "dimension": 8}', 422, "unknown field"),
+    (b'{"input": "a", "truncate": "yes"}', 422, "truncate must be true or false"),
+    (json.dumps({"input": ["ok", "word " * 300], "truncate": False}).encode(), 422, "max_seq_length"),
+    (json.dumps({"input": ["a"] * 2049}).encode(), 422, "at most 2048"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "match"), BAD_REQUESTS)
+def test_bad_requests_get_clear_4xx(server, body, status, match):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["code"]
+        assert re.search(match, err["message"]), err["message"]
+        assert c.post("/v1/embeddings", json={"input": "still serving"}).status_code == 200
+
+
+def test_unknown_routes_and_methods(server):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.get("/v1/nope")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        r = c.get("/v1/embeddings")
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_search_health_info_models_metrics(server, tiny):
+    url, _ = server
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/search", json={"query": [SENTENCES[2], SENTENCES[0]], "top_k": 3})
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        assert data[0]["hits"][0]["id"] == 2 and data[0]["hits"][0]["score"] > 0.9999
+        assert data[1]["hits"][0]["text"] == SENTENCES[0] and len(data[1]["hits"]) == 3
+        assert c.post("/v1/search", json={"query": "x", "top_k": 0}).status_code == 422
+        assert c.post("/v1/search", json={"query": []}).status_code == 422
+
+        assert c.get("/health").json() == {"status": "ok"}
+        info = c.get("/info").json()
+        assert info["model"] == "tiny" and info["dim"] == tiny.dim and info["precision"] == "fp32"
+        assert info["provider"] == "CPUExecutionProvider" and info["corpus"]["size"] == len(SENTENCES)
+        assert info["corpus"]["kind"] == "vectors" and info["corpus"]["texts"] is True
+        assert "native" in info["build"] and info["batching"]["dynamic"] is True
+        assert c.get("/v1/models").json()["data"][0]["id"] == "tiny"
+
+        assert c.post("/v1/embeddings", json={"input": "counted"}).status_code == 200
+        assert c.post("/v1/embeddings", json={"input": None}).status_code == 422
+        r = c.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        text = r.text
+        for name in ("embfast_queue_texts", "embfast_inflight_requests", "embfast_batch_texts_bucket",
+                     "embfast_batch_tokens_bucket", "embfast_request_duration_seconds_bucket",
+                     'embfast_errors_total{kind="invalid_input"}', "embfast_rejected_total"):
+            assert name in text, name
+        assert 'embfast_requests_total{endpoint="/v1/embeddings",code="200"}' in text
+        for line in text.splitlines():  # every sample line is "name{labels} number"
+            if line and not line.startswith("#"):
+                float(line.rsplit(" ", 1)[1])
+
+
+def test_search_without_corpus_and_bad_corpus(tiny, tmp_path):
+    with serve(create_app(tiny)) as (url, _):
+        r = httpx.post(f"{url}/v1/search", json={"query": "x"}, timeout=60)
+        assert r.status_code == 404 and "--corpus" in r.json()["error"]["message"]
+    np.save(tmp_path / "wide.npy", np.zeros((3, 64), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"dim must be in \[1, 32\]"):
+        create_app(tiny, corpus=tmp_path / "wide.npy")
+    np.save(tmp_path / "ok.npy", np.ones((3, 32), dtype=np.float64))
+    (tmp_path / "two.txt").write_text("a\nb\n")
+    with pytest.raises(ValueError, match=r"one text per corpus vector \(3\), got 2"):
+        create_app(tiny, corpus=tmp_path / "ok.npy", corpus_texts=tmp_path / "two.txt")
+    with pytest.raises(FileNotFoundError, match="missing.npy"):
+        create_app(tiny, corpus=tmp_path / "missing.npy")
+
+
+def test_search_an_embfast_index(tiny, tmp_path):
+    from embfast import Index
+
+    index = Index(tiny)
+    index.add(SENTENCES, ids=[f"doc-{i}" for i in range(len(SENTENCES))],
+              metadata=[{"n": i} for i in range(len(SENTENCES))])
+    index.save(tmp_path / "docs.embf")
+    with serve(create_app(tiny, corpus=tmp_path / "docs.embf")) as (url, _):
+        r = httpx.post(f"{url}/v1/search", json={"query": SENTENCES[1], "top_k": 2}, timeout=60)
+        assert r.status_code == 200, r.text
+        top = r.json()["data"][0]["hits"][0]
+        assert (top["id"], top["text"], top["metadata"]) == ("doc-1", SENTENCES[1], {"n": 1})
+        assert top["score"] > 0.9999
+        assert httpx.get(f"{url}/info", timeout=60).json()["corpus"]["kind"] == "index"
+    with pytest.raises(ValueError, match="holds its own texts"):
+        create_app(tiny, corpus=tmp_path / "docs.embf", corpus_texts=["x"] * len(SENTENCES))
+
+
+def test_api_key(tiny):
+    import openai
+
+    with serve(create_app(tiny, api_key="s3cret")) as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+                r = c.post("/v1/embeddings", json={"input": "x"}, headers=headers)
+                assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+            assert c.get("/metrics").status_code == 401
+            assert c.get("/health").status_code == 200
+            r = c.post("/v1/embeddings", json={"input": "x"}, headers={"authorization": "Bearer s3cret"})
+            assert r.status_code == 200
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0) as client:
+            with pytest.raises(openai.AuthenticationError):
+                client.embeddings.create(model="tiny", input="x")
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0) as client:
+            assert len(client.embeddings.create(model="tiny", input="x").data[0].embedding) == tiny.dim
+
+
+def test_payload_limit(tiny):
+    with serve(create_app(tiny, max_request_bytes=1000)) as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as c:
+            r = c.post("/v1/embeddings", json={"input": ["word " * 100] * 5})
+            assert r.status_code == 413 and "at most 1000 bytes" in r.json()["error"]["message"]
+
+            def chunks():  # no Content-Length: counted while streaming
+                yield b'{"input": ["'
+                for _ in range(50):
+                    yield b"word " * 20
+                yield b'"]}'
+
+            r = c.post("/v1/embeddings", content=chunks())
+            assert r.status_code == 413
+            r = c.post("/v1/embeddings", content=b"x" * 3_000_000)  # far over: drained, then refused
+            assert r.status_code == 413
+            assert c.post("/v1/embeddings", json={"input": "small"}).status_code == 200
+
+
+def test_overload_gives_429_then_recovers(tiny):
+    app = create_app(tiny, max_queue=1)
+    gate = Gate()
+    app.state.batcher.add_batch_listener(gate)
+    with serve(app) as (url, _), httpx.Client(base_url=url, timeout=60) as c1, \
+            httpx.Client(base_url=url, timeout=60) as c2:
+        assert c1.post("/v1/embeddings", json={"input": "first"}).status_code == 200
+        assert gate.entered.wait(30)  # the worker is parked: nothing else finishes
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(c1.post, "/v1/embeddings", json={"input": "queued"})
+            wait_for(lambda: app.state.batcher.stats()["in_flight_requests"] == 1, "one request in flight")
+            r = c2.post("/v1/embeddings", json={"input": "over the limit"})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "rate_limit_error" and "max_queue=1" in r.json()["error"]["message"]
+            gate.release.set()
+            assert queued.result(60).status_code == 200
+        assert c2.post("/v1/embeddings", json={"input": "after"}).status_code == 200
+        assert "embfast_rejected_total 1" in c2.get("/metrics").text
+
+
+def test_shutdown_finishes_requests_in_flight(tiny):
+    app = create_app(tiny)
+    batcher = app.state.batcher
+    gate = Gate()
+    batcher.add_batch_listener(gate)
+    texts = [f"in flight {i}" for i in range(6)]
+    with serve(app) as (url, server):
+        assert httpx.post(f"{url}/v1/embeddings", json={"input": "first"}, timeout=60).status_code == 200
+        assert gate.entered.wait(30)
+        pool = ThreadPoolExecutor(len(texts))
+        futures = [pool.submit(httpx.post, f"{url}/v1/embeddings", json={"input": t}, timeout=60) for t in texts]
+        wait_for(lambda: batcher.stats()["in_flight_requests"] == len(texts), "requests in flight")
+        server.should_exit = True  # as SIGTERM does
+        port = int(url.rsplit(":", 1)[1])
+        wait_for(lambda: refuses(port), "the listening socket to close")  # shutting down, requests still held
+        gate.release.set()
+        responses = [f.result(60) for f in futures]
+        pool.shutdown()
+    assert [r.status_code for r in responses] == [200] * len(texts)
+    for r, t in zip(responses, texts, strict=True):
+        assert cosine(r.json()["data"][0]["embedding"], tiny.encode(t)) >= 0.9999
+    assert batcher.closed and batcher.stats()["in_flight_requests"] == 0
+
+
+def test_openai_client(server, tiny):
+    import openai
+
+    url, _ = server
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+        res = client.embeddings.create(model="tiny", input=SENTENCES[:4])  # the client asks for base64
+        got = np.array([d.embedding for d in res.data])
+        np.testing.assert_allclose(got, tiny.encode(SENTENCES[:4]), rtol=1e-4, atol=1e-5)
+        assert res.usage.prompt_tokens == int(tiny.count_tokens(SENTENCES[:4]).sum())
+        res = client.embeddings.create(model="tiny", input="one", encoding_format="float", dimensions=16)
+        assert len(res.data[0].embedding) == 16
+        with pytest.raises(openai.UnprocessableEntityError, match="non-empty"):
+            client.embeddings.create(model="tiny", input="")
+
+
+def test_cli_serve_flags_env_and_sigterm(tiny_dir, tiny, tmp_path):
+    from embfast.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.max_request_bytes, args.dynamic_batching) == ("127.0.0.1", 8080,
+                                                                                    2_000_000, True)
+    env = {**os.environ, "EMBFAST_MAX_WAIT_MS": "0.5", "EMBFAST_DYNAMIC_BATCHING": "0", "EMBFAST_API_KEY": "k",
+           "EMBFAST_MODEL": str(tiny_dir), "EMBFAST_THREADS": "1", "EMBFAST_LOG_LEVEL": "warning"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "embfast.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            assert proc.poll() is None, proc.stdout.read()
+            threading.Event().wait(0.1)
+        info = httpx.get(f"{url}/info", headers={"authorization": "Bearer k"}, timeout=30).json()
+        assert info["batching"]["dynamic"] is False and info["batching"]["max_wait_ms"] == 0.5
+        assert info["threads"] == 1
+        r = httpx.post(f"{url}/v1/embeddings", json={"input": "cli"}, headers={"authorization": "Bearer k"},
+                       timeout=30)
+        assert cosine(r.json()["data"][0]["embedding"], tiny.encode("cli")) >= 0.9999
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught: exit by SIGTERM, no traceback
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Traceback" not in out, out
+
+
+@pytest.mark.slow
+def test_real_model_under_32_clients(minilm):
+    texts = [line for line in SENTENCES * 4]
+    expected = minilm.encode(texts)
+    with serve(create_app(minilm)) as (url, _):
+        def client(k):
+            with httpx.Client(base_url=url, timeout=120) as c:
+                r = c.post("/v1/embeddings", json={"input": texts[k % len(texts):][:3]})
+                assert r.status_code == 200, r.text
+                return min(cosine(d["embedding"], expected[k % len(texts) + i])
+                           for i, d in enumerate(r.json()["data"]))
+
+        with ThreadPoolExecutor(32) as pool:
+            assert min(pool.map(client, range(32))) >= 0.9999
