@@ -185,13 +185,17 @@ class Index:
         """Add texts (embedded with the index's embedder) or vectors.
 
         Args:
-            items: a str or a list of str (embedded, and stored as the rows' texts), or vectors
+            items: a str or a list of str (embedded with ``Embedder.encode_document``, i.e. the model's
+                document prompt if it has one, and stored as the rows' texts), or vectors
                 (dim,) / (n, dim) (finite floats). Vectors are stored L2-normalized.
             ids: one unique int or str per row (all of one kind, per index); default: consecutive ints
-                from ``len(index)`` (only while the index has int ids).
+                after the largest id so far, from 0 (only while the index has int ids).
             metadata: one JSON-serializable dict (or None) per row.
             texts: with vectors, the text to store for each row (None entries allowed).
             batch_size: texts per ONNX Runtime call when embedding.
+
+        Adding to a memory-mapped index keeps the new rows in memory; the next search copies the
+        mapped vectors into memory once (saving streams both to the file and needs no copy).
 
         Raises:
             TypeError / ValueError saying what was expected: wrong dims, NaN, duplicate or mixed ids, lengths
@@ -233,7 +237,7 @@ class Index:
             if texts is not None:
                 raise TypeError("texts= is for vectors; when adding texts they are stored as they are")
             strs, _ = as_text_list(items, name)
-            return self._encode(strs, batch_size), strs
+            return self._encode(strs, batch_size, "query" if name == "queries" else "document"), strs
         if isinstance(items, (list, tuple)) and not items:
             return np.zeros((0, self.dim or 0), np.float32), None
         arr = np.asarray(items)
@@ -251,13 +255,15 @@ class Index:
             raise ValueError(f"{name} must be finite, got NaN or inf in row {int(np.flatnonzero(bad)[0])}")
         return kernels.l2_normalize(arr), texts
 
-    def _encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+    def _encode(self, texts: list[str], batch_size: int, role: str) -> np.ndarray:
+        """Embed texts: documents with the model's document prompt, queries with its query prompt (if any)."""
         if self.embedder is None:
             built = f" (this index was built with model {self.model['name']!r}: Index.load(path, " \
                     f"embedder=Embedder({self.model.get('source')!r})))" if self.model else ""
             raise TypeError(f"texts need an embedder: create the index with Index(embedder){built}, "
                             "or pass vectors")
-        return kernels.l2_normalize(self.embedder.encode(texts, batch_size=batch_size))
+        encode = self.embedder.encode_query if role == "query" else self.embedder.encode_document
+        return kernels.l2_normalize(encode(texts, batch_size=batch_size))
 
     @staticmethod
     def _check_metadata(metadata, n: int) -> list:
@@ -280,7 +286,7 @@ class Index:
         if ids is None:
             if self._id_kind == "str":
                 raise ValueError("ids must be given: this index has str ids, so new rows need theirs")
-            start = len(self)
+            start = int(self._int_ids.full().max()) + 1 if len(self) else 0  # never reuses an explicit id
             return "int", np.arange(start, start + n, dtype=np.int64)
         if isinstance(ids, np.ndarray):
             ids = ids.tolist()
@@ -346,7 +352,8 @@ class Index:
         """Rank the index's rows for each query.
 
         Args:
-            queries: a str or list of str (embedded with the index's embedder), or vectors (dim,) / (q, dim).
+            queries: a str or list of str (embedded with the index's embedder, ``encode_query``: the model's
+                query prompt if it has one), or vectors (dim,) / (q, dim).
             top_k: hits per query; more than the index holds returns them all; 0 returns empty lists.
             rescore: int8 / binary: re-rank ``rescore_multiplier * top_k`` candidates by exact fp32 cosine
                 (default True); False returns the quantized scores (int8 dot products, or bits - Hamming).

@@ -17,6 +17,7 @@ Python API: :func:`encode_files`, :class:`Chunker`, :func:`embed_texts`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -30,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 from embfast import io as jio
-from embfast.batching import plan_batches
 from embfast.io import BadInputError, ReadOptions, Record
 
 STATE_FORMAT = 1
@@ -111,26 +111,49 @@ class Chunker:
 
 
 # ---- embedding with progress ---------------------------------------------------------------------------
+ROLES = (None, "query", "document")
+
+
 def embed_texts(embedder, texts: list[str], *, batch_size: int = 32, normalize: bool | None = None,
-                dimensions: int | None = None, max_batch_tokens: int | None = 16384,
-                on_batch: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``Embedder.encode`` for a job: the same order of steps, with a callback after every batch.
+                dimensions: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
+                role: str | None = None, on_batch: Callable[[int, int], None] | None = None,
+                step: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Embed one shard through the public ``Embedder.encode`` with a progress callback.
+
+    The shard is length-sorted once as a whole (as ``encode`` does for one call), then
+    encoded ``step`` texts at a time (default ``16 * batch_size``) so that progress moves
+    while it runs; results come back in input order.
 
     Args:
-        texts: the texts of one shard (length-sorted once, together).
-        on_batch: called with (texts, tokens) after each ONNX Runtime batch.
+        texts: the texts of one shard.
+        prompt / prompt_name: as ``Embedder.encode`` (neither: the model's default prompt).
+        role: None (``encode``), "query" (``encode_query``) or "document" (``encode_document``):
+            the model's query / document prompt when no prompt is given.
+        on_batch: called with (texts, tokens) after each step.
 
     Returns:
-        vectors (n, dim) float32 in input order, token counts (n,) int64, truncated flags (n,) bool.
+        vectors (n, dim) float32 in input order, token counts (n,) int64 (prompt included),
+        truncated flags (n,) bool.
     """
-    tok = embedder.tokenizer.tokenize(texts)
-    pooled = np.empty((len(texts), embedder.config.dim), dtype=np.float32)
-    for rows in plan_batches(tok.lengths, batch_size, max_batch_tokens):
-        pooled[rows] = embedder.embed_token_ids(tok.ids, rows)
+    if role not in ROLES:
+        raise ValueError(f"role must be None, 'query' or 'document', got {role!r}")
+    encode = {None: embedder.encode, "query": embedder.encode_query, "document": embedder.encode_document}[role]
+    n = len(texts)
+    step = step or max(16 * batch_size, 256)
+    order = np.argsort(-embedder.count_tokens(texts), kind="stable") if n else np.zeros(0, np.int64)
+    out = np.empty((n, dimensions or embedder.dim), dtype=np.float32)
+    lengths = np.zeros(n, dtype=np.int64)
+    truncated = np.zeros(n, dtype=bool)
+    for s in range(0, n, step):
+        rows = order[s:s + step]
+        emb, info = encode([texts[i] for i in rows], batch_size=batch_size, normalize_embeddings=normalize,
+                           truncate_dim=dimensions, prompt=prompt, prompt_name=prompt_name, return_info=True)
+        out[rows] = emb
+        lengths[rows] = info.token_counts
+        truncated[rows] = info.truncated
         if on_batch is not None:
-            on_batch(len(rows), int(tok.lengths[rows].sum()))
-    emb = embedder.postprocess(pooled, normalize_embeddings=normalize, truncate_dim=dimensions)
-    return np.ascontiguousarray(emb, dtype=np.float32), tok.lengths, tok.truncated
+            on_batch(len(rows), int(info.token_counts.sum()))
+    return out, lengths, truncated
 
 
 class Progress:
@@ -166,13 +189,19 @@ class Progress:
             return
         xps, tps = self.rates()
         if self.bar is not None:
-            self.bar.update(records)
+            self.bar.update(int(self.done) - self.bar.n)  # whole records: tqdm shows counts, not fractions
             self.bar.set_postfix_str(f"{xps:,.0f} texts/s, {tps:,.0f} tokens/s", refresh=False)
             return
         now = time.perf_counter()
         if now - self.last >= self.interval:
             self.last = now
             print(f"encode: {self.line()}", file=sys.stderr, flush=True)
+
+    def sync(self, done: int) -> None:
+        """Set the exact count of records done (the per-batch fractions may round)."""
+        self.done = float(done)
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
 
     def line(self) -> str:
         xps, tps = self.rates()
@@ -234,9 +263,11 @@ class BadCounter:
 
 def embedded_shards(records: Iterator[Record], embedder, *, shard_size: int = DEFAULT_SHARD_SIZE,
                     chunker: Chunker | None = None, include_text: bool = False, batch_size: int = 32,
-                    normalize: bool | None = None, dimensions: int | None = None,
-                    progress: Progress | None = None) -> Iterator[Shard]:
+                    normalize: bool | None = None, dimensions: int | None = None, progress: Progress | None = None,
+                    **embed: str | None) -> Iterator[Shard]:
     """Group ``records`` into shards of ``shard_size`` records and embed each one.
+
+    ``embed``: ``prompt``, ``prompt_name``, ``role`` for :func:`embed_texts`.
 
     Rows: ``{"id"}`` per record, or with a chunker one row per chunk ``{"id": "<doc id>#<k>",
     "doc_id", "chunk_index", "char_start", "char_end"}``; plus ``"text"`` with ``include_text``.
@@ -244,16 +275,22 @@ def embedded_shards(records: Iterator[Record], embedder, *, shard_size: int = DE
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
     buf: list[Record] = []
-    for rec in records:
-        buf.append(rec)
-        if len(buf) == shard_size:
-            yield _embed_shard(buf, embedder, chunker, include_text, batch_size, normalize, dimensions, progress)
+    done = int(progress.done) if progress is not None else 0
+    for rec in itertools.chain(records, [None]):
+        if rec is not None:
+            buf.append(rec)
+        if buf and (len(buf) == shard_size or rec is None):
+            shard = _embed_shard(buf, embedder, chunker, include_text, batch_size, normalize, dimensions, progress,
+                                 embed)
+            done += len(buf)
+            if progress is not None:
+                progress.sync(done)
+            yield shard
             buf = []
-    if buf:
-        yield _embed_shard(buf, embedder, chunker, include_text, batch_size, normalize, dimensions, progress)
 
 
-def _embed_shard(records, embedder, chunker, include_text, batch_size, normalize, dimensions, progress) -> Shard:
+def _embed_shard(records, embedder, chunker, include_text, batch_size, normalize, dimensions, progress,
+                 embed: dict) -> Shard:
     rows: list[dict] = []
     texts: list[str] = []
     sources: list[str] = []
@@ -277,7 +314,7 @@ def _embed_shard(records, embedder, chunker, include_text, batch_size, normalize
             progress.advance(n * per_text, n, tokens)
 
     vec, lengths, truncated = embed_texts(embedder, texts, batch_size=batch_size, normalize=normalize,
-                                          dimensions=dimensions, on_batch=on_batch)
+                                          dimensions=dimensions, on_batch=on_batch, **embed)
     return Shard(rows, vec, len(records), int(lengths.sum()), int(truncated.sum()), texts, sources)
 
 
@@ -339,7 +376,8 @@ def encode_files(inputs: list[str], output: str | Path, embedder, *, read: ReadO
                  batch_size: int = 32, normalize: bool | None = None, dimensions: int | None = None,
                  chunk_tokens: int | None = None, chunk_overlap: int = 0, include_text: bool = False,
                  shard_size: int = DEFAULT_SHARD_SIZE, resume: bool = False, skip_bad: bool = False,
-                 quiet: bool = True, progress_interval: float = 10.0) -> JobResult:
+                 quiet: bool = True, progress_interval: float = 10.0, prompt: str | None = None,
+                 prompt_name: str | None = None) -> JobResult:
     """Embed every record of ``inputs`` into ``output`` (.npy, .parquet or .jsonl), streaming and resumable.
 
     Args:
@@ -354,6 +392,7 @@ def encode_files(inputs: list[str], output: str | Path, embedder, *, read: ReadO
         resume: continue the interrupted job in ``<output>.parts``; without it an existing work folder is an error.
         skip_bad: count and skip bad rows and unreadable files instead of stopping at the first.
         quiet: no progress output. progress_interval: seconds between plain progress lines off a terminal.
+        prompt / prompt_name: as ``Embedder.encode`` (neither: the model's default prompt, if any).
 
     Returns:
         A :class:`JobResult`. Raises :class:`embfast.io.BadInputError` (a ValueError naming file and line)
@@ -377,18 +416,52 @@ def encode_files(inputs: list[str], output: str | Path, embedder, *, read: ReadO
               "normalize": normalize, "dimensions": dimensions, "chunk_tokens": chunk_tokens,
               "chunk_overlap": chunk_overlap if chunk_tokens else None, "text_field": read.text_field,
               "id_field": read.id_field, "input_format": read.input_format, "include_text": include_text,
-              "output_format": fmt}
+              "output_format": fmt, "prompt": prompt, "prompt_name": prompt_name}
     prints = jio.fingerprint(paths)
     folder = work_folder(output)
-    if folder.exists():
-        if not resume:
+    fresh = not folder.exists()
+    if fresh:
+        try:
+            folder.mkdir(parents=True)
+        except FileExistsError:
+            fresh = False
+    lock = _lock_job(folder, output)
+    try:
+        if fresh:
+            state = {"format": STATE_FORMAT, "config": config, "inputs": prints, "dim": None, "shards": []}
+            _write_state(folder, state)
+        elif not resume:
             raise ValueError(f"{folder} holds an interrupted run of this job; pass --resume to finish it, "
                              f"or delete the folder to start over")
-        state = _load_state(folder, config, prints)
-    else:
-        state = {"format": STATE_FORMAT, "config": config, "inputs": prints, "dim": None, "shards": []}
-        folder.mkdir(parents=True)
-        _write_state(folder, state)
+        else:
+            state = _load_state(folder, config, prints)
+        return _run_job(state, folder, paths, output, fmt, embedder, read, chunker, t0, batch_size=batch_size,
+                        normalize=normalize, dimensions=dimensions, include_text=include_text, shard_size=shard_size,
+                        skip_bad=skip_bad, quiet=quiet, progress_interval=progress_interval,
+                        embed={"prompt": prompt, "prompt_name": prompt_name})
+    finally:
+        lock.close()
+
+
+def _lock_job(folder: Path, output: Path):
+    """Hold an exclusive lock on the job's work folder for this process's lifetime (released at exit or kill)."""
+    import fcntl
+
+    fh = open(folder / "lock", "a+")  # noqa: SIM115 - kept open while the job runs
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise RuntimeError(f"another embfast encode is writing {output} right now (its work folder {folder} is "
+                           "locked); wait for it to finish") from None
+    return fh
+
+
+def _run_job(state: dict, folder: Path, paths: list[str], output: Path, fmt: str, embedder, read: ReadOptions,
+             chunker: Chunker | None, t0: float, *, batch_size, normalize, dimensions, include_text, shard_size,
+             skip_bad, quiet, progress_interval, embed: dict) -> JobResult:
+    """The shard loop and the final assembly of :func:`encode_files` (the work folder is set up and locked)."""
+    config = state["config"]
     done_shards = len(state["shards"])
     skip = sum(s["records"] for s in state["shards"])
     bad = BadCounter(skip=skip_bad, quiet=quiet)
@@ -405,29 +478,28 @@ def encode_files(inputs: list[str], output: str | Path, embedder, *, read: ReadO
         bad.muted = False
     progress = Progress(total, quiet=quiet, interval=progress_interval, initial=skip)
     try:
-        try:
-            for shard in embedded_shards(records, embedder, shard_size=shard_size, chunker=chunker,
-                                         include_text=include_text, batch_size=batch_size, normalize=normalize,
-                                         dimensions=dimensions, progress=progress):
-                index = len(state["shards"])
-                jio.write_shard(folder, index, shard.vectors, shard.rows)
-                state["dim"] = int(shard.vectors.shape[1])
-                state["shards"].append({"rows": len(shard.rows), "records": shard.records, "tokens": shard.tokens,
-                                        "truncated": shard.truncated, "bad_rows": bad.rows, "bad_files": bad.files})
-                bad.rows = bad.files = 0
-                _write_state(folder, state)
-        except BadInputError:
-            if not state["shards"]:  # nothing worth resuming: leave no work folder behind
-                shutil.rmtree(folder, ignore_errors=True)
-            raise
+        for shard in embedded_shards(records, embedder, shard_size=shard_size, chunker=chunker,
+                                     include_text=include_text, batch_size=batch_size, normalize=normalize,
+                                     dimensions=dimensions, progress=progress, **embed):
+            index = len(state["shards"])
+            jio.write_shard(folder, index, shard.vectors, shard.rows)
+            state["dim"] = int(shard.vectors.shape[1])
+            state["shards"].append({"rows": len(shard.rows), "records": shard.records, "tokens": shard.tokens,
+                                    "truncated": shard.truncated, "bad_rows": bad.rows, "bad_files": bad.files})
+            bad.rows = bad.files = 0
+            _write_state(folder, state)
+    except BadInputError:
+        if not state["shards"]:  # nothing worth resuming: leave no work folder behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     finally:
         progress.close()
+    dim = state["dim"] or embedder.dim
     if bad.rows or bad.files:  # bad rows after the last shard: record them with an empty shard
         state["shards"].append({"rows": 0, "records": 0, "tokens": 0, "truncated": 0, "bad_rows": bad.rows,
                                 "bad_files": bad.files})
-        jio.write_shard(folder, len(state["shards"]) - 1, np.zeros((0, state["dim"] or embedder.dim), np.float32), [])
+        jio.write_shard(folder, len(state["shards"]) - 1, np.zeros((0, dim), np.float32), [])
         _write_state(folder, state)
-    dim = state["dim"] or embedder.dim
     meta = {"embfast": {"model": config["model"], "model_checksum": config["model_checksum"], "dim": dim,
                         "precision": config["precision"]}}
     rows = jio.assemble(folder, [s["rows"] for s in state["shards"]], dim, output, fmt, schema_metadata=meta)
@@ -500,7 +572,7 @@ def cmd_encode(args) -> int:
                            normalize=args.normalize, dimensions=args.dimensions, chunk_tokens=args.chunk_tokens,
                            chunk_overlap=args.chunk_overlap, include_text=args.include_text,
                            shard_size=args.shard_size, resume=args.resume, skip_bad=args.skip_bad, quiet=args.quiet,
-                           progress_interval=args.progress_interval)
+                           progress_interval=args.progress_interval, prompt=args.prompt, prompt_name=args.prompt_name)
     except KeyboardInterrupt:
         folder = work_folder(args.output)
         if folder.exists():
@@ -545,7 +617,7 @@ def _fill_index(index, args, embedder) -> tuple[int, BadCounter]:
     added = 0
     try:
         for shard in embedded_shards(jio.read_records(paths, read, bad), embedder, shard_size=args.shard_size,
-                                     chunker=chunker, batch_size=args.batch_size, progress=progress):
+                                     chunker=chunker, batch_size=args.batch_size, progress=progress, role="document"):
             ids, texts, meta = _index_rows(shard, chunker is not None, args.id_field is not None, not args.no_text)
             index.add(shard.vectors, ids=ids, metadata=meta, texts=texts)
             added += len(shard.rows)
@@ -639,6 +711,8 @@ def register_cli(sub) -> None:
                    help="L2-normalize (default: as the model says)")
     s.add_argument("--dimensions", type=int, default=None, help="keep the first N dimensions (Matryoshka)")
     s.add_argument("--include-text", action="store_true", help="store each row's text (.parquet/.jsonl)")
+    s.add_argument("--prompt", default=None, help="text prepended to every input (default: the model's default prompt)")
+    s.add_argument("--prompt-name", default=None, help="one of the model's named prompts, e.g. query or document")
     s.add_argument("--resume", action="store_true", help="finish an interrupted run from its <output>.parts folder")
     s.set_defaults(func=cmd_encode)
 

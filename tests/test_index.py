@@ -118,6 +118,10 @@ def test_add_refuses_bad_input(tiny):
     with pytest.raises(TypeError, match=r"metadata\[0\] must be JSON-serializable"):
         index.add(["d"], ids=["d"], metadata=[{"x": object()}])
     assert len(index) == 1
+    ints = Index(tiny)
+    ints.add(["a", "b"], ids=[5, 2])
+    ints.add(["c"])
+    assert [ints.id_at(i) for i in range(3)] == [5, 2, 6]  # automatic ids never reuse an explicit one
     with pytest.raises(TypeError, match=r"texts need an embedder: create the index with Index\(embedder\)"):
         Index().add(["text"])
     with pytest.raises(ValueError, match="precision must be one of fp32, int8, binary, got 'fp16'"):

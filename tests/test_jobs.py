@@ -349,12 +349,23 @@ def test_readers_report_every_kind_of_bad_row(tmp_path):
         list(read_records([str(tmp_path / "x.doc")]))
 
 
-def test_encode_files_python_api(tiny, tmp_path):
+def test_encode_files_python_api_and_job_lock(tiny, tmp_path):
+    from embfast.jobs import _lock_job
+
     write_lines(tmp_path / "a.txt", ["alpha beta", "gamma"])
     res = encode_files([str(tmp_path / "a.txt")], tmp_path / "o.parquet", tiny, include_text=True)
     assert (res.rows, res.records, res.dim, res.bad_rows) == (2, 2, 32, 0)
     with pytest.raises(ValueError, match="shard_size must be an int >= 1, got 0"):
         encode_files([str(tmp_path / "a.txt")], tmp_path / "p.npy", tiny, shard_size=0)
+    busy = work_folder(tmp_path / "b.npy")
+    busy.mkdir()
+    held = _lock_job(busy, tmp_path / "b.npy")  # as if another process were running this job
+    try:
+        with pytest.raises(RuntimeError, match=r"another embfast encode is writing .*b.npy right now"):
+            encode_files([str(tmp_path / "a.txt")], tmp_path / "b.npy", tiny, resume=True)
+    finally:
+        held.close()
+    assert not (tmp_path / "p.npy").exists() and not work_folder(tmp_path / "p.npy").exists()
 
 
 # ---- bench and viz -------------------------------------------------------------------------------------------------
@@ -421,3 +432,30 @@ def test_pca_2d_known_answers():
     assert (pts == 0).all() and (frac == 0).all()
     with pytest.raises(ValueError, match=r"embeddings must be 2-D with at least one row, got shape \(0, 3\)"):
         pca_2d(np.zeros((0, 3)))
+
+
+def test_prompts_follow_encode_and_the_index_uses_query_and_document_prompts(tmp_path_factory, tmp_path):
+    """A model with named and default prompts: the job embeds exactly as Embedder.encode; the index as
+    encode_document (adds) and encode_query (searches)."""
+    from models_fixtures import build_prompt_bert
+
+    from embfast import Embedder, Index
+
+    model_dir = build_prompt_bert(tmp_path_factory.mktemp("prompt") / "prompt-bert")
+    m = Embedder(model_dir, threads=1)
+    texts = corpus(40, seed=5)
+    write_lines(tmp_path / "a.txt", texts)
+    for extra, want in (((), m.encode(texts)), (("--prompt-name", "query"), m.encode(texts, prompt_name="query")),
+                        (("--prompt", "x: "), m.encode(texts, prompt="x: "))):
+        r = run_cli("encode", "a.txt", "-o", "v.npy", "--model", model_dir, "--quiet", *extra, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        np.testing.assert_allclose(np.load(tmp_path / "v.npy"), want, rtol=1e-4, atol=1e-5)
+    index = Index(m)
+    index.add(texts)
+    q = "Investors worry about interest rates"
+    by_vectors = Index(precision="fp32")
+    by_vectors.add(m.encode_document(texts))
+    want = by_vectors.search(m.encode_query(q), top_k=5)
+    got = index.search(q, top_k=5)
+    assert [h["id"] for h in got[0]] == [h["id"] for h in want[0]]
+    np.testing.assert_allclose([h["score"] for h in got[0]], [h["score"] for h in want[0]], rtol=1e-5)
