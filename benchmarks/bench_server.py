@@ -68,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--infinity", default=None,
                    help="path to the infinity_emb executable (its own venv); omitted: infinity is skipped")
     p.add_argument("--infinity-engine", default="torch", choices=["torch", "optimum"],
-                   help="infinity backend (default torch, its default; optimum needs infinity-emb[optimum])")
+                   help="infinity backend (default torch, its default). optimum needs infinity-emb[optimum] and a "
+                        "folder with model.onnx; infinity 0.0.78 + optimum 2.1 failed to load it here")
     p.add_argument("--infinity-batch-size", type=int, default=32, help="infinity --batch-size (default 32)")
     p.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--startup-timeout-s", type=float, default=300.0, help="wait this long for a server to start")
