@@ -516,8 +516,8 @@ def _env(name: str, default=None):
     return os.environ.get(f"EMBFAST_{name}", default)
 
 
-def _input_args(p, *, many: bool = True) -> None:
-    p.add_argument("inputs", nargs="+" if many else 1, metavar="INPUT",
+def _input_args(p) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="files or glob patterns: .txt (one text per line), .jsonl, .csv, .parquet")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.csv/.parquet (default text)")
     p.add_argument("--id-field", default=None, help="field holding the row id (default: file:line)")
@@ -540,8 +540,8 @@ def _model_args(p, *, precision_flag: str = "--precision") -> None:
     p.add_argument("--device", default=_env("DEVICE", "cpu"), choices=["cpu", "cuda", "auto"])
     p.add_argument(precision_flag, dest="model_precision", default=_env("PRECISION", "fp32"),
                    choices=["fp32", "int8", "fp16", "auto"], help="model precision (default fp32)")
-    p.add_argument("--threads", type=int, default=int(_env("THREADS")) if _env("THREADS") else None,
-                   help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime threads (default: $EMBFAST_THREADS, else the cores this process may use)")
     p.add_argument("--max-seq-length", type=int, default=None, help="truncate inputs at N tokens (default: model's)")
 
 
@@ -640,6 +640,9 @@ def cmd_index_build(args) -> int:
         added, bad = _fill_index(index, args, m)
     except BadInputError as exc:
         raise ValueError(f"{exc}{'' if args.skip_bad else '; pass --skip-bad to skip and count bad rows'}") from None
+    except KeyboardInterrupt:
+        print(f"embfast index: interrupted; {args.output} was not written", file=sys.stderr)
+        return 130
     index.save(args.output)
     print(f"built {args.output}: {added} rows x {index.dim}, {index.precision}, model {m.manifest.get('name')} "
           f"({time.perf_counter() - t0:.1f} s){_bad_note(bad)}")
@@ -665,6 +668,9 @@ def cmd_index_add(args) -> int:
         added, bad = _fill_index(index, args, m)
     except BadInputError as exc:
         raise ValueError(f"{exc}{'' if args.skip_bad else '; pass --skip-bad to skip and count bad rows'}") from None
+    except KeyboardInterrupt:
+        print(f"embfast index: interrupted; {args.index} was not written", file=sys.stderr)
+        return 130
     index.save(args.index)
     print(f"added {added} rows to {args.index}: {before} -> {len(index)} rows "
           f"({time.perf_counter() - t0:.1f} s){_bad_note(bad)}")
