@@ -244,7 +244,7 @@ class Embedder:
                truncate_dim: int | None = None, precision: str = "float32",
                output_value: str = "sentence_embedding", convert_to_numpy: bool = True,
                show_progress_bar: bool = False, return_info: bool = False,
-               max_batch_tokens: int | None = 16384):
+               max_batch_tokens: int | None = 1024):
         """Embed texts.
 
         Args:
@@ -261,7 +261,8 @@ class Embedder:
             convert_to_numpy: False returns a list of 1-D arrays instead of one 2-D array.
             show_progress_bar: a tqdm bar over batches.
             return_info: also return an :class:`EncodeInfo` (token counts, truncation flags).
-            max_batch_tokens: cap on padded tokens per batch (default 16384); None = count cap only.
+            max_batch_tokens: cap on padded tokens (rows x longest row) per batch; default 1024, the
+                fastest measured on a 2-core AVX2 CPU (benchmarks/README.md); None = count cap only.
 
         Returns:
             A str gives (dim,), a list (n, dim); float32 unless ``precision`` says
