@@ -34,35 +34,6 @@ EMBFAST_INLINE std::uint32_t hamming_generic(const std::uint8_t* a, const std::u
 }
 
 #if EMBFAST_X86
-// int8 x int8 -> int32 via sign extension to int16 and madd (no saturation,
-// unlike maddubs, so the full -128..127 range is exact).
-EMBFAST_AVX2 inline std::int32_t dot_i8_avx2(const std::int8_t* a, const std::int8_t* b, std::size_t d) {
-    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
-    std::size_t j = 0;
-    for (; j + 32 <= d; j += 32) {
-        __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j));
-        __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j));
-        __m256i a_lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(va));
-        __m256i a_hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(va, 1));
-        __m256i b_lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(vb));
-        __m256i b_hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(vb, 1));
-        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(a_lo, b_lo));
-        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(a_hi, b_hi));
-    }
-    for (; j + 16 <= d; j += 16) {
-        __m256i a16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + j)));
-        __m256i b16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + j)));
-        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(a16, b16));
-    }
-    __m256i acc = _mm256_add_epi32(acc0, acc1);
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    std::int32_t r = _mm_cvtsi128_si32(s);
-    for (; j < d; ++j) r += static_cast<std::int32_t>(a[j]) * b[j];
-    return r;
-}
-
 EMBFAST_AVX2 inline std::uint32_t hamming_popcnt(const std::uint8_t* a, const std::uint8_t* b,
                                                          std::size_t nb) {
     std::uint64_t acc = 0;
@@ -113,20 +84,50 @@ EMBFAST_FLATTEN void scan_bits_generic(const std::uint8_t* Q, std::size_t nq, co
 }
 
 #if EMBFAST_X86
-struct Int8DotAvx2 {
-    EMBFAST_AVX2 inline float operator()(const std::int8_t* a, const std::int8_t* b, std::size_t d) const {
-        return static_cast<float>(dot_i8_avx2(a, b, d));
-    }
-};
 struct BitSimPopcnt {
     float bits;
     EMBFAST_AVX2 inline float operator()(const std::uint8_t* a, const std::uint8_t* b, std::size_t nb) const {
         return bits - static_cast<float>(hamming_popcnt(a, b, nb));
     }
 };
+// Dot of an int8 row with a query already widened to int16 (padded with zeros to a
+// multiple of 16): one sign extension per 16 corpus bytes instead of four shuffles
+// per 32 bytes when both sides are widened row by row.
+EMBFAST_AVX2 inline std::int32_t dot_i8_i16_avx2(const std::int8_t* row, const std::int16_t* q16, std::size_t d) {
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+    std::size_t j = 0;
+    for (; j + 32 <= d; j += 32) {
+        __m256i r0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
+        __m256i r1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j + 16)));
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(r0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16 + j))));
+        acc1 = _mm256_add_epi32(acc1,
+                                _mm256_madd_epi16(r1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16 + j + 16))));
+    }
+    for (; j + 16 <= d; j += 16) {
+        __m256i r0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(r0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16 + j))));
+    }
+    __m256i acc = _mm256_add_epi32(acc0, acc1);
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    std::int32_t r = _mm_cvtsi128_si32(s);
+    for (; j < d; ++j) r += static_cast<std::int32_t>(row[j]) * q16[j];
+    return r;
+}
+
 EMBFAST_AVX2_ENTRY void scan_int8_avx2(const std::int8_t* Q, std::size_t nq, const std::int8_t* C, std::size_t b,
-                                        std::size_t e, std::size_t d, TopKHeap* h) {
-    scan_quantized(Q, nq, C, b, e, d, h, Int8DotAvx2{});
+                                       std::size_t e, std::size_t d, TopKHeap* h) {
+    std::vector<std::int16_t> q16(nq * d);  // queries widened once per thread
+    for (std::size_t i = 0; i < nq * d; ++i) q16[i] = Q[i];
+    for (std::size_t r = b; r < e; ++r) {
+        const std::int8_t* row = C + r * d;
+        for (std::size_t q = 0; q < nq; ++q) {
+            float sc = static_cast<float>(dot_i8_i16_avx2(row, q16.data() + q * d, d));
+            TopKHeap& hh = h[q];
+            if (sc > hh.threshold() || !hh.full()) hh.push(sc, static_cast<std::int64_t>(r));
+        }
+    }
 }
 EMBFAST_AVX2_ENTRY void scan_bits_popcnt(const std::uint8_t* Q, std::size_t nq, const std::uint8_t* C,
                                           std::size_t b, std::size_t e, std::size_t nb, TopKHeap* h) {

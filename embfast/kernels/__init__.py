@@ -215,40 +215,40 @@ def topk_cosine(queries, corpus, k: int, *, assume_normalized: bool = False, thr
     return _core.topk_scan(q, qscale, c, k, not assume_normalized, threads)
 
 
-def topk_int8(queries, corpus, k: int, *, threads: int = 0, backend: str = "auto"):
-    """Top-k by exact integer dot product of int8 vectors (q, dim) x (n, dim); scores float32."""
-    k = _check_k(k)
+def _quantized_pair(queries, corpus, dtype, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a quantized (queries, corpus) pair of ``dtype``; returns them C-contiguous."""
     q, c = np.asarray(queries), np.asarray(corpus)
     for name, a in (("queries", q), ("corpus", c)):
-        if a.dtype != np.int8:
-            raise TypeError(f"{name} must be int8, got dtype {a.dtype}")
+        if a.dtype != dtype:
+            raise TypeError(f"{name} must be {what}, got dtype {a.dtype}")
         if a.ndim != 2:
             raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
     _check_pair(q, c)
+    return np.ascontiguousarray(q), np.ascontiguousarray(c)
+
+
+def topk_int8(queries, corpus, k: int, *, threads: int = 0, backend: str = "auto"):
+    """Top-k by exact integer dot product of int8 vectors (q, dim) x (n, dim); scores float32."""
+    k = _check_k(k)
+    q, c = _quantized_pair(queries, corpus, np.int8, "int8")
     b = _backend(backend)
     if b == "reference":
         return reference.topk_int8(q, c, k)
     if b == "numba":
-        return _numba.topk_int8(np.ascontiguousarray(q), np.ascontiguousarray(c), k)
-    return _core.topk_int8(np.ascontiguousarray(q), np.ascontiguousarray(c), k, threads)
+        return _numba.topk_int8(q, c, k)
+    return _core.topk_int8(q, c, k, threads)
 
 
 def topk_hamming(queries, corpus, k: int, *, threads: int = 0, backend: str = "auto"):
     """Top-k over packed bits (uint8 (q, bytes) x (n, bytes)); score = bits - Hamming distance."""
     k = _check_k(k)
-    q, c = np.asarray(queries), np.asarray(corpus)
-    for name, a in (("queries", q), ("corpus", c)):
-        if a.dtype != np.uint8:
-            raise TypeError(f"{name} must be packed uint8 bits, got dtype {a.dtype}")
-        if a.ndim != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
-    _check_pair(q, c)
+    q, c = _quantized_pair(queries, corpus, np.uint8, "packed uint8 bits")
     b = _backend(backend)
     if b == "reference":
         return reference.topk_hamming(q, c, k)
     if b == "numba":
-        return _numba.topk_hamming(np.ascontiguousarray(q), np.ascontiguousarray(c), k)
-    return _core.topk_hamming(np.ascontiguousarray(q), np.ascontiguousarray(c), k, threads)
+        return _numba.topk_hamming(q, c, k)
+    return _core.topk_hamming(q, c, k, threads)
 
 
 from embfast.kernels.quantized import QuantizedCorpus, quantize, topk_quantized  # noqa: E402
