@@ -12,11 +12,19 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def embfast_home(tmp_path_factory):
-    """Every test session exports into its own cache, so tests never depend on (or touch) the user's."""
+    """Every test session exports into its own cache, so tests never depend on (or touch) the user's.
+
+    The session also runs from that folder: subprocesses (`python -m embfast.cli`) and Ray workers
+    put their working directory on sys.path, and from the repository root they would import the
+    source tree (which has no compiled core) instead of the installed package.
+    """
     home = tmp_path_factory.mktemp("embfast_home")
     old = os.environ.get("EMBFAST_HOME")
+    old_cwd = os.getcwd()
     os.environ["EMBFAST_HOME"] = str(home)
+    os.chdir(home)
     yield home
+    os.chdir(old_cwd)
     if old is None:
         os.environ.pop("EMBFAST_HOME", None)
     else:
