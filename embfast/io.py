@@ -230,7 +230,8 @@ def _decode(path: str, lineno: int, raw: bytes, on_bad) -> str | None:
         return None
 
 
-def _read_txt(path: str, opts: ReadOptions, on_bad) -> Iterator[Record]:
+def _text_lines(path: str, on_bad) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) for every non-empty, valid UTF-8 line; the others are reported."""
     for lineno, raw in _binary_lines(path):
         text = _decode(path, lineno, raw, on_bad)
         if text is None:
@@ -238,6 +239,11 @@ def _read_txt(path: str, opts: ReadOptions, on_bad) -> Iterator[Record]:
         if not text.strip():
             _bad(path, lineno, "empty line", on_bad)
             continue
+        yield lineno, text
+
+
+def _read_txt(path: str, opts: ReadOptions, on_bad) -> Iterator[Record]:
+    for lineno, text in _text_lines(path, on_bad):
         src = f"{path}:{lineno}"
         yield Record(src, src, text)
 
@@ -273,13 +279,7 @@ def _field_text(path, lineno, row: dict, opts: ReadOptions, on_bad, columns) -> 
 
 
 def _read_jsonl(path: str, opts: ReadOptions, on_bad) -> Iterator[Record]:
-    for lineno, raw in _binary_lines(path):
-        line = _decode(path, lineno, raw, on_bad)
-        if line is None:
-            continue
-        if not line.strip():
-            _bad(path, lineno, "empty line", on_bad)
-            continue
+    for lineno, line in _text_lines(path, on_bad):
         try:
             row = json.loads(line)
         except ValueError as exc:

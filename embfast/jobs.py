@@ -630,20 +630,29 @@ def _bad_note(bad: BadCounter) -> str:
     return f"; skipped {bad.rows} bad rows and {bad.files} unreadable files" if (bad.rows or bad.files) else ""
 
 
+def _fill_and_save(index, args, m, path):
+    """Add the corpus files to ``index`` and save it to ``path``; (added, bad), or None when interrupted."""
+    try:
+        added, bad = _fill_index(index, args, m)
+    except BadInputError as exc:
+        raise ValueError(f"{exc}{'' if args.skip_bad else '; pass --skip-bad to skip and count bad rows'}") from None
+    except KeyboardInterrupt:
+        print(f"embfast index: interrupted; {path} was not written", file=sys.stderr)
+        return None
+    index.save(path)
+    return added, bad
+
+
 def cmd_index_build(args) -> int:
     from embfast.index import Index
 
     t0 = time.perf_counter()
     m = _embedder(args)
     index = Index(m, precision=args.precision)
-    try:
-        added, bad = _fill_index(index, args, m)
-    except BadInputError as exc:
-        raise ValueError(f"{exc}{'' if args.skip_bad else '; pass --skip-bad to skip and count bad rows'}") from None
-    except KeyboardInterrupt:
-        print(f"embfast index: interrupted; {args.output} was not written", file=sys.stderr)
+    filled = _fill_and_save(index, args, m, args.output)
+    if filled is None:
         return 130
-    index.save(args.output)
+    added, bad = filled
     print(f"built {args.output}: {added} rows x {index.dim}, {index.precision}, model {m.manifest.get('name')} "
           f"({time.perf_counter() - t0:.1f} s){_bad_note(bad)}")
     return 0
@@ -664,14 +673,10 @@ def cmd_index_add(args) -> int:
     m = _model_for_index(args, read_index_manifest(args.index).get("model"))
     index = Index.load(args.index, embedder=m, mmap=True)
     before = len(index)
-    try:
-        added, bad = _fill_index(index, args, m)
-    except BadInputError as exc:
-        raise ValueError(f"{exc}{'' if args.skip_bad else '; pass --skip-bad to skip and count bad rows'}") from None
-    except KeyboardInterrupt:
-        print(f"embfast index: interrupted; {args.index} was not written", file=sys.stderr)
+    filled = _fill_and_save(index, args, m, args.index)
+    if filled is None:
         return 130
-    index.save(args.index)
+    added, bad = filled
     print(f"added {added} rows to {args.index}: {before} -> {len(index)} rows "
           f"({time.perf_counter() - t0:.1f} s){_bad_note(bad)}")
     return 0

@@ -235,8 +235,9 @@ def ensure_variant(folder: str | Path, precision: str) -> Path:
         raise ValueError(f"precision must be one of {', '.join(VARIANT_FILES)}, got {precision!r}")
 
     def built() -> Path | None:
-        name = read_manifest(folder).get("variant_checks", {}).get(precision) and \
-            read_manifest(folder)["variants"].get(precision)
+        manifest = read_manifest(folder)
+        checked = precision in manifest.get("variant_checks", {})
+        name = manifest.get("variants", {}).get(precision) if checked else None
         return folder / name if name and (folder / name).is_file() else None
 
     path = built()
