@@ -11,6 +11,7 @@ back in input order.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from embfast.tokenization import TextTokenizer
 
 PRECISIONS = ("fp32", "int8", "fp16", "auto")
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")
+CPU_MAX_BATCH_TOKENS = 1024  # padded tokens per batch on the CPU (benchmarks/bench_batching.py)
 
 
 @dataclass
@@ -125,6 +127,9 @@ class Embedder:
             IO binding) so only (batch, hidden) vectors leave the device. None (default) = on for CUDA,
             off on the CPU (where the native kernels pool). Not used for models whose pooling needs the
             host (``include_prompt: false``, CLS with left padding): those pool on the host.
+        inflight_batches: batches an ``encode`` call keeps in flight at once, so padding and the
+            host-device copies of one batch overlap the device's work on another. None (default) =
+            2 on CUDA, 1 on the CPU (where ONNX Runtime's threads already use every core).
 
     ``model`` may also be a name from ``embfast models`` (``"all-mpnet-base-v2"``) or a
     ``.onnx`` file (with ``tokenizer=``).
@@ -133,7 +138,7 @@ class Embedder:
     def __init__(self, model: str | Path | None = None, *, device: str = "cpu", precision: str = "fp32",
                  threads: int | None = None, max_seq_length: int | None = None, truncate_dim: int | None = None,
                  tokenizer: str | Path | None = None, output_name: str | None = None,
-                 graph_pooling: bool | None = None):
+                 graph_pooling: bool | None = None, inflight_batches: int | None = None):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         if precision not in PRECISIONS:
@@ -159,6 +164,12 @@ class Embedder:
                                        self.session.input_names, padding_side=cfg.padding_side,
                                        do_lower_case=cfg.do_lower_case)
         self._pooled_runner = self._graph_pooling_runner(onnx_path, graph_pooling, threads)
+        if inflight_batches is None:
+            inflight_batches = 2 if self.device == "cuda" else 1
+        if isinstance(inflight_batches, bool) or not isinstance(inflight_batches, (int, np.integer)) \
+                or inflight_batches < 1:
+            raise ValueError(f"inflight_batches must be an int >= 1, got {inflight_batches!r}")
+        self.inflight_batches = int(inflight_batches)
         self.load_seconds = time.perf_counter() - t0
 
     def _graph_pooling_runner(self, onnx_path: Path, graph_pooling: bool | None, threads: int | None):
@@ -244,7 +255,7 @@ class Embedder:
                truncate_dim: int | None = None, precision: str = "float32",
                output_value: str = "sentence_embedding", convert_to_numpy: bool = True,
                show_progress_bar: bool = False, return_info: bool = False,
-               max_batch_tokens: int | None = 1024):
+               max_batch_tokens: int | None | str = "auto"):
         """Embed texts.
 
         Args:
@@ -261,8 +272,9 @@ class Embedder:
             convert_to_numpy: False returns a list of 1-D arrays instead of one 2-D array.
             show_progress_bar: a tqdm bar over batches.
             return_info: also return an :class:`EncodeInfo` (token counts, truncation flags).
-            max_batch_tokens: cap on padded tokens (rows x longest row) per batch; default 1024, the
-                fastest measured on a 2-core AVX2 CPU (benchmarks/README.md); None = count cap only.
+            max_batch_tokens: cap on padded tokens (rows x longest row) per batch; None = count cap only;
+                "auto" (default) = 1024 on the CPU (the fastest measured on a 2-core AVX2 CPU,
+                benchmarks/README.md), None on CUDA (``batch_size`` alone fills the GPU).
 
         Returns:
             A str gives (dim,), a list (n, dim); float32 unless ``precision`` says
@@ -281,16 +293,24 @@ class Embedder:
         if prefix:
             texts = [prefix + t for t in texts]
         skip = self.tokenizer.prompt_length(prefix) if prefix and not self.config.include_prompt else 0
+        if isinstance(max_batch_tokens, str):
+            if max_batch_tokens != "auto":
+                raise ValueError(f"max_batch_tokens must be an int >= 1, None or 'auto', got {max_batch_tokens!r}")
+            max_batch_tokens = None if self.device == "cuda" else CPU_MAX_BATCH_TOKENS
         tok = self.tokenizer.tokenize(texts, truncate=truncate)
         batches = plan_batches(tok.lengths, batch_size, max_batch_tokens)
-        if show_progress_bar:
+
+        def progress(items):
+            if not show_progress_bar:
+                return items
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="encode", unit="batch")
+            return tqdm(items, desc="encode", unit="batch", total=len(batches))
+
         info = EncodeInfo(tok.lengths, tok.truncated, 0.0)
         if output_value == "token_embeddings":
             tokens_out: list = [None] * len(texts)
-            for rows in batches:
+            for rows in progress(batches):
                 feeds = self.tokenizer.pad(tok.ids, rows)
                 token_vecs = self.session.run(feeds)
                 mask = feeds["attention_mask"].astype(bool)
@@ -301,8 +321,16 @@ class Embedder:
             return (result, info) if return_info else result
 
         pooled = np.empty((len(texts), self.config.dim), dtype=np.float32)
-        for rows in batches:
-            pooled[rows] = self.embed_token_ids(tok.ids, rows, prompt_length=skip or None)
+        if self.inflight_batches > 1 and len(batches) > 1:
+            # results are written by row index, so finishing order does not matter
+            with ThreadPoolExecutor(self.inflight_batches, thread_name_prefix="embfast-batch") as pool:
+                running = [(rows, pool.submit(self.embed_token_ids, tok.ids, rows, prompt_length=skip or None))
+                           for rows in batches]
+                for rows, future in progress(running):
+                    pooled[rows] = future.result()
+        else:
+            for rows in progress(batches):
+                pooled[rows] = self.embed_token_ids(tok.ids, rows, prompt_length=skip or None)
         emb = self.postprocess(pooled, normalize_embeddings=normalize_embeddings, truncate_dim=dim_cut,
                                precision=precision)
         info.seconds = time.perf_counter() - t0

@@ -152,8 +152,11 @@ class BoundRunner:
         return binding.copy_outputs_to_cpu()[0]
 
 
-def _topk_graph(dim: int, k: int, fp16: bool) -> onnx.ModelProto:
-    """scores = queries (q, dim) . corpus (n, dim)^T, optional fp16 math; TopK(k) -> (q, k) values, indices."""
+def _topk_graph(dim: int, fp16: bool) -> onnx.ModelProto:
+    """scores = queries (q, dim) @ corpus_t (dim, n), optional fp16 math; TopK(k) -> (q, k) values, indices.
+
+    The corpus is kept transposed on the device, so no per-call transpose of (n, dim) is needed.
+    """
     dt = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
     nodes = []
     q_in = "queries"
@@ -161,7 +164,6 @@ def _topk_graph(dim: int, k: int, fp16: bool) -> onnx.ModelProto:
         nodes.append(helper.make_node("Cast", ["queries"], ["queries_h"], to=TensorProto.FLOAT16))
         q_in = "queries_h"
     nodes += [
-        helper.make_node("Transpose", ["corpus"], ["corpus_t"], perm=[1, 0]),
         helper.make_node("MatMul", [q_in, "corpus_t"], ["scores_raw"]),
         helper.make_node("Cast", ["scores_raw"], ["scores"], to=TensorProto.FLOAT),
         helper.make_node("TopK", ["scores", "k"], ["values", "indices"], axis=1, largest=1, sorted=1),
@@ -169,7 +171,7 @@ def _topk_graph(dim: int, k: int, fp16: bool) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes, "embfast_topk",
         [helper.make_tensor_value_info("queries", TensorProto.FLOAT, ["q", dim]),
-         helper.make_tensor_value_info("corpus", dt, ["n", dim]),
+         helper.make_tensor_value_info("corpus_t", dt, [dim, "n"]),
          helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
         [helper.make_tensor_value_info("values", TensorProto.FLOAT, ["q", "k"]),
          helper.make_tensor_value_info("indices", TensorProto.INT64, ["q", "k"])])
@@ -189,7 +191,7 @@ class DeviceTopK:
     def __init__(self, corpus: np.ndarray, *, device: str = "cuda", fp16: bool = False):
         import onnxruntime as ort
 
-        from embfast.session import DeviceError, cuda_available
+        from embfast.session import DeviceError, cuda_available, load_cuda_libraries
 
         corpus = np.asarray(corpus)
         if corpus.ndim != 2 or corpus.shape[0] == 0:
@@ -201,14 +203,17 @@ class DeviceTopK:
                               f"has {ort.get_available_providers()}")
         self.n, self.dim = corpus.shape
         self.fp16 = fp16
+        if device == "cuda":
+            load_cuda_libraries()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-        model = _topk_graph(self.dim, 0, fp16)
+        model = _topk_graph(self.dim, fp16)
         self.session = ort.InferenceSession(model.SerializeToString(), providers=providers)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if device == "cuda" and self.device != "cuda":
             raise DeviceError("the CUDA provider did not start for DeviceTopK (no GPU or CUDA libraries missing)")
-        host = np.ascontiguousarray(corpus, dtype=np.float16 if fp16 else np.float32)
-        self._corpus = ort.OrtValue.ortvalue_from_numpy(host, self.device, 0)  # resident on the device
+        host_t = np.ascontiguousarray(corpus.T, dtype=np.float16 if fp16 else np.float32)  # (dim, n)
+        self._corpus_t = ort.OrtValue.ortvalue_from_numpy(host_t, self.device, 0)  # resident on the device
+        del host_t
         self._ort = ort
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -223,7 +228,7 @@ class DeviceTopK:
             return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
         binding = self.session.io_binding()
         binding.bind_ortvalue_input("queries", self._ort.OrtValue.ortvalue_from_numpy(q, self.device, 0))
-        binding.bind_ortvalue_input("corpus", self._corpus)
+        binding.bind_ortvalue_input("corpus_t", self._corpus_t)
         binding.bind_cpu_input("k", np.array([kk], dtype=np.int64))
         binding.bind_output("values", self.device)
         binding.bind_output("indices", self.device)

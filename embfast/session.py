@@ -36,6 +36,29 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+_cuda_libraries_loaded = False
+
+
+def load_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries from the nvidia-* pip packages, once, before a CUDA session starts.
+
+    onnxruntime-gpu links against libcudart/libcublas/libcudnn but does not find them inside
+    site-packages by itself (``import torch`` first would also do). ``onnxruntime.preload_dlls``
+    (ORT >= 1.21) loads them; missing ones are left to the system loader, whose failure then
+    surfaces as :class:`DeviceError` when the session starts.
+    """
+    global _cuda_libraries_loaded
+    if _cuda_libraries_loaded or not cuda_available():
+        return
+    _cuda_libraries_loaded = True
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception:  # pragma: no cover - best effort; the session start reports what is missing
+            pass
+
+
 TOKEN_OUTPUT_NAMES = ("last_hidden_state", "token_embeddings")
 _FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)")
 
@@ -89,7 +112,8 @@ class OnnxSession:
         threads: intra-op threads for the CPU provider (default :func:`default_threads`).
         output_name: the token-embedding output; default: detected (:func:`find_token_output`).
         allow_spinning: let idle ORT threads spin (faster on dedicated cores,
-            worse when the cores are shared); default from ``EMBFAST_ORT_SPIN`` (on).
+            worse when the cores are shared); default from ``EMBFAST_ORT_SPIN`` (on) on the CPU, off
+            when the CUDA provider is asked for.
         token_output: the output is token embeddings (checked to be 3-D); False for a graph that
             already pools (its ``output_name`` must then be given).
     """
@@ -107,8 +131,9 @@ class OnnxSession:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        if allow_spinning is None:
-            allow_spinning = os.environ.get("EMBFAST_ORT_SPIN", "1") != "0"
+        wants_cuda = device in ("cuda", "auto") and cuda_available()
+        if allow_spinning is None:  # on CUDA the CPU threads only run stray nodes: let them sleep
+            allow_spinning = not wants_cuda and os.environ.get("EMBFAST_ORT_SPIN", "1") != "0"
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
 
         if device == "cuda" and not cuda_available():
@@ -116,7 +141,8 @@ class OnnxSession:
                               f"onnxruntime-gpu); this onnxruntime {ort.__version__} has only "
                               f"{ort.get_available_providers()}")
         providers: list = ["CPUExecutionProvider"]
-        if device in ("cuda", "auto") and cuda_available():
+        if wants_cuda:
+            load_cuda_libraries()
             providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)

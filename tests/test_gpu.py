@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -103,14 +106,67 @@ def test_embedder_with_graph_pooling_matches_host_pooling(tiny_dir, tiny):
                                rtol=1e-5, atol=1e-6)
 
 
-@needs_gpu
-def test_cuda_embedder_matches_cpu(tiny_dir, tiny):
+def test_batches_in_flight_give_the_serial_answer(tiny_dir, tiny):
+    """inflight_batches > 1 (the CUDA default) overlaps batches in threads; rows land where they belong."""
     from embfast import Embedder
 
-    texts = ["hello world", "a longer sentence about cats and dogs " * 3, "x"]
+    texts = [f"sentence {i} " + "word " * (i % 13) for i in range(101)] + [""]
+    overlapped = Embedder(tiny_dir, threads=1, graph_pooling=True, inflight_batches=3)
+    assert tiny.inflight_batches == 1 and overlapped.inflight_batches == 3
+    np.testing.assert_allclose(overlapped.encode(texts, batch_size=4), tiny.encode(texts, batch_size=4),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="inflight_batches"):
+        Embedder(tiny_dir, threads=1, inflight_batches=0)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        tiny.encode(texts, max_batch_tokens="many")
+
+
+@pytest.fixture(scope="module")
+def gpu_model(request) -> Path:
+    """The model the GPU-only tests run: ``EMBFAST_GPU_TEST_MODEL`` (a folder embfast exported, for a GPU
+    machine without optimum) or the tiny model, exported here."""
+    folder = os.environ.get("EMBFAST_GPU_TEST_MODEL")
+    return Path(folder) if folder else ensure_exported(request.getfixturevalue("tiny_dir"))
+
+
+@needs_gpu
+def test_cuda_embedder_matches_cpu(gpu_model):
+    from embfast import Embedder
+
+    texts = ["hello world", "a longer sentence about cats and dogs " * 3, "x",
+             "GPU inference with ONNX Runtime and IO binding"] * 5
+    cpu = Embedder(gpu_model, device="cpu", precision="fp32").encode(texts, batch_size=4)
     for precision in ("fp16", "fp32"):
-        gpu = Embedder(tiny_dir, device="cuda", precision=precision)
-        assert gpu.device == "cuda" and gpu._pooled_runner is not None
-        cos = (gpu.encode(texts) * tiny.encode(texts)).sum(1)
+        gpu = Embedder(gpu_model, device="cuda", precision=precision)
+        assert gpu.device == "cuda" and gpu._pooled_runner is not None and gpu.inflight_batches == 2
+        cos = (gpu.encode(texts, batch_size=4) * cpu).sum(1)
         assert cos.min() >= 0.999
-    assert Embedder(tiny_dir, device="auto").precision == "fp16"
+    assert Embedder(gpu_model, device="auto").precision == "fp16"
+
+
+@needs_gpu
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max", "lasttoken", "mean_sqrt_len"])
+def test_pooling_graph_on_cuda_matches_the_reference(gpu_model, pooling):
+    from embfast import Embedder
+
+    cpu = Embedder(gpu_model, device="cpu", precision="fp32")
+    tok = cpu.tokenizer.tokenize(["hello world", "a longer sentence about cats and dogs", "x", ""])
+    feeds = cpu.tokenizer.pad(tok.ids, np.arange(4))
+    feeds["attention_mask"][2, :] = 0  # an all-padding row
+    tokens = cpu.session.run(feeds)
+    expected = reference.l2_normalize(reference.pool(tokens, feeds["attention_mask"], pooling))
+    from embfast.variants import ensure_variant
+
+    model = onnx.load(str(ensure_variant(gpu_model, "fp32")))
+    pooled = append_pooling(model, cpu.session.output_name, pooling, True)
+    from embfast.session import load_cuda_libraries
+
+    load_cuda_libraries()
+    sess = ort.InferenceSession(pooled.SerializeToString(), providers=["CUDAExecutionProvider"])
+    runner = BoundRunner(sess, "sentence_embedding")
+    assert runner.device == "cuda"
+    got = runner.run({n: feeds[n] for n in cpu.session.input_names})
+    np.testing.assert_allclose(got, expected, atol=1e-3)  # CUDA matmuls may use TF32
+    assert (got * expected).sum(1)[[0, 1, 3]].min() >= 0.9999
+    if pooling != "cls":  # an all-padding row gives zeros (cls keeps token 0, as the reference does)
+        assert not got[2].any()
