@@ -7,7 +7,7 @@ Measures, on one GPU, with the same texts for everyone:
 - agreement of each CUDA implementation with embfast CPU fp32 (cosine over 2,000 sentences);
 - batch-job throughput (texts/s, tokens/s; median of --repeat runs after one warm-up) on real
   sentences and on SciFact passages, at batch sizes 256 and 1024, for sentence-transformers fp16,
-  embfast CUDA fp16 (2 batches in flight, the default, and 1), and embfast CUDA fp32;
+  embfast CUDA fp16 and embfast CUDA fp32;
 - single-query latency p50/p99 (200 calls);
 - exact top-k over 1M x 384 normalized vectors: embfast DeviceTopK fp32/fp16 vs torch (matmul +
   torch.topk) on the same GPU, queries from and results to the host for both.
@@ -82,12 +82,10 @@ def main() -> None:
         st = SentenceTransformer(args.st_model, device="cuda").half()
         impls["st-torch-fp16"] = lambda t, bs: st.encode(t, batch_size=bs)
         models = {"fp16": embfast.Embedder(args.export_dir, device="cuda", precision="fp16"),
-                  "fp32": embfast.Embedder(args.export_dir, device="cuda", precision="fp32"),
-                  "fp16-inflight1": embfast.Embedder(args.export_dir, device="cuda", precision="fp16",
-                                                     inflight_batches=1)}
+                  "fp32": embfast.Embedder(args.export_dir, device="cuda", precision="fp32")}
         for name, m in models.items():
             emit(section="model", impl=f"embfast-cuda-{name}", precision=m.precision, device=m.device,
-                 provider=m.session.provider, inflight=m.inflight_batches, load_s=round(m.load_seconds, 2))
+                 provider=m.session.provider, load_s=round(m.load_seconds, 2))
             impls[f"embfast-cuda-{name}"] = lambda t, bs, m=m: m.encode(t, batch_size=bs)
     for name, fn in impls.items():
         out = np.asarray(fn(sets["sentences"][:2000], 256), dtype=np.float32)
@@ -104,8 +102,6 @@ def main() -> None:
                      tokens=tokens[set_name], seconds=round(secs, 4), texts_s=round(len(texts) / secs, 1),
                      tokens_s=round(tokens[set_name] / secs), x_st=round(base / secs, 2))
     for name, fn in impls.items():
-        if name.endswith("inflight1"):
-            continue
         lat = []
         for _ in range(200):
             t0 = time.perf_counter()

@@ -11,7 +11,6 @@ back in input order.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,9 +126,6 @@ class Embedder:
             IO binding) so only (batch, hidden) vectors leave the device. None (default) = on for CUDA,
             off on the CPU (where the native kernels pool). Not used for models whose pooling needs the
             host (``include_prompt: false``, CLS with left padding): those pool on the host.
-        inflight_batches: batches an ``encode`` call keeps in flight at once, so padding and the
-            host-device copies of one batch overlap the device's work on another. None (default) =
-            2 on CUDA, 1 on the CPU (where ONNX Runtime's threads already use every core).
 
     ``model`` may also be a name from ``embfast models`` (``"all-mpnet-base-v2"``) or a
     ``.onnx`` file (with ``tokenizer=``).
@@ -138,7 +134,7 @@ class Embedder:
     def __init__(self, model: str | Path | None = None, *, device: str = "cpu", precision: str = "fp32",
                  threads: int | None = None, max_seq_length: int | None = None, truncate_dim: int | None = None,
                  tokenizer: str | Path | None = None, output_name: str | None = None,
-                 graph_pooling: bool | None = None, inflight_batches: int | None = None):
+                 graph_pooling: bool | None = None):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         if precision not in PRECISIONS:
@@ -164,12 +160,6 @@ class Embedder:
                                        self.session.input_names, padding_side=cfg.padding_side,
                                        do_lower_case=cfg.do_lower_case)
         self._pooled_runner = self._graph_pooling_runner(onnx_path, graph_pooling, threads)
-        if inflight_batches is None:
-            inflight_batches = 2 if self.device == "cuda" else 1
-        if isinstance(inflight_batches, bool) or not isinstance(inflight_batches, (int, np.integer)) \
-                or inflight_batches < 1:
-            raise ValueError(f"inflight_batches must be an int >= 1, got {inflight_batches!r}")
-        self.inflight_batches = int(inflight_batches)
         self.load_seconds = time.perf_counter() - t0
 
     def _graph_pooling_runner(self, onnx_path: Path, graph_pooling: bool | None, threads: int | None):
@@ -321,16 +311,8 @@ class Embedder:
             return (result, info) if return_info else result
 
         pooled = np.empty((len(texts), self.config.dim), dtype=np.float32)
-        if self.inflight_batches > 1 and len(batches) > 1:
-            # results are written by row index, so finishing order does not matter
-            with ThreadPoolExecutor(self.inflight_batches, thread_name_prefix="embfast-batch") as pool:
-                running = [(rows, pool.submit(self.embed_token_ids, tok.ids, rows, prompt_length=skip or None))
-                           for rows in batches]
-                for rows, future in progress(running):
-                    pooled[rows] = future.result()
-        else:
-            for rows in progress(batches):
-                pooled[rows] = self.embed_token_ids(tok.ids, rows, prompt_length=skip or None)
+        for rows in progress(batches):
+            pooled[rows] = self.embed_token_ids(tok.ids, rows, prompt_length=skip or None)
         emb = self.postprocess(pooled, normalize_embeddings=normalize_embeddings, truncate_dim=dim_cut,
                                precision=precision)
         info.seconds = time.perf_counter() - t0
