@@ -23,7 +23,7 @@ def _env(name: str, default=None):
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=_env("MODEL"), help="model folder (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--device", default=_env("DEVICE", "cpu"), choices=["cpu", "cuda", "auto"])
-    p.add_argument("--precision", default=_env("PRECISION", "fp32"), choices=["fp32", "int8", "fp16", "auto"])
+    p.add_argument("--precision", default=_env("PRECISION", "auto"), choices=["fp32", "int8", "fp16", "auto"])
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     p.add_argument("--batch-size", type=int, default=32)
 

@@ -113,8 +113,8 @@ class Embedder:
             a sentence-transformers / Hugging Face folder (exported to ONNX once, into
             ``$EMBFAST_HOME``), or a folder embfast exported.
         device: "cpu", "cuda" (error when CUDA cannot run) or "auto" (CUDA if it runs, else CPU).
-        precision: model precision, "fp32" | "int8" (CPU) | "fp16" (CUDA) | "auto"
-            (fp16 on CUDA, fp32 on CPU).
+        precision: model precision, "fp32" | "int8" (CPU) | "fp16" (CUDA) | "auto" (default:
+            fp16 on CUDA, fp32 on CPU).
         threads: ONNX Runtime intra-op threads (default: the cores this process may use).
         max_seq_length: override the model's truncation length (tokens); at most the model's own.
         truncate_dim: keep the first ``truncate_dim`` dimensions (Matryoshka), before normalization.
@@ -131,7 +131,7 @@ class Embedder:
     ``.onnx`` file (with ``tokenizer=``).
     """
 
-    def __init__(self, model: str | Path | None = None, *, device: str = "cpu", precision: str = "fp32",
+    def __init__(self, model: str | Path | None = None, *, device: str = "cpu", precision: str = "auto",
                  threads: int | None = None, max_seq_length: int | None = None, truncate_dim: int | None = None,
                  tokenizer: str | Path | None = None, output_name: str | None = None,
                  graph_pooling: bool | None = None):

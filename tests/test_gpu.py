@@ -134,7 +134,8 @@ def test_cuda_embedder_matches_cpu(gpu_model):
         assert gpu.device == "cuda" and gpu._pooled_runner is not None
         cos = (gpu.encode(texts, batch_size=4) * cpu).sum(1)
         assert cos.min() >= 0.999
-    assert Embedder(gpu_model, device="auto").precision == "fp16"
+    auto = Embedder(gpu_model, device="auto")  # precision defaults to "auto": fp16 on CUDA
+    assert (auto.device, auto.precision) == ("cuda", "fp16")
 
 
 @needs_gpu
@@ -159,7 +160,8 @@ def test_pooling_graph_on_cuda_matches_the_reference(gpu_model, pooling):
     runner = BoundRunner(sess, "sentence_embedding")
     assert runner.device == "cuda"
     got = runner.run({n: feeds[n] for n in cpu.session.input_names})
-    np.testing.assert_allclose(got, expected, atol=1e-3)  # CUDA matmuls may use TF32
-    assert (got * expected).sum(1)[[0, 1, 3]].min() >= 0.9999
+    real = [0, 1, 3]  # row 2 is all padding: its token vectors differ between CPU and CUDA attention kernels
+    np.testing.assert_allclose(got[real], expected[real], atol=1e-3)  # CUDA matmuls may use TF32
+    assert (got[real] * expected[real]).sum(1).min() >= 0.9999
     if pooling != "cls":  # an all-padding row gives zeros (cls keeps token 0, as the reference does)
         assert not got[2].any()

@@ -38,7 +38,7 @@ class EmbedBatch:
     """
 
     def __init__(self, model=None, *, text_column: str = "text", output_column: str = "embedding",
-                 device: str = "cpu", precision: str = "fp32", threads: int | None = None,
+                 device: str = "cpu", precision: str = "auto", threads: int | None = None,
                  max_seq_length: int | None = None, truncate_dim: int | None = None, batch_size: int = 32,
                  normalize_embeddings: bool | None = None):
         from embfast import Embedder
@@ -92,7 +92,7 @@ class EmbedBatch:
 
 def embed_dataset(ds, model=None, *, concurrency: int = 1, num_cpus: float = 1, num_gpus: float = 0,
                   batch_size: int = 256, batch_format: str = "numpy", text_column: str = "text",
-                  output_column: str = "embedding", device: str | None = None, precision: str = "fp32",
+                  output_column: str = "embedding", device: str | None = None, precision: str = "auto",
                   threads: int | None = None, **embed_kwargs):
     """Add an ``output_column`` of embeddings to a ``ray.data.Dataset`` (lazy, like every Ray Data step).
 
