@@ -368,7 +368,7 @@ def import_onnx(onnx_file: str | Path, *, tokenizer: str | Path, output_name: st
 def _build_import(onnx_file: Path, tok_dir: Path, described: bool, overrides: dict, out: Path, name: str) -> None:
     from embfast.dense import export_dense
     from embfast.export import _onnx_io
-    from embfast.variants import graph_precision
+    from embfast.variants import VARIANT_FORMAT, graph_precision
 
     cfg = _import_config(tok_dir, described)
     for key in ("pooling", "normalize", "max_seq_length"):
@@ -411,7 +411,8 @@ def _build_import(onnx_file: Path, tok_dir: Path, described: bool, overrides: di
             "graph_precision": graph_precision(tmp / "model.onnx"),
             "variants": {"fp32": "model.onnx"},
         }
-        manifest["variant_checks"] = {"fp32": {"imported": f"run as shipped ({manifest['graph_precision']} weights)"}}
+        manifest["variant_checks"] = {"fp32": {"imported": f"run as shipped ({manifest['graph_precision']} weights)",
+                                               "format": VARIANT_FORMAT}}
         _atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
         if out.exists():
             shutil.rmtree(out)

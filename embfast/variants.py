@@ -1,7 +1,10 @@
 """Precision variants of an exported model, built once into its cache folder and reused.
 
 - ``fp32`` -> ``model.opt.onnx``: ONNX Runtime's transformer optimizer (attention,
-  LayerNorm, SkipLayerNorm, GELU and bias fusions) on the exported graph, for the CPU.
+  LayerNorm, GELU and bias fusions) on the exported graph, for the CPU. SkipLayerNorm is
+  left unfused: ORT's CPU SkipLayerNormalization kernel is 5x slower than Add +
+  LayerNormalization (3.2 vs 0.6 ns per element, benchmarks/bench_int8_configs.py), so CPU
+  sessions also disable ORT's own SkipLayerNormFusion (:mod:`embfast.session`).
 - ``int8`` -> ``model.int8.onnx``: dynamic int8 quantization of the optimized graph
   with **per-channel** QInt8 weights (per-tensor loses too much: cosine to fp32 0.96
   mean / 0.86 min on all-MiniLM-L6-v2); activations are quantized per batch at run time.
@@ -28,6 +31,9 @@ import numpy as np
 from embfast.export import MANIFEST, file_lock, read_manifest
 
 VARIANT_FILES = {"fp32": "model.opt.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+# Bumped when the recipe of a variant changes: a variant recorded with another format is rebuilt.
+# 2: no SkipLayerNorm fusion in the CPU variants.
+VARIANT_FORMAT = 2
 # The probe check: pooled cosine to the plain export (mean and the model's pooling) must reach these.
 # int8 is a sanity floor against a broken quantization; its real accuracy is measured on STS-B and SciFact.
 MIN_COSINE = {"fp32": 0.99999, "int8": 0.90, "fp16": 0.999}
@@ -69,6 +75,7 @@ def _optimize(src: Path, dst: Path, folder: Path, fp16: bool = False) -> None:
     model_type = _model_type(folder)
     opts = FusionOptions(model_type)
     opts.enable_gelu_approximation = False  # keep exact erf GELU: parity first
+    opts.enable_skip_layer_norm = fp16  # the CPU kernel is slow (see the module docstring); CUDA's is not
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0,
@@ -141,7 +148,7 @@ def build_variant(folder: str | Path, precision: str) -> Path:
     try:
         if precision == "int8":
             opt = folder / VARIANT_FILES["fp32"]
-            if not opt.is_file():  # we already hold the lock: build the optimized graph directly
+            if not (opt.is_file() and is_current(manifest, "fp32")):  # we hold the lock: build it directly
                 opt = build_variant(folder, "fp32")
             _quantize_int8(opt, tmp)
         else:
@@ -218,9 +225,16 @@ def _build_imported(folder: Path, precision: str, manifest: dict) -> Path:
                    {"probe_min_cosine": cosine, "build_seconds": round(time.perf_counter() - t0, 2)})
 
 
+def is_current(manifest: dict, precision: str) -> bool:
+    """True when the manifest records ``precision`` built by this version's recipe (:data:`VARIANT_FORMAT`)."""
+    check = manifest.get("variant_checks", {}).get(precision)
+    return isinstance(check, dict) and check.get("format") == VARIANT_FORMAT
+
+
 def _record(folder: Path, precision: str, filename: str, check: dict) -> Path:
     from embfast.export import _atomic_write_text
 
+    check = {**check, "format": VARIANT_FORMAT}
     manifest = read_manifest(folder)
     manifest.setdefault("variants", {})[precision] = filename
     manifest.setdefault("variant_checks", {})[precision] = check
@@ -236,8 +250,7 @@ def ensure_variant(folder: str | Path, precision: str) -> Path:
 
     def built() -> Path | None:
         manifest = read_manifest(folder)
-        checked = precision in manifest.get("variant_checks", {})
-        name = manifest.get("variants", {}).get(precision) if checked else None
+        name = manifest.get("variants", {}).get(precision) if is_current(manifest, precision) else None
         return folder / name if name and (folder / name).is_file() else None
 
     path = built()

@@ -1,0 +1,113 @@
+"""Precision variants (fp32 fused, int8, fp16): built once, rebuilt when their recipe changes, accurate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from embfast import Embedder
+from embfast.export import MANIFEST, ensure_exported, read_manifest
+from embfast.session import CPU_DISABLED_OPTIMIZERS, OnnxSession
+from embfast.variants import VARIANT_FILES, VARIANT_FORMAT, ensure_variant
+
+# varied real-looking texts: short and long, questions, numbers, code, non-English
+TEXTS = [
+    "A man is playing a guitar.", "The new movie is awesome.", "How do I reset my password?",
+    "Stock markets fell sharply after the central bank raised interest rates for the third time this year.",
+    "Proteins fold into three-dimensional structures determined by their amino-acid sequence.",
+    "def add(a, b): return a + b", "Der schnelle braune Fuchs springt über den faulen Hund.",
+    "東京は日本の首都です。", "ok", "Vaccines train the immune system to recognise a pathogen.",
+    "The patient was given 5 mg of the drug twice a day for two weeks.",
+    "Children are playing soccer in the park while their parents watch.",
+] + [f"Sentence number {i} talks about {topic} in some detail, with {i % 7} extra words here."
+     for i, topic in enumerate(["climate", "finance", "football", "cooking", "genetics", "music",
+                                "law", "travel", "astronomy", "software"] * 3)]
+
+
+def _ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def test_fp32_variant_is_fused_without_skip_layer_norm(tiny_dir):
+    folder = ensure_exported(tiny_dir)
+    path = ensure_variant(folder, "fp32")
+    assert path.name == VARIANT_FILES["fp32"]
+    ops = _ops(path)
+    assert "Attention" in ops and "SkipLayerNormalization" not in ops
+    check = read_manifest(folder)["variant_checks"]["fp32"]
+    assert check["format"] == VARIANT_FORMAT and check["probe_min_cosine"] >= 0.99999
+
+
+def test_cpu_sessions_keep_skip_layer_norm_apart(tmp_path):
+    """ORT fuses Add + LayerNormalization into its slow CPU SkipLayerNormalization at session level
+    where it can prove the shapes; CPU sessions disable that fusion."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    hidden = 64
+    inits = [numpy_helper.from_array(np.ones(hidden, np.float32), "g"),
+             numpy_helper.from_array(np.zeros(hidden, np.float32), "b")]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "s"], ["a"]),
+         helper.make_node("LayerNormalization", ["a", "g", "b"], ["y"], axis=-1, epsilon=1e-12)], "add_ln",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", hidden]) for n in ("x", "s")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden])], inits)
+    path = tmp_path / "add_ln.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+    def optimized_ops(disabled):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = str(tmp_path / f"opt{len(disabled)}.onnx")
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+        return _ops(opts.optimized_model_filepath)
+
+    assert optimized_ops([]) == {"SkipLayerNormalization"}  # the fusion is real, so disabling it matters
+    assert "SkipLayerNormalization" not in optimized_ops(CPU_DISABLED_OPTIMIZERS)
+    session = OnnxSession(path, threads=1, output_name="y", token_output=False)  # runs with the list
+    x = np.random.default_rng(0).standard_normal((2, 3, hidden)).astype(np.float32)
+    y = session.session.run(None, {"x": x, "s": x})[0]
+    ref = (2 * x - (2 * x).mean(-1, keepdims=True)) / np.sqrt((2 * x).var(-1, keepdims=True) + 1e-12)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_variants_are_built_once_and_rebuilt_when_their_recipe_changes(tiny_dir):
+    folder = ensure_exported(tiny_dir)
+    path = ensure_variant(folder, "int8")
+    stamp = path.stat().st_mtime_ns
+    assert ensure_variant(folder, "int8").stat().st_mtime_ns == stamp  # reused
+    manifest = read_manifest(folder)
+    for precision in ("fp32", "int8"):  # as an older embfast recorded them
+        manifest["variant_checks"][precision].pop("format")
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    rebuilt = ensure_variant(folder, "int8")
+    assert rebuilt.stat().st_mtime_ns != stamp
+    checks = read_manifest(folder)["variant_checks"]
+    assert checks["int8"]["format"] == checks["fp32"]["format"] == VARIANT_FORMAT  # fp32 rebuilt first
+    ops = _ops(rebuilt)
+    assert "SkipLayerNormalization" not in ops and {"MatMulInteger", "QAttention"} & ops
+
+
+def test_fp16_variant_keeps_float32_io(tiny_dir):
+    folder = ensure_exported(tiny_dir)
+    model = onnx.load(str(ensure_variant(folder, "fp16")))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    out = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    assert out["last_hidden_state"] == onnx.TensorProto.FLOAT
+    with pytest.raises(ValueError, match="fp16"):
+        Embedder(tiny_dir, device="cpu", precision="fp16")
+
+
+def test_int8_stays_close_to_fp32_on_the_real_model(minilm):
+    """The shipped int8 recipe on all-MiniLM-L6-v2: close to fp32 per text, and it ranks the same."""
+    int8 = Embedder(precision="int8")
+    assert int8.precision == "int8" and int8.session.session.get_providers() == ["CPUExecutionProvider"]
+    a, b = int8.encode(TEXTS), minilm.encode(TEXTS)
+    cos = (a * b).sum(1)
+    assert cos.mean() >= 0.985 and cos.min() >= 0.93, (cos.mean(), cos.min())
+    upper = np.triu_indices(len(TEXTS), 1)  # all pairwise similarities, ranked the same way?
+    ranks = [np.argsort(np.argsort(m[upper])) for m in (a @ a.T, b @ b.T)]
+    assert np.corrcoef(*ranks)[0, 1] >= 0.98
