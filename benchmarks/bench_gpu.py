@@ -131,7 +131,8 @@ def main() -> None:
                 s, i = dt.search(q, 10)
                 emit(section="topk", impl=f"embfast DeviceTopK {'fp16' if fp16 else 'fp32'}", n=args.corpus, q=nq,
                      ms=round(t * 1000, 3), x_torch=round(t_torch / t, 2),
-                     same_indices_as_torch=float((i == ref_i).mean()), top1_is_self=float((i[:, 0] == np.arange(nq)).mean()))
+                     same_indices_as_torch=float((i == ref_i).mean()),
+                     top1_is_self=float((i[:, 0] == np.arange(nq)).mean()))
 
 
 if __name__ == "__main__":

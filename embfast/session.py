@@ -60,7 +60,7 @@ def load_cuda_libraries() -> None:
 
 
 # ORT's CPU SkipLayerNormalization kernel is 5x slower than the Add + LayerNormalization it replaces
-# (3.2 vs 0.6 ns per element for (32, 25, 384), benchmarks/bench_int8_configs.py): CPU sessions keep them apart.
+# (3.0 vs 0.5 ns per element for (32, 25, 384), benchmarks/bench_ort_ops.py): CPU sessions keep them apart.
 CPU_DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
 
 

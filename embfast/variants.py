@@ -3,7 +3,7 @@
 - ``fp32`` -> ``model.opt.onnx``: ONNX Runtime's transformer optimizer (attention,
   LayerNorm, GELU and bias fusions) on the exported graph, for the CPU. SkipLayerNorm is
   left unfused: ORT's CPU SkipLayerNormalization kernel is 5x slower than Add +
-  LayerNormalization (3.2 vs 0.6 ns per element, benchmarks/bench_int8_configs.py), so CPU
+  LayerNormalization (3.0 vs 0.5 ns per element, benchmarks/bench_ort_ops.py), so CPU
   sessions also disable ORT's own SkipLayerNormFusion (:mod:`embfast.session`).
 - ``int8`` -> ``model.int8.onnx``: dynamic int8 quantization of the optimized graph
   with **per-channel** QInt8 weights (per-tensor loses too much: cosine to fp32 0.96
