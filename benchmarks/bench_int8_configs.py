@@ -38,6 +38,7 @@ def main() -> None:
     from embfast.export import default_model_path, ensure_exported, read_manifest
     from embfast.kernels import l2_normalize, pool
     from embfast.tokenization import TextTokenizer
+    from embfast.session import CPU_DISABLED_OPTIMIZERS
     from embfast.variants import ensure_variant
 
     folder = ensure_exported(default_model_path())
@@ -57,7 +58,8 @@ def main() -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = args.threads
         opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=CPU_DISABLED_OPTIMIZERS)
         names = [i.name for i in sess.get_inputs()]
         out = np.empty((len(texts), 384), np.float32)
         t0 = time.perf_counter()
