@@ -104,6 +104,30 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
+def staged_folder(out: Path):
+    """Build a folder under a temporary name beside ``out``, then swap it into place.
+
+    Yields the temporary folder. When the block succeeds it becomes ``out`` (a previous ``out`` is
+    moved aside first and deleted after, so readers never see a half-written folder); when the block
+    raises, the temporary folder is deleted and ``out`` is left as it was.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def file_lock(path: Path):
     """An exclusive inter-process lock on ``path`` (created if needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,9 +171,7 @@ def export_model(src: str | Path, out: str | Path, *, checksum: str | None = Non
         raise ImportError("exporting a model needs optimum and torch: "
                           "pip install -c constraints.txt 'embfast[export]'") from exc
     checksum = checksum or source_checksum(src)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_folder(out) as tmp:
         t0 = time.perf_counter()
         with warnings.catch_warnings(), _without_tokenizer(src) as weights_only:
             warnings.simplefilter("ignore")  # torch's tracer warns about constants it folds; they are expected
@@ -175,16 +197,6 @@ def export_model(src: str | Path, out: str | Path, *, checksum: str | None = Non
             "variants": {"fp32": "model.onnx"},
         }
         _atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

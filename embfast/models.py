@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import shutil
 import tempfile
 import zipfile
@@ -41,6 +40,7 @@ from embfast.export import (
     read_manifest,
     resolve_model,
     source_checksum,
+    staged_folder,
 )
 
 # Tokenizer-side files copied next to an imported ONNX.
@@ -206,8 +206,7 @@ def assemble_split_zip(parts: Sequence[Path], out: Path) -> Path:
     with file_lock(out.with_name(out.name + ".lock")):
         if ready():
             return out
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-        try:
+        with staged_folder(out) as tmp:
             with _JoinedReader(parts) as raw, zipfile.ZipFile(io.BufferedReader(raw, 1 << 20)) as zf:
                 names = [n for n in zf.namelist() if not n.endswith("/")]
                 tops = {n.split("/", 1)[0] for n in names}
@@ -223,12 +222,6 @@ def assemble_split_zip(parts: Sequence[Path], out: Path) -> Path:
                     with zf.open(name) as src, open(dest, "wb") as dst:
                         shutil.copyfileobj(src, dst, 1 << 20)
             _atomic_write_text(tmp / ".assembled.json", json.dumps({"parts": stamp}))
-            if out.exists():
-                shutil.rmtree(out)
-            os.rename(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -374,9 +367,7 @@ def _build_import(onnx_file: Path, tok_dir: Path, described: bool, overrides: di
     for key in ("pooling", "normalize", "max_seq_length"):
         if key in overrides:
             setattr(cfg, key, overrides[key])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_folder(out) as tmp:
         shutil.copy2(onnx_file, tmp / "model.onnx")
         for rel in _external_files(onnx_file):
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -414,12 +405,6 @@ def _build_import(onnx_file: Path, tok_dir: Path, described: bool, overrides: di
         manifest["variant_checks"] = {"fp32": {"imported": f"run as shipped ({manifest['graph_precision']} weights)",
                                                "format": VARIANT_FORMAT}}
         _atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _probe_width(folder: Path, cfg: ModelConfig, input_names: list[str], output: str) -> int:

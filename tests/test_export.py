@@ -83,3 +83,20 @@ def test_unsupported_folders_name_the_piece(tiny_dir, tmp_path, edit, match):
     edit(src)
     with pytest.raises(ModelConfigError, match=match):
         read_model_config(src)
+
+
+def test_staged_folder_swaps_in_on_success_and_leaves_the_old_one_on_error(tmp_path):
+    from embfast.export import staged_folder
+
+    out = tmp_path / "model"
+    with staged_folder(out) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (out / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError, match="half-way"), staged_folder(out) as tmp:
+        (tmp / "a.txt").write_text("two")
+        raise RuntimeError("half-way")
+    assert (out / "a.txt").read_text() == "one"
+    with staged_folder(out) as tmp:
+        (tmp / "b.txt").write_text("three")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]  # replaced, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp or old folders left

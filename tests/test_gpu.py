@@ -106,10 +106,19 @@ def test_embedder_with_graph_pooling_matches_host_pooling(tiny_dir, tiny):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_token_cap_default_and_errors(tiny):
+def test_token_cap_default_and_errors(tiny, monkeypatch):
     """max_batch_tokens="auto" is the CPU's 1,024-token cap here (none on CUDA); other strings are errors."""
-    texts = [f"sentence {i} " + "word " * (i % 13) for i in range(41)]
-    np.testing.assert_allclose(tiny.encode(texts), tiny.encode(texts, max_batch_tokens=1024), rtol=1e-6, atol=1e-7)
+    from embfast.batching import plan_batches
+    from embfast.encoder import CPU_MAX_BATCH_TOKENS
+
+    texts = [f"sentence {i} " + "word " * (40 + i % 13) for i in range(41)]  # ~50 tokens: the cap splits
+    seen = []
+    run = tiny.embed_token_ids
+    monkeypatch.setattr(tiny, "embed_token_ids", lambda ids, rows, **kw: seen.append(len(rows)) or run(ids, rows, **kw))
+    tiny.encode(texts)
+    lengths = tiny.tokenizer.tokenize(texts).lengths
+    assert sorted(seen) == sorted(len(b) for b in plan_batches(lengths, 32, CPU_MAX_BATCH_TOKENS))
+    assert max(seen) < 32  # the count cap alone would allow 32 rows
     with pytest.raises(ValueError, match="max_batch_tokens"):
         tiny.encode(texts, max_batch_tokens="many")
 
