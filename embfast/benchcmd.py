@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from embfast.text import split_lines
+
 
 def _ints(s: str) -> list[int]:
     try:
@@ -41,7 +43,7 @@ def _ints(s: str) -> list[int]:
 def sample_sentences() -> list[str]:
     """The bundled real sentences (embfast/data/sample.txt)."""
     text = (resources.files("embfast") / "data" / "sample.txt").read_text("utf-8")
-    return [line for line in text.splitlines() if line.strip()]
+    return [line for line in split_lines(text) if line.strip()]
 
 
 def texts_of_length(embedder, length: int, count: int) -> list[str]:

@@ -55,20 +55,24 @@ def cmd_export(args) -> int:
 
 
 def _read_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as fh:
-        return [line.rstrip("\n") for line in fh if line.strip()]
+    """The non-blank lines of a UTF-8 file (lines end at \\n only: :mod:`embfast.text`)."""
+    from embfast.text import read_lines
+
+    return [line for line in read_lines(path) if line.strip()]
 
 
 def cmd_demo(args) -> int:
     """The main job: load (export once) the model, embed a sample, run searches, print throughput."""
     import numpy as np
 
+    from embfast.text import split_lines
+
     t0 = time.perf_counter()
     m = _embedder(args)
     print(f"model: {m}  (ready in {time.perf_counter() - t0:.2f} s, from {m.model_dir})")
     data = resources.files("embfast") / "data"
-    corpus = _read_lines(args.corpus) if args.corpus else (data / "sample.txt").read_text("utf-8").splitlines()
-    queries = (data / "queries.txt").read_text("utf-8").splitlines()
+    corpus = _read_lines(args.corpus) if args.corpus else split_lines((data / "sample.txt").read_text("utf-8"))
+    queries = split_lines((data / "queries.txt").read_text("utf-8"))
     if args.limit:
         corpus = corpus[: args.limit]
     m.encode(corpus[:8])  # warm-up

@@ -25,6 +25,7 @@ from embfast.models import resolve
 from embfast.quantization import OUTPUT_PRECISIONS, quantize_embeddings
 from embfast.search import semantic_search
 from embfast.session import DEVICES, OnnxSession
+from embfast.text import check_text, check_texts
 from embfast.tokenization import TextTokenizer
 
 PRECISIONS = ("fp32", "int8", "fp16", "auto")
@@ -50,9 +51,12 @@ class EncodeInfo:
 def as_text_list(sentences, name: str = "sentences") -> tuple[list[str], bool]:
     """Validate encode input: a str, or a list / tuple / 1-D array of str.
 
-    Returns (texts, was_single_string). Raises TypeError saying what was expected.
+    Returns (texts, was_single_string). Raises TypeError saying what was expected, and
+    :class:`embfast.text.InvalidTextError` (a ValueError) naming the input and the column of
+    a lone UTF-16 surrogate, which no tokenizer can take.
     """
     if isinstance(sentences, str):
+        check_text(sentences, name)
         return [sentences], True
     if sentences is None:
         raise TypeError(f"{name} must be a str or a list of str, got None")
@@ -68,6 +72,7 @@ def as_text_list(sentences, name: str = "sentences") -> tuple[list[str], bool]:
         if not isinstance(s, str):
             raise TypeError(f"{name}[{i}] must be a str, got {type(s).__name__}"
                             + ("; nested lists are not accepted" if isinstance(s, (list, tuple)) else ""))
+    check_texts(sentences, name)
     return list(sentences), False
 
 
@@ -231,6 +236,7 @@ class Embedder:
         if prompt is not None and not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         if prompt is not None:
+            check_text(prompt, "prompt")
             return prompt
         name = prompt_name if prompt_name is not None else self.config.default_prompt_name
         if name is None:

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from embfast import kernels
+from embfast.text import check_text, check_texts
 
 MAGIC = b"EMBFIDX1"
 INDEX_FORMAT = 1
@@ -211,6 +212,8 @@ class Index:
             for i, t in enumerate(texts):
                 if t is not None and not isinstance(t, str):
                     raise TypeError(f"texts[{i}] must be a str or None, got {type(t).__name__}")
+                if t is not None:
+                    check_text(t, f"texts[{i}]", index=i)
         meta = self._check_metadata(metadata, n)
         kind, new_ids = self._check_ids(ids, n)
         if self.dim is None:
@@ -280,6 +283,8 @@ class Index:
                 out.append(None if m is None else json.dumps(m, ensure_ascii=False, allow_nan=False))
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"metadata[{i}] must be JSON-serializable: {exc}") from exc
+            if out[-1] is not None:  # stored as UTF-8: a lone surrogate in a key or value cannot be
+                check_text(out[-1], f"metadata[{i}]", index=i)
         return out
 
     def _check_ids(self, ids, n: int):
@@ -297,6 +302,7 @@ class Index:
             kind, vals = "int", np.asarray(ids, dtype=np.int64)
         elif all(isinstance(i, str) and i for i in ids):
             kind, vals = "str", list(ids)
+            check_texts(vals, "ids")
         else:
             bad = next(i for i in ids if not (isinstance(i, str) and i))
             raise TypeError(f"ids must be all ints or all non-empty strs, got {bad!r} ({type(bad).__name__})")
@@ -356,12 +362,14 @@ class Index:
                 query prompt if it has one), or vectors (dim,) / (q, dim).
             top_k: hits per query; more than the index holds returns them all; 0 returns empty lists.
             rescore: int8 / binary: re-rank ``rescore_multiplier * top_k`` candidates by exact fp32 cosine
-                (default True); False returns the quantized scores (int8 dot products, or bits - Hamming).
+                (default True); False ranks by the codes alone and returns cosine estimates on the same
+                scale (int8: cosine with the dequantized row; binary: 1 - 2 * hamming / dim).
             rescore_multiplier: candidates per hit taken from the quantized codes (default 4).
 
         Returns:
             One list per query, best first, of ``{"id", "score", "text", "metadata"}``; scores are
-            cosine similarities (fp32, or rescored); ties go to the earlier row.
+            cosine similarities (fp32, or rescored) or cosine estimates (``rescore=False``); ties go to
+            the earlier row.
         """
         kernels._check_k(top_k)
         if isinstance(rescore_multiplier, bool) or not isinstance(rescore_multiplier, int) or rescore_multiplier < 1:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from embfast.text import lone_surrogate, strip_line_end, surrogate_reason
+
 INPUT_FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
                  ".parquet": "parquet"}
 OUTPUT_FORMATS = {".npy": "npy", ".parquet": "parquet", ".jsonl": "jsonl"}
@@ -224,7 +226,7 @@ def _binary_lines(path: str) -> Iterator[tuple[int, bytes]]:
 
 def _decode(path: str, lineno: int, raw: bytes, on_bad) -> str | None:
     try:
-        return raw.decode("utf-8").rstrip("\n").rstrip("\r")
+        return strip_line_end(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         _bad(path, lineno, f"invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})", on_bad)
         return None
@@ -264,6 +266,10 @@ def _field_text(path, lineno, row: dict, opts: ReadOptions, on_bad, columns) -> 
     if not text.strip():
         _bad(path, lineno, f"field {name!r} is empty", on_bad)
         return None
+    pos = lone_surrogate(text)
+    if pos >= 0:  # JSON "\ud800" escapes decode to one; no tokenizer or UTF-8 writer takes it
+        _bad(path, lineno, f"{surrogate_reason(text, pos)} in field {name!r}", on_bad)
+        return None
     src = f"{path}:{lineno}"
     if opts.id_field is None:
         return src, text
@@ -274,6 +280,9 @@ def _field_text(path, lineno, row: dict, opts: ReadOptions, on_bad, columns) -> 
     if isinstance(rid, bool) or not isinstance(rid, (str, int, np.integer)):
         _bad(path, lineno, f"field {opts.id_field!r} must be a string or an integer, got {type(rid).__name__}",
              on_bad)
+        return None
+    if isinstance(rid, str) and lone_surrogate(rid) >= 0:
+        _bad(path, lineno, f"{surrogate_reason(rid, lone_surrogate(rid))} in field {opts.id_field!r}", on_bad)
         return None
     return str(rid), text
 
@@ -346,6 +355,33 @@ def _read_csv(path: str, opts: ReadOptions, on_bad) -> Iterator[Record]:
                 yield Record(f"{path}:{lineno}", got[0], got[1])
 
 
+class _BadUtf8:
+    """A Parquet string value whose bytes are not UTF-8 (Arrow does not check what careless writers store)."""
+
+    def __init__(self, raw: bytes):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.reason = f"invalid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1})"
+
+
+def _parquet_strings(pa, column) -> list:
+    """A string column as Python values; a value that is not UTF-8 becomes a :class:`_BadUtf8`."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return column.to_pylist()
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:  # find the bad rows; the good ones are read as usual
+        binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+        out = []
+        for raw in column.view(binary).to_pylist():
+            try:
+                out.append(None if raw is None else raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(_BadUtf8(raw))
+        return out
+
+
 def _read_parquet(path: str, opts: ReadOptions, on_bad) -> Iterator[Record]:
     pa, pq = _pyarrow()
     try:
@@ -368,13 +404,18 @@ def _read_parquet(path: str, opts: ReadOptions, on_bad) -> Iterator[Record]:
         row = 0
         try:
             for batch in pf.iter_batches(batch_size=8192, columns=cols):
-                texts = batch.column(0).to_pylist()
-                ids = batch.column(1).to_pylist() if opts.id_field else None
+                texts = _parquet_strings(pa, batch.column(0))
+                ids = _parquet_strings(pa, batch.column(1)) if opts.id_field else None
                 for j, text in enumerate(texts):
                     row += 1
                     rec = {opts.text_field: text}
                     if ids is not None:
                         rec[opts.id_field] = ids[j]
+                    bad = next((v for v in (text, ids[j] if ids is not None else None) if isinstance(v, _BadUtf8)),
+                               None)
+                    if bad is not None:
+                        _bad(path, row, bad.reason, on_bad)
+                        continue
                     got = _field_text(path, row, rec, opts, on_bad, cols)
                     if got is not None:
                         yield Record(f"{path}:{row}", got[0], got[1])

@@ -43,8 +43,14 @@ class Chunker:
     """Split long documents into overlapping windows of at most ``chunk_tokens`` word-pieces.
 
     Windows never start or end inside a word when a word boundary is available (a
-    word longer than the window is cut), so a chunk re-tokenizes to at most
-    ``chunk_tokens`` pieces. Consecutive windows share about ``overlap`` tokens.
+    word longer than the window is cut). Every chunk re-tokenizes to at most
+    ``chunk_tokens`` pieces: each window is checked by tokenizing its text, and shrunk
+    by a token while it does not fit (a cut inside a word can re-tokenize to more pieces
+    than it spanned: a continuation piece "##xyz" becomes a word start); a single piece
+    that alone does not fit is cut by characters. The only exception is one character
+    that alone needs more than ``chunk_tokens`` pieces (a byte-level vocabulary may give a
+    character up to 4), which becomes a chunk of its own. Consecutive windows share about
+    ``overlap`` tokens.
 
     Args:
         embedder: the Embedder whose tokenizer counts the tokens.
@@ -71,6 +77,31 @@ class Chunker:
         self.chunk_tokens, self.overlap = chunk_tokens, overlap
         self.lower = embedder.tokenizer.do_lower_case
 
+    def _pieces(self, text: str, start: int, end: int) -> int:
+        """Pieces that ``text[start:end]`` re-tokenizes to (no special tokens)."""
+        chunk = text[start:end]
+        if self.lower and len(chunk.lower()) == len(chunk):
+            chunk = chunk.lower()
+        return len(self.tokenizer.encode(chunk, add_special_tokens=False).ids)
+
+    def _fit_chars(self, text: str, start: int, end: int) -> list[tuple[int, int]]:
+        """Spans covering ``text[start:end]``, each as many characters as fit in ``chunk_tokens`` pieces."""
+        out = []
+        while start < end:
+            if self._pieces(text, start, end) <= self.chunk_tokens:
+                out.append((start, end))
+                break
+            lo, hi = start + 1, end - 1  # the longest prefix that fits (at least one character)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self._pieces(text, start, mid) <= self.chunk_tokens:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            out.append((start, lo))
+            start = lo
+        return out
+
     def split(self, text: str) -> list[tuple[int, int]]:
         """Character spans ``(start, end)`` of the chunks of ``text``, in order; ``text[start:end]`` is the chunk.
 
@@ -92,7 +123,12 @@ class Chunker:
                     cut -= 1
                 if cut > start:  # else one word fills the window: cut inside it
                     end = cut + 1
-            spans.append((offsets[start][0], offsets[end - 1][1]))
+            while end > start + 1 and self._pieces(text, offsets[start][0], offsets[end - 1][1]) > self.chunk_tokens:
+                end -= 1
+            if end == start + 1:
+                spans.extend(self._fit_chars(text, offsets[start][0], offsets[start][1]))
+            else:
+                spans.append((offsets[start][0], offsets[end - 1][1]))
             if end >= n:
                 return spans
             nxt = max(end - self.overlap, start + 1)

@@ -4,7 +4,8 @@
 - ``int8`` / ``uint8``: per-dimension calibration ranges [min, max] (from
   ``ranges``, else from ``calibration_embeddings``, else from the embeddings
   themselves); 256 levels floor((x - min) / step) clipped to [0, 255];
-  uint8 = level, int8 = level - 128.
+  uint8 = level, int8 = level - 128. Empty embeddings with no ranges give an empty
+  array of that dtype (as sentence-transformers).
 - ``ubinary``: bits of x > 0 packed 8 per byte (numpy.packbits order), uint8.
 - ``binary``: the same bytes minus 128, as int8.
 """
@@ -36,6 +37,8 @@ def quantize_embeddings(embeddings: np.ndarray, precision: str, *, ranges: np.nd
     if ranges is None:
         source = emb if calibration_embeddings is None else np.asarray(calibration_embeddings, dtype=np.float32)
         if source.shape[0] == 0:
+            if emb.shape[0] == 0:  # nothing to quantize: an empty result of the right type and width
+                return np.zeros(emb.shape, dtype=np.int8 if precision == "int8" else np.uint8)
             raise ValueError("int8/uint8 quantization needs ranges or calibration embeddings; got none")
         ranges = calibration_ranges(source)
     ranges = np.asarray(ranges, dtype=np.float32)

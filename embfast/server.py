@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from embfast.text import InvalidTextError, check_texts, lone_surrogate, read_lines, surrogate_reason
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 2_000_000  # 2 MB, as TEI
@@ -194,6 +196,16 @@ def _check_fields(body: dict, allowed: tuple) -> None:
                        code="unknown_field", param=unknown[0])
 
 
+def _check_unicode(texts: list[str], field: str, *, single: bool) -> None:
+    """422 naming ``field[i]`` for a lone surrogate (JSON ``"\\ud800"`` decodes to one; no tokenizer takes it)."""
+    for i, t in enumerate(texts):
+        pos = lone_surrogate(t)
+        if pos >= 0:
+            name = field if single else f"{field}[{i}]"
+            raise ApiError(422, f"{name} has {surrogate_reason(t, pos)}; send valid UTF-16 pairs or UTF-8 text",
+                           code="invalid_input", param=name)
+
+
 def _text_input(body: dict, field: str, max_inputs: int) -> tuple[list[str], bool]:
     """``body[field]`` as a non-empty list of non-empty strings (and whether it was one string)."""
     if field not in body:
@@ -202,6 +214,7 @@ def _text_input(body: dict, field: str, max_inputs: int) -> tuple[list[str], boo
     if isinstance(value, str):
         if not value:
             raise ApiError(422, f"{field} must be a non-empty string, got ''", code="invalid_input", param=field)
+        _check_unicode([value], field, single=True)
         return [value], True
     if not isinstance(value, list):
         raise ApiError(422, f"{field} must be a string or a list of strings, got {_json_type(value)}",
@@ -223,6 +236,7 @@ def _text_input(body: dict, field: str, max_inputs: int) -> tuple[list[str], boo
                            code="invalid_input", param=field)
         if not v:
             raise ApiError(422, f"{field}[{i}] must be a non-empty string, got ''", code="invalid_input", param=field)
+    _check_unicode(value, field, single=False)
     return value, False
 
 
@@ -334,13 +348,20 @@ def _check_corpus(vecs, what: str, max_dim: int) -> np.ndarray:
 
 
 def load_corpus_texts(texts, n: int) -> list[str]:
-    """The corpus texts: a list of str, or a UTF-8 file with one text per line; exactly ``n`` of them."""
+    """The corpus texts: a list of str, or a UTF-8 file with one text per line; exactly ``n`` of them.
+
+    Lines end at ``\\n`` only (:mod:`embfast.text`), as in ``embfast encode``, so row i is line i.
+    Raises ValueError for a count mismatch, invalid UTF-8 or a lone surrogate (with its line).
+    """
     if isinstance(texts, (str, Path)):
-        with open(texts, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
+        try:
+            lines = read_lines(texts)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"corpus texts file {texts}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from exc
         what = f"corpus texts file {texts}"
     elif isinstance(texts, (list, tuple)) and all(isinstance(t, str) for t in texts):
         lines, what = list(texts), "corpus_texts"
+        check_texts(lines, "corpus_texts")
     else:
         raise TypeError(f"corpus_texts must be a path or a list of str, got {type(texts).__name__}")
     if len(lines) != n:
@@ -585,6 +606,8 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
                            headers={"retry-after": "1"}) from None
         except InputTooLongError as exc:
             raise ApiError(422, f"{exc} (send \"truncate\": true)", code="input_too_long", param="input") from None
+        except InvalidTextError as exc:  # validated above already; kept so that no text can ever reach a 500
+            raise ApiError(422, str(exc), code="invalid_input", param="input") from None
         except BatcherClosedError:
             raise ApiError(503, "the server is shutting down", code="shutting_down", type_="server_error") from None
 

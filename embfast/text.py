@@ -51,19 +51,25 @@ def surrogate_reason(text: str, position: int) -> str:
     return f"invalid Unicode (lone surrogate U+{ord(text[position]):04X} at column {position + 1})"
 
 
-def check_texts(texts: Iterable[str], name: str = "sentences") -> None:
-    """Raise :class:`InvalidTextError` for the first text holding a lone surrogate.
+def check_text(text: str, label: str = "text", *, index: int | None = None) -> None:
+    """Raise :class:`InvalidTextError` if ``text`` holds a lone surrogate.
 
-    The message names the input (``name[i]``), the 1-based character column and
-    the fix: ``sentences[1] has invalid Unicode (lone surrogate U+D800 at column 4); ...``.
+    The message names ``label`` (e.g. ``sentences[1]``), the 1-based character column and the fix:
+    ``sentences[1] has invalid Unicode (lone surrogate U+D800 at column 4); ...``.
     """
+    pos = lone_surrogate(text)
+    if pos >= 0:
+        raise InvalidTextError(
+            f"{label} has {surrogate_reason(text, pos)}; a str must be encodable as UTF-8 (a lone surrogate is "
+            "often half of an emoji's surrogate pair: decode the source with errors='replace', or fix the producer)",
+            index=index, position=pos, codepoint=ord(text[pos]))
+
+
+def check_texts(texts: Iterable[str], name: str = "sentences") -> None:
+    """:func:`check_text` on each text, labelled ``name[i]``; raises for the first invalid one."""
     for i, t in enumerate(texts):
-        pos = lone_surrogate(t)
-        if pos >= 0:
-            raise InvalidTextError(
-                f"{name}[{i}] has {surrogate_reason(t, pos)}; a str must be encodable as UTF-8 (it is often half "
-                "of an emoji's surrogate pair: decode the source with errors='replace', or fix the producer)",
-                index=i, position=pos, codepoint=ord(t[pos]))
+        if not t.isascii():
+            check_text(t, f"{name}[{i}]", index=i)
 
 
 def strip_line_end(line: str) -> str:

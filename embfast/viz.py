@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from embfast.text import lone_surrogate, read_lines, surrogate_reason
+
 MAX_COLOURS = 20
 
 
@@ -51,15 +53,17 @@ def read_labels(path: str | Path, n: int, field: str | None = None) -> list[str]
         labels = [str(v) for v in pq.read_table(path, columns=[field]).column(0).to_pylist()]
     elif field is not None:
         labels = []
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                try:
-                    labels.append(str(json.loads(line)[field]))
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object with field {field!r} ({exc})") from exc
+        for lineno, line in enumerate(read_lines(path), 1):
+            try:
+                labels.append(str(json.loads(line)[field]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with field {field!r} ({exc})") from exc
     else:
-        with open(path, encoding="utf-8") as fh:
-            labels = [line.rstrip("\n").rstrip("\r") for line in fh]
+        labels = read_lines(path)
+    for lineno, label in enumerate(labels, 1):  # matplotlib cannot draw a lone surrogate
+        pos = lone_surrogate(label)
+        if pos >= 0:
+            raise ValueError(f"{path}:{lineno}: {surrogate_reason(label, pos)}")
     if len(labels) != n:
         raise ValueError(f"labels must have one entry per embedding row ({n}), got {len(labels)} in {path}")
     return labels

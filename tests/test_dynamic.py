@@ -169,7 +169,10 @@ def test_options_and_info_match_encode(tiny):
                                    rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(b.encode(TEXTS, normalize_embeddings=False),
                                    tiny.encode(TEXTS, normalize_embeddings=False), rtol=1e-4, atol=1e-5)
-        np.testing.assert_array_equal(b.encode(TEXTS, precision="ubinary"), tiny.encode(TEXTS, precision="ubinary"))
+        # batched with other rows, floats agree to noise: a bit may differ only for a value within noise of 0
+        flips = np.unpackbits(b.encode(TEXTS, precision="ubinary"), axis=1) != \
+            np.unpackbits(tiny.encode(TEXTS, precision="ubinary"), axis=1)
+        assert np.all(np.abs(ref[flips[:, :ref.shape[1]]]) <= 1e-5)
         np.testing.assert_allclose(b.encode(TEXTS, prompt="query: "), tiny.encode(TEXTS, prompt="query: "),
                                    rtol=1e-4, atol=1e-5)
         assert b.encode([]).shape == (0, tiny.dim)

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+from tolerances import assert_same_ranking
 
 import embfast
 from embfast import Embedder, InputTooLongError
@@ -183,9 +184,9 @@ def test_semantic_search_matches_sentence_transformers():
     queries = rng.standard_normal((4, 48)).astype(np.float32)
     ours = embfast.semantic_search(queries, corpus, top_k=7)
     theirs = st_search(torch.from_numpy(queries), torch.from_numpy(corpus), top_k=7)
-    for a, b in zip(ours, theirs, strict=True):
-        assert [h["corpus_id"] for h in a] == [h["corpus_id"] for h in b]
-        np.testing.assert_allclose([h["score"] for h in a], [h["score"] for h in b], rtol=1e-5)
+    for a, b in zip(ours, theirs, strict=True):  # torch and our kernel round differently: near-ties may swap
+        assert_same_ranking([h["corpus_id"] for h in a], [h["score"] for h in a],
+                            [h["corpus_id"] for h in b], [h["score"] for h in b])
 
 
 def test_build_info():

@@ -60,8 +60,10 @@ def test_vector_search_matches_exact_topk(precision, tmp_path):
     exact_s, exact_i = kernels.topk_cosine(queries, corpus, 10)
     hits = index.search(queries, top_k=10, rescore_multiplier=300)  # 300 x 10 candidates: all rows, rescored
     got_i = np.array([[int(h["id"][1:]) for h in row] for row in hits])
-    np.testing.assert_array_equal(got_i, exact_i)
     np.testing.assert_allclose([[h["score"] for h in row] for row in hits], exact_s, rtol=1e-5, atol=1e-6)
+    # the same top-k up to float noise: each returned row carries its own exact cosine (a near-tie may swap)
+    true = (queries.astype(np.float64) @ corpus.T.astype(np.float64))
+    np.testing.assert_allclose(np.take_along_axis(true, got_i, axis=1), exact_s, rtol=1e-5, atol=1e-5)
     if precision != "fp32":  # with the default 4 x k candidates the top hit of a corpus row is itself
         self_hits = index.search(corpus[:5], top_k=1)
         assert [row[0]["id"] for row in self_hits] == ["v0", "v1", "v2", "v3", "v4"]

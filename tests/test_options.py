@@ -111,19 +111,39 @@ def test_truncate_dim_per_model_and_per_call(tmp_path_factory):
         ours.encode("x", truncate_dim=25)  # the output dimension counts, after the Dense layer
 
 
+FLOAT_NOISE = 1e-4  # fp32 parity: ONNX Runtime and torch agree to this per value (any x86-64 CPU, any threads)
+
+
 @pytest.mark.parametrize("precision", ["int8", "uint8", "binary", "ubinary"])
 def test_output_precision_matches_sentence_transformers(xlmr_pair, precision):
+    """Quantized outputs equal sentence-transformers' except where float noise straddles a bucket edge.
+
+    Both sides quantize their own float vectors, which agree to FLOAT_NOISE per value, not bit for
+    bit (which CPU, which kernels). A value within that noise of a level boundary (int8 / uint8: calibration
+    ranges from each side's own batch) or of zero (binary) may land one level, or one bit, apart; nothing
+    else may differ. How many values sit that close depends on the machine, so no fraction is asserted.
+    """
     ours, st = xlmr_pair
     a = ours.encode(TEXTS, precision=precision)
     b = st.encode(TEXTS, precision=precision)
     assert a.dtype == b.dtype and a.shape == b.shape
     assert a.shape[1] == (32 if precision in ("int8", "uint8") else 4)
-    if precision in ("int8", "uint8"):  # float noise may move a value across one level boundary
+    fa, fb = ours.encode(TEXTS), st.encode(TEXTS)
+    assert np.abs(fa - fb).max() <= FLOAT_NOISE
+    if precision in ("int8", "uint8"):
         diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
-        assert diff.max() <= 1 and (diff == 0).mean() >= 0.99
+        assert diff.max() <= 1
+        # positions in units of one level: (x - min) / step, each side with its own ranges
+        pos = [(f - f.min(0)) / ((f.max(0) - f.min(0)) / 255) for f in (fa, fb)]
+        where = diff == 1
+        # a differing level is a boundary case: the two positions straddle one integer (a bucket edge)
+        # and agree to a small fraction of a level (float noise over a step of about range / 255)
+        lo, hi = np.minimum(*pos)[where], np.maximum(*pos)[where]
+        assert np.all(np.floor(hi) - np.floor(lo) == 1) and np.all(hi - lo <= 0.05), (lo, hi)
     else:
         bits = np.unpackbits(a.view(np.uint8), axis=1) != np.unpackbits(b.view(np.uint8), axis=1)
-        assert bits.mean() <= 0.01
+        # a differing bit is a sign flip of a value within float noise of zero
+        assert np.all(np.abs(fb[bits[:, :32]]) <= FLOAT_NOISE), fb[bits[:, :32]]
 
 
 def test_token_embeddings_match_sentence_transformers(xlmr_pair):

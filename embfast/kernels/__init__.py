@@ -4,7 +4,9 @@ Every function takes ``backend="auto" | "native" | "numba" | "reference"``:
 ``auto`` picks the compiled C++ core, then numba, then the NumPy reference
 (:mod:`embfast.kernels.reference`, the executable spec). Asking for a backend
 that is not installed raises ``RuntimeError``. With ``EMBFAST_REQUIRE_NATIVE=1``
-in the environment, importing embfast fails if the C++ core did not load.
+in the environment, importing embfast fails if the C++ core did not load; without it a
+missing core is one RuntimeWarning saying why and how to fix it. ``EMBFAST_ISA=generic``
+(or :func:`set_isa`) forces the portable C++ path instead of AVX2+FMA.
 
 Inputs are converted visibly, in one place (:func:`as_float32`): float64 or
 non-contiguous arrays become C-contiguous float32 copies; the native core
@@ -13,26 +15,77 @@ itself never casts. ``threads``: 0 = all cores, 1 = serial.
 
 from __future__ import annotations
 
+import importlib
 import os
+import warnings
+from pathlib import Path
 
 import numpy as np
 
 from embfast.kernels import reference
+
+ISAS = ("auto", "generic")
+
+
+def _native_missing_message(exc: BaseException) -> str:
+    """Why the compiled core did not load, and how to fix it, in plain words."""
+    pkg = Path(__file__).resolve().parents[1]
+    built = sorted(p.name for p in pkg.glob("_core*") if p.suffix in (".so", ".pyd"))
+    checkout = (pkg.parent / "pyproject.toml").is_file() and (pkg.parent / "csrc").is_dir()
+    if not built and checkout:
+        return (f"embfast is imported from the source checkout {pkg}, which has no compiled core (embfast._core): "
+                "the slower numba / NumPy kernels run instead. This checkout shadows the installed package "
+                f"because Python runs from {pkg.parent}; run from another directory to use the installed one, "
+                "or build the core in place with `pip install -e .`")
+    if not built:
+        return (f"embfast's compiled core (embfast._core) is missing from {pkg}: the slower numba / NumPy kernels "
+                "run instead. Reinstall embfast so that its C++ core builds (pip install --force-reinstall "
+                "--no-deps embfast, which needs a C++ compiler and cmake) and see `embfast info`")
+    return (f"embfast's compiled core {built[0]} in {pkg} did not load ({type(exc).__name__}: {exc}): the slower "
+            "numba / NumPy kernels run instead. Rebuild it for this Python and platform (pip install "
+            "--force-reinstall --no-deps embfast, or `pip install -e .` in a checkout) and see `embfast info`")
+
 
 # libgomp reads this once, at load: sleeping (not spinning) workers do not steal
 # cycles from ONNX Runtime's own pool between kernel calls.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
-    from embfast import _core
-except ImportError as exc:  # pragma: no cover - exercised only by broken builds
+    _core = importlib.import_module("embfast._core")
+except ImportError as exc:
+    NATIVE_ERROR: str | None = _native_missing_message(exc)
     if os.environ.get("EMBFAST_REQUIRE_NATIVE") == "1":
-        raise ImportError(f"embfast: the compiled core embfast._core did not load ({exc}) and "
-                          "EMBFAST_REQUIRE_NATIVE=1 forbids the fallback") from exc
+        raise ImportError(f"{NATIVE_ERROR}. EMBFAST_REQUIRE_NATIVE=1 forbids the fallback.") from exc
     _core = None
-    NATIVE_ERROR: str | None = str(exc)
+    warnings.warn(NATIVE_ERROR, RuntimeWarning, stacklevel=2)
 else:
     NATIVE_ERROR = None
+
+
+def set_isa(isa: str) -> None:
+    """Choose the native kernels' code path: "auto" (the best this CPU runs: AVX2+FMA or generic) or "generic".
+
+    "generic" forces the portable C++ path on any CPU (for tests and for comparing paths). The
+    environment variable ``EMBFAST_ISA`` sets it at import. Raises ValueError for another value and
+    RuntimeError when the native core is not loaded.
+    """
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {isa!r}")
+    if _core is None:
+        raise RuntimeError(f"set_isa needs the native core: {NATIVE_ERROR}")
+    _core.set_force_generic(isa == "generic")
+
+
+def isa() -> str:
+    """The path native kernels run now: "avx2+fma" or "generic" ("none" without the native core)."""
+    return "none" if _core is None else _core.isa()
+
+
+_env_isa = os.environ.get("EMBFAST_ISA", "auto").strip().lower() or "auto"
+if _env_isa not in ISAS:
+    raise ImportError(f"EMBFAST_ISA must be one of {', '.join(ISAS)}, got {os.environ['EMBFAST_ISA']!r}")
+if _core is not None:
+    set_isa(_env_isa)
 
 try:
     from embfast.kernels import _numba
@@ -49,8 +102,8 @@ BLAS_MIN_QUERIES = 24
 BLAS_BLOCK_ROWS = 16384
 
 __all__ = [
-    "BACKENDS", "HAS_NATIVE", "HAS_NUMBA", "POOLING_MODES", "as_float32", "cls_pool", "l2_normalize",
-    "last_token_pool", "max_pool", "mean_pool", "pool", "topk_cosine", "topk_hamming", "topk_int8",
+    "BACKENDS", "HAS_NATIVE", "HAS_NUMBA", "ISAS", "POOLING_MODES", "as_float32", "cls_pool", "isa", "l2_normalize",
+    "set_isa", "last_token_pool", "max_pool", "mean_pool", "pool", "topk_cosine", "topk_hamming", "topk_int8",
     "QuantizedCorpus", "quantize", "topk_quantized",
 ]
 

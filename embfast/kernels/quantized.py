@@ -8,8 +8,11 @@
 - ``topk_quantized(queries, qcorpus, k, rescore_multiplier=4, rescore_vectors=...)``:
   take ``rescore_multiplier * k`` candidates from the quantized corpus, then rank them
   by the exact float score of the float query against ``rescore_vectors`` (the float
-  corpus, in memory or memory-mapped from disk). Without rescore vectors the quantized
-  scores are returned as they are.
+  corpus, in memory or memory-mapped from disk). Without rescore vectors the scores are
+  cosine estimates, on the same scale as every other search so that one threshold works
+  everywhere: int8, the cosine of the float query with the dequantized row (each code at
+  its bucket's centre; the k candidates are re-ordered by it); binary,
+  ``1 - 2 * hamming / dim`` (the order of the Hamming ranking).
 """
 
 from __future__ import annotations
@@ -75,6 +78,23 @@ def quantize(corpus, kind: str, *, ranges: np.ndarray | None = None,
     return QuantizedCorpus("int8", reference.quantize_int8(c, ranges), c.shape[1], ranges)
 
 
+def _cosine_estimates(q: np.ndarray, qcorpus: QuantizedCorpus, raw: np.ndarray,
+                      idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantized scores -> cosine estimates, best first (ties to the lower row)."""
+    if qcorpus.kind == "binary":
+        hamming = qcorpus.codes.shape[1] * 8 - raw  # padding bits are 0 in both, so they never differ
+        return (1.0 - 2.0 * hamming / qcorpus.dim).astype(np.float32), idx
+    est = np.full(raw.shape, np.nan, dtype=np.float32)
+    qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), np.float32(1e-12))
+    for row in range(q.shape[0]):
+        ok = idx[row] >= 0
+        deq = reference.dequantize_int8(qcorpus.codes[idx[row][ok]], qcorpus.ranges)
+        norms = np.maximum(np.linalg.norm(deq, axis=1), np.float32(1e-12))
+        est[row, ok] = (deq @ qn[row]) / norms
+    order = np.lexsort((idx, -np.nan_to_num(est, nan=-np.inf)), axis=1)
+    return np.take_along_axis(est, order, axis=1), np.take_along_axis(idx, order, axis=1)
+
+
 def topk_quantized(queries, qcorpus: QuantizedCorpus, k: int, *, rescore_multiplier: int = 4,
                    rescore_vectors: np.ndarray | None = None, assume_normalized: bool = False, threads: int = 0,
                    backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +102,9 @@ def topk_quantized(queries, qcorpus: QuantizedCorpus, k: int, *, rescore_multipl
 
     Returns scores (q, min(k, n)) float32 and indices (q, min(k, n)) int64, best first.
     Scores are cosine similarities when rescored (inner products with
-    ``assume_normalized``), else the quantized scores (int8 dot or bits - Hamming).
+    ``assume_normalized``), else cosine estimates (see the module docstring). The raw
+    quantized scores (int8 dot products, bits - Hamming) come from ``kernels.topk_int8`` /
+    ``kernels.topk_hamming``.
     """
     from embfast import kernels
 
@@ -102,7 +124,7 @@ def topk_quantized(queries, qcorpus: QuantizedCorpus, k: int, *, rescore_multipl
     else:
         s, idx = kernels.topk_hamming(qq, qcorpus.codes, candidates, threads=threads, backend=backend)
     if rescore_vectors is None or k == 0:
-        return s[:, :k], idx[:, :k]
+        return _cosine_estimates(q, qcorpus, s[:, :k], idx[:, :k])
     kk = min(k, n)
     out_s = np.full((q.shape[0], kk), np.nan, dtype=np.float32)
     out_i = np.full((q.shape[0], kk), -1, dtype=np.int64)

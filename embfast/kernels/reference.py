@@ -116,6 +116,17 @@ def quantize_int8(embeddings: np.ndarray, ranges: np.ndarray) -> np.ndarray:
     return (quantize_levels(embeddings, ranges) - 128).astype(np.int8)
 
 
+def dequantize_int8(codes: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    """The centre of each int8 code's bucket: min + (code + 128 + 0.5) * step, float32 (inverse of quantize_int8).
+
+    Within half a step of the original value for values inside the calibration range.
+    """
+    starts = ranges[0, :].astype(np.float32)
+    steps = (ranges[1, :] - ranges[0, :]).astype(np.float32) / 255
+    steps = np.where(steps == 0, np.float32(1.0), steps)
+    return (starts + (np.asarray(codes, dtype=np.float32) + np.float32(128.5)) * steps).astype(np.float32)
+
+
 def quantize_binary(embeddings: np.ndarray, *, signed: bool = False) -> np.ndarray:
     """Packed bits of x > 0 (numpy.packbits order): (n, ceil(dim / 8)) uint8 ("ubinary").
 
