@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+from embfast.clustering import kmeans
 from embfast.dynamic import DynamicBatcher, OverloadedError
 from embfast.encoder import Embedder, EncodeInfo
 from embfast.index import Index as Index
 from embfast.info import build_info
+from embfast.mining import community_detection, paraphrase_mining
 from embfast.quantization import quantize_embeddings
 from embfast.search import semantic_search
 from embfast.session import DeviceError
@@ -20,4 +22,4 @@ __version__ = "0.1.0"
 
 __all__ = ["DynamicBatcher", "OverloadedError",
            "DeviceError", "EncodeInfo", "Embedder", "InputTooLongError", "__version__", "build_info",
-           "quantize_embeddings", "semantic_search"]
+           "community_detection", "kmeans", "paraphrase_mining", "quantize_embeddings", "semantic_search"]

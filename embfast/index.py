@@ -391,6 +391,57 @@ class Index:
                         for s, i in zip(s_row, i_row, strict=True) if i >= 0])
         return out
 
+    def rows_of(self, ids, name: str = "ids") -> np.ndarray:
+        """Row numbers (int64) of the given ids; KeyError naming the first id the index does not hold."""
+        if isinstance(ids, (str, int, np.integer)):
+            ids = [ids]
+        ids = list(ids)
+        if self._id_kind == "str":
+            lookup = {self._str_ids.get(r): r for r in range(len(self))}
+        else:
+            lookup = {int(v): r for r, v in enumerate(self._int_ids.full().tolist())} if len(self) else {}
+        rows = []
+        for value in ids:
+            key = int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
+            if key not in lookup:
+                raise KeyError(f"{name}: id {value!r} is not in this index ({len(self)} rows, "
+                               f"{self._id_kind or 'int'} ids)")
+            rows.append(lookup[key])
+        return np.asarray(rows, dtype=np.int64)
+
+    def recommend(self, positive, negative=(), top_k: int = 10, *, rescore: bool = True,
+                  rescore_multiplier: int = 4) -> list[dict]:
+        """Rows like the ``positive`` examples and unlike the ``negative`` ones, the examples left out.
+
+        Qdrant's ``average_vector`` strategy: the query is ``avg(positive) + (avg(positive) - avg(negative))``
+        (just ``avg(positive)`` without negatives) over the stored unit vectors, then an ordinary
+        :meth:`search` (cosine; int8 / binary rescored as there).
+
+        Args:
+            positive: ids of liked rows (at least one).
+            negative: ids of disliked rows (default none).
+            top_k: hits (default 10), not counting the examples.
+
+        Returns:
+            ``[{"id", "score", "text", "metadata"}, ...]`` best first, as one row of :meth:`search`.
+
+        Raises:
+            ValueError: no positive example; KeyError: an id the index does not hold.
+        """
+        kernels._check_k(top_k)
+        pos = self.rows_of(positive, "positive")
+        neg = self.rows_of(negative, "negative")
+        if pos.size == 0:
+            raise ValueError("positive must name at least one id")
+        vectors = self._vectors.full()
+        avg_pos = vectors[pos].astype(np.float64).mean(axis=0)
+        query = avg_pos if neg.size == 0 else 2 * avg_pos - vectors[neg].astype(np.float64).mean(axis=0)
+        examples = set(np.concatenate([pos, neg]).tolist())
+        hits = self.search(query.astype(np.float32)[None, :], top_k + len(examples), rescore=rescore,
+                           rescore_multiplier=rescore_multiplier)[0]
+        skip = {self.id_at(r) for r in examples}
+        return [h for h in hits if h["id"] not in skip][:top_k]
+
     # ---- save / load ------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the index to ``path`` atomically (a temporary file renamed over it); returns the path.

@@ -732,7 +732,30 @@ def cmd_search(args) -> int:
 
     m = _model_for_index(args, read_index_manifest(args.index).get("model"))
     index = Index.load(args.index, embedder=m, mmap=True, verify=not args.no_verify)
-    hits = index.search(args.queries, top_k=args.k, rescore=not args.no_rescore)
+    if args.positive or args.negative:
+        if args.queries:
+            raise ValueError("give either QUERY texts or --positive/--negative ids, not both")
+        if not args.positive:
+            raise ValueError("--negative needs at least one --positive id")
+
+        def as_ids(values):  # ids typed on the command line are strings; an int-id index wants ints
+            if index._id_kind == "str":
+                return values
+            try:
+                return [int(v) for v in values]
+            except ValueError as exc:
+                raise ValueError(f"this index has int ids, got {exc}") from None
+
+        try:
+            hits = [index.recommend(as_ids(args.positive), as_ids(args.negative or []), top_k=args.k,
+                                    rescore=not args.no_rescore)]
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+        args.queries = [f"recommend positive={args.positive} negative={args.negative or []}"]
+    elif not args.queries:
+        raise ValueError("give QUERY texts, or --positive ids to recommend by example")
+    else:
+        hits = index.search(args.queries, top_k=args.k, rescore=not args.no_rescore)
     if args.json:
         print(json.dumps([{"query": q, "hits": h} for q, h in zip(args.queries, hits, strict=True)],
                          ensure_ascii=False, indent=2))
@@ -783,9 +806,12 @@ def register_cli(sub) -> None:
     i.add_argument("index")
     i.set_defaults(func=cmd_index_info)
 
-    s = sub.add_parser("search", help="search an index with one or more text queries")
+    s = sub.add_parser("search", help="search an index with text queries, or recommend by example ids")
     s.add_argument("index")
-    s.add_argument("queries", nargs="+", metavar="QUERY")
+    s.add_argument("queries", nargs="*", metavar="QUERY")
+    s.add_argument("--positive", nargs="+", default=None, metavar="ID",
+                   help="recommend rows like these ids (Qdrant's average_vector strategy) instead of a query")
+    s.add_argument("--negative", nargs="+", default=None, metavar="ID", help="... and unlike these ids")
     s.add_argument("-k", "--top-k", dest="k", type=int, default=10, help="hits per query (default 10)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a ranked list")
     s.add_argument("--no-rescore", action="store_true", help="int8/binary: rank by quantized scores only")

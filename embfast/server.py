@@ -53,7 +53,7 @@ DEFAULT_MAX_INPUTS = 2048  # OpenAI's limit per request
 DRAIN_LIMIT_BYTES = 64 * 2**20  # read (and drop) at most this much of a refused body before answering
 ENCODING_FORMATS = ("float", "base64")
 _EMBEDDINGS_FIELDS = ("input", "model", "encoding_format", "dimensions", "user", "truncate")
-_SEARCH_FIELDS = ("query", "top_k", "model", "truncate")
+_SEARCH_FIELDS = ("query", "top_k", "model", "truncate", "positive", "negative")
 _ENDPOINTS = ("/v1/embeddings", "/v1/search", "/v1/models", "/health", "/info", "/metrics")
 
 try:  # faster JSON for large float responses; the standard library otherwise
@@ -240,6 +240,19 @@ def _text_input(body: dict, field: str, max_inputs: int) -> tuple[list[str], boo
     return value, False
 
 
+def _example_ids(body: dict, field: str) -> list:
+    """``body[field]``: a list of ids (ints or non-empty strings) for recommendation by example."""
+    value = body.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > DEFAULT_MAX_INPUTS or not all(
+            (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v) for v in value):
+        raise ApiError(422, f"{field} must be a list of ids (integers or non-empty strings), at most "
+                       f"{DEFAULT_MAX_INPUTS}", code="invalid_input", param=field)
+    _check_unicode([v for v in value if isinstance(v, str)], field, single=False)
+    return value
+
+
 def _optional(body: dict, field: str, types: tuple, expected: str, default=None):
     value = body.get(field)
     if value is None:
@@ -422,6 +435,27 @@ class SearchCorpus:
         size = len(self.index) if self.index is not None else int(self.vectors.shape[0])
         return {"kind": "index" if self.index is not None else "vectors", "size": size, "dim": self.dim,
                 "path": self.path, "texts": self.index is not None or self.texts is not None}
+
+    def recommend(self, positive: list, negative: list, top_k: int) -> list[dict]:
+        """Rows like ``positive`` and unlike ``negative`` (ids; row numbers for vectors), examples left out:
+        Qdrant's average_vector strategy (see :meth:`embfast.Index.recommend`). KeyError for an unknown id."""
+        if self.index is not None:
+            return self.index.recommend(positive, negative, top_k)
+        from embfast.search import semantic_search
+
+        n = self.vectors.shape[0]
+        for field, ids in (("positive", positive), ("negative", negative)):
+            for v in ids:
+                if not isinstance(v, int) or not 0 <= v < n:
+                    raise KeyError(f"{field}: id {v!r} is not in this corpus (row numbers 0..{n - 1})")
+        avg = self.vectors[positive].astype(np.float64).mean(axis=0)
+        query = avg if not negative else 2 * avg - self.vectors[negative].astype(np.float64).mean(axis=0)
+        skip = set(positive) | set(negative)
+        query = query.astype(np.float32)[None, :]
+        hits = semantic_search(query, self.vectors, top_k + len(skip), threads=1)[0]
+        return [{"id": h["corpus_id"], "score": h["score"]} | ({} if self.texts is None else
+                                                                {"text": self.texts[h["corpus_id"]]})
+                for h in hits if h["corpus_id"] not in skip][:top_k]
 
     def search(self, q: np.ndarray, top_k: int) -> list[list[dict]]:
         if self.index is not None:
@@ -644,11 +678,13 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
             raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}",
                            code="invalid_json")
         _check_fields(body, _SEARCH_FIELDS)
-        queries, _ = _text_input(body, "query", max_inputs)
         top_k = _optional(body, "top_k", (int,), "an integer in [1, 10000]", 10)
         if not 1 <= top_k <= 10000:
             raise ApiError(422, f"top_k must be an integer in [1, 10000], got {top_k}", code="invalid_parameter",
                            param="top_k")
+        if "positive" in body or "negative" in body:
+            return await recommend(body, top_k)
+        queries, _ = _text_input(body, "query", max_inputs)
         truncate = _optional(body, "truncate", (bool,), "true or false", True)
         _optional(body, "model", (str,), "a string")
         if search_corpus is None:
@@ -662,6 +698,26 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
         data = [{"object": "search_result", "index": i, "hits": row} for i, row in enumerate(hits)]
         return Response(_dumps({"object": "list", "data": data, "model": name,
                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}),
+                        media_type="application/json")
+
+    async def recommend(body: dict, top_k: int):
+        """/v1/search by example: {"positive": [ids], "negative": [ids], "top_k"} (no "query")."""
+        if "query" in body:
+            raise ApiError(422, "give either query or positive/negative ids, not both", code="invalid_input",
+                           param="query")
+        ids = {f: _example_ids(body, f) for f in ("positive", "negative")}
+        if not ids["positive"]:
+            raise ApiError(422, "positive must be a non-empty list of ids", code="invalid_input", param="positive")
+        if search_corpus is None:
+            raise ApiError(404, "no corpus is loaded: start the server with --corpus FILE (.npy or an embfast "
+                           "index)", code="no_corpus")
+        try:
+            hits = await run_in_threadpool(search_corpus.recommend, ids["positive"], ids["negative"], top_k)
+        except KeyError as exc:
+            field = "negative" if str(exc.args[0]).startswith("negative") else "positive"
+            raise ApiError(422, str(exc.args[0]), code="unknown_id", param=field) from None
+        return Response(_dumps({"object": "list", "model": name, "usage": {"prompt_tokens": 0, "total_tokens": 0},
+                                "data": [{"object": "search_result", "index": 0, "hits": hits}]}),
                         media_type="application/json")
 
     @route("/health", "GET")

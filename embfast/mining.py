@@ -1,0 +1,284 @@
+"""What people do with a set of embeddings: paraphrase mining, near-duplicate groups, community detection.
+
+All three are blocked self-joins over unit vectors: a block of rows against the whole set (BLAS score blocks
+merged by the native top-k heap, :func:`embfast.kernels.topk_cosine`), so memory stays at one block of
+scores plus the results, never an (n, n) matrix.
+
+- :func:`paraphrase_mining`: sentence-transformers' ``util.paraphrase_mining_embeddings`` (same result, same
+  ``max_pairs`` meaning), each row's ``top_k`` nearest others, each pair once.
+- :func:`near_duplicate_pairs` / :func:`duplicate_groups`: every pair at or above a threshold (no top-k cap),
+  and their connected components (single linkage), for ``embfast dedup``.
+- :func:`community_detection`: sentence-transformers' ``util.community_detection`` (Fast Community Detection):
+  same communities, each with its central element first, largest first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from embfast import kernels
+
+#: float32 scores held at once by the blocked joins (64 MiB).
+BLOCK_SCORES = 16 * 2**20
+
+
+def unit_rows(vectors, name: str = "vectors") -> np.ndarray:
+    """``vectors`` (n, dim) as C-contiguous float32 unit rows (zero rows stay zero); ValueError for NaN/inf."""
+    x = kernels.as_float32(vectors, name, 2)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{name} must be finite, got NaN or inf in row {int(np.flatnonzero(bad)[0])}")
+    return kernels.l2_normalize(x)
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_threshold(threshold) -> float | None:
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)) or \
+            not -1.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be a number in [-1, 1], got {threshold!r}")
+    return float(threshold)
+
+
+def _row_blocks(n: int, cols: int, progress: Callable[[int], None] | None = None):
+    rows = max(1, min(4096, BLOCK_SCORES // max(cols, 1)))
+    for start in range(0, n, rows):
+        yield start, min(start + rows, n)
+        if progress is not None:
+            progress(min(start + rows, n) - start)
+
+
+#: rows (and columns) of one square score tile of the symmetric self-join (2048 x 2048 float32 = 16 MiB)
+SELF_TILE = 2048
+
+
+def self_topk(x: np.ndarray, k: int, *, threads: int = 0,
+              progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each unit row's ``k`` best rows by inner product (itself included): scores (n, k), indices (n, k).
+
+    A symmetric blocked self-join: only the tiles on and above the diagonal are computed (BLAS), and an
+    off-diagonal tile feeds both its rows' heaps and, transposed, its columns' heaps, through the native
+    top-k merge; so each pair is scored once (half the multiply-adds of a plain join). Results are
+    sorted best first, ties to the lower index, as :func:`embfast.kernels.topk_cosine`. Without the
+    native core, one plain join per block of rows.
+    """
+    n = x.shape[0]
+    k = min(k, n)
+    if not kernels.HAS_NATIVE or n == 0 or k == 0:
+        parts = [kernels.topk_cosine(x[a:b], x, k, assume_normalized=True, threads=threads)
+                 for a, b in _row_blocks(n, min(max(n, 1), kernels.BLAS_BLOCK_ROWS), progress)]
+        if not parts:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return np.vstack([p[0] for p in parts]), np.vstack([p[1] for p in parts])
+    core = kernels._core
+    heap_s = np.empty((n, k), np.float32)
+    heap_i = np.empty((n, k), np.int64)
+    heap_n = np.zeros(n, np.int64)
+    t = SELF_TILE
+    for a in range(0, n, t):
+        b = min(a + t, n)
+        for c in range(a, n, t):
+            d = min(c + t, n)
+            scores = x[a:b] @ x[c:d].T
+            core.topk_merge_block(scores, c, None, None, heap_s[a:b], heap_i[a:b], heap_n[a:b], threads)
+            if c != a:
+                core.topk_merge_block(np.ascontiguousarray(scores.T), a, None, None, heap_s[c:d], heap_i[c:d],
+                                      heap_n[c:d], threads)
+        if progress is not None:
+            progress(b - a)
+    core.topk_finalize(heap_s, heap_i, heap_n)
+    return heap_s, heap_i
+
+
+def paraphrase_mining(vectors, top_k: int = 100, threshold: float | None = None, *, max_pairs: int = 500_000,
+                      threads: int = 0, progress: Callable[[int], None] | None = None) -> list[tuple[float, int, int]]:
+    """The most similar pairs of a set of embeddings, each pair once, best first.
+
+    sentence-transformers' ``util.paraphrase_mining_embeddings`` (its defaults ``top_k=100``,
+    ``max_pairs=500000``), computed as a blocked self-join on the native top-k: each row's ``top_k + 1``
+    nearest rows by cosine (itself usually among them) give directed candidates (score, i, j) with i != j;
+    like sentence-transformers, the ``max_pairs - 1`` best candidates are kept, then each unordered pair
+    once (i < j). Where sentence-transformers splits a corpus larger than its ``corpus_chunk_size``
+    (100,000) and takes ``top_k + 1`` per chunk, this takes them over the whole set.
+
+    Args:
+        vectors: (n, dim) float embeddings (cosine: they need not be normalized).
+        top_k: neighbours per row (default 100).
+        threshold: keep only pairs scoring at least this (default None: all).
+        max_pairs: candidate budget, as sentence-transformers (default 500,000).
+        threads: native kernel threads (0 = all cores).
+        progress: called with the rows done after each block (e.g. a tqdm ``update``).
+
+    Returns:
+        ``[(score, i, j), ...]`` with i < j, by score descending (ties by i, then j).
+
+    Raises:
+        ValueError: a bad argument or non-finite vectors; TypeError: non-numeric vectors.
+    """
+    top_k = _check_int("top_k", top_k, 1)
+    max_pairs = _check_int("max_pairs", max_pairs, 2)
+    threshold = _check_threshold(threshold)
+    heap_s, heap_j = self_topk(unit_rows(vectors), top_k + 1, threads=threads, progress=progress)
+    return pairs_from_neighbours(heap_s, heap_j, threshold=threshold, max_pairs=max_pairs)
+
+
+def pairs_from_neighbours(heap_s: np.ndarray, heap_j: np.ndarray, *, threshold: float | None = None,
+                          max_pairs: int = 500_000) -> list[tuple[float, int, int]]:
+    """The second half of :func:`paraphrase_mining`: each row's neighbours (scores (n, k), rows (n, k), from
+    :func:`self_topk`) -> the best ``max_pairs - 1`` directed candidates -> each unordered pair once, best first."""
+    n = heap_s.shape[0]
+    keep = max_pairs - 1
+    s_all = np.empty(0, np.float32)
+    i_all = np.empty(0, np.int64)
+    j_all = np.empty(0, np.int64)
+    for a in range(0, n, 65536):  # candidates in slices, with a running best-``keep`` set: O(max_pairs) memory
+        s, j = heap_s[a:a + 65536], heap_j[a:a + 65536]
+        i = np.repeat(np.arange(a, a + s.shape[0], dtype=np.int64), s.shape[1])
+        s, j = s.ravel(), j.ravel()
+        ok = (j >= 0) & (j != i)
+        if threshold is not None:
+            ok &= s >= threshold
+        s_all, i_all, j_all = (np.concatenate([s_all, s[ok]]), np.concatenate([i_all, i[ok]]),
+                               np.concatenate([j_all, j[ok]]))
+        if s_all.size > 2 * keep:
+            part = np.argpartition(-s_all, keep - 1)[:keep]
+            s_all, i_all, j_all = s_all[part], i_all[part], j_all[part]
+    if s_all.size > keep:
+        part = np.argpartition(-s_all, keep - 1)[:keep]
+        s_all, i_all, j_all = s_all[part], i_all[part], j_all[part]
+    lo, hi = np.minimum(i_all, j_all), np.maximum(i_all, j_all)
+    # each unordered pair once: the lower of its two directed scores, as sentence-transformers (which pops
+    # its candidates lowest first) keeps; then best first, ties by (i, j)
+    order = np.lexsort((hi, lo, s_all))
+    key = lo[order] * n + hi[order]
+    _, first = np.unique(key, return_index=True)
+    pick = order[first]
+    s_u, lo_u, hi_u = s_all[pick], lo[pick], hi[pick]
+    final = np.lexsort((hi_u, lo_u, -s_u.astype(np.float64)))
+    return list(zip(s_u[final].tolist(), lo_u[final].tolist(), hi_u[final].tolist(), strict=True))
+
+
+def near_duplicate_pairs(vectors, threshold: float, *, progress: Callable[[int], None] | None = None,
+                         start_row: int = 0, stop_row: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair (i < j) whose cosine is at least ``threshold``: no per-row cap, each pair once.
+
+    A blocked upper-triangle join: rows [a, b) against rows [a, n) in BLAS score blocks, so each pair is
+    scored once. ``start_row`` / ``stop_row`` restrict the first index to a range (a resumable job does
+    the rows in parts).
+
+    Returns:
+        (i, j, score): int64, int64, float32 arrays, ordered by i, then j.
+    """
+    threshold = _check_threshold(threshold)
+    if threshold is None:
+        raise ValueError("threshold must be a number in [-1, 1], got None")
+    return upper_pairs(unit_rows(vectors), threshold, start_row=start_row, stop_row=stop_row, progress=progress)
+
+
+def upper_pairs(x: np.ndarray, threshold: float, *, start_row: int = 0, stop_row: int | None = None,
+                progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`near_duplicate_pairs` on rows that are already unit length (float32, C-contiguous or memory-mapped)."""
+    n = x.shape[0]
+    stop = n if stop_row is None else min(stop_row, n)
+    out_i, out_j, out_s = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.float32)]
+    rows = 2048  # square-ish tiles: each column tile is read once per 2048 rows
+    cols = max(1, BLOCK_SCORES // rows)
+    thr = np.float32(threshold)
+    for a in range(start_row, stop, rows):
+        b = min(a + rows, stop)
+        for c in range(a, n, cols):
+            d = min(c + cols, n)
+            scores = x[a:b] @ x[c:d].T
+            if c < b:  # the block touches the diagonal: keep j > i only
+                scores[np.arange(c, d)[None, :] <= np.arange(a, b)[:, None]] = -np.inf
+            r, q = np.nonzero(scores >= thr)
+            out_i.append(r.astype(np.int64) + a)
+            out_j.append(q.astype(np.int64) + c)
+            out_s.append(scores[r, q])
+        if progress is not None:
+            progress(b - a)
+    i, j, s = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
+    order = np.lexsort((j, i))
+    return i[order], j[order], s[order]
+
+
+def duplicate_groups(n: int, i: np.ndarray, j: np.ndarray) -> list[list[int]]:
+    """Connected components (single linkage) of the pairs (i, j) over rows 0..n-1, with more than one row.
+
+    Each group is sorted ascending (its first row is the one a deduplication keeps); groups are ordered by
+    their first row. Uses scipy's ``connected_components``.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if n == 0 or len(i) == 0:
+        return []
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n)).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    counts = np.bincount(labels)
+    order = np.argsort(labels, kind="stable")
+    groups: dict[int, list[int]] = {}
+    for row in order[counts[labels[order]] > 1].tolist():
+        groups.setdefault(int(labels[row]), []).append(row)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
+def community_detection(vectors, threshold: float = 0.75, min_community_size: int = 10, *,
+                        progress: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Fast Community Detection, as sentence-transformers' ``util.community_detection``.
+
+    A row whose ``min_community_size`` nearest rows (itself included) all score at least ``threshold``
+    seeds a candidate community: every row scoring at least ``threshold`` with it, by score descending
+    (the seed, its central element, first). Candidates are taken largest first (stable), each keeping its
+    rows not yet claimed, and kept if still at least ``min_community_size`` large; the result is sorted
+    by size, largest first. The close pairs come from the blocked upper-triangle join
+    (:func:`upper_pairs`: each pair scored once, never an (n, n) matrix); ties in score are ordered by
+    row (sentence-transformers' torch.topk leaves them unspecified).
+
+    Args:
+        vectors: (n, dim) float embeddings (normalized here).
+        threshold: cosine at or above which two rows are close (default 0.75).
+        min_community_size: smallest community returned (default 10; at most n).
+        progress: called with the rows done after each block.
+
+    Returns:
+        Communities as lists of row indices, largest first, each with its central element first.
+    """
+    threshold = _check_threshold(threshold)
+    if threshold is None:
+        raise ValueError("threshold must be a number in [-1, 1], got None")
+    min_size = _check_int("min_community_size", min_community_size, 1)
+    x = unit_rows(vectors)
+    n = x.shape[0]
+    if n == 0:
+        return []
+    min_size = min(min_size, n)
+    i, j, s = upper_pairs(x, threshold, progress=progress)
+    self_score = np.einsum("ij,ij->i", x, x)  # as the matmul would give it: ~1, a tie for exact duplicates
+    keep_self = self_score >= np.float32(threshold)
+    rows = np.concatenate([i, j, np.flatnonzero(keep_self)])
+    cols = np.concatenate([j, i, np.flatnonzero(keep_self)])
+    vals = np.concatenate([s, s, self_score[keep_self]])
+    order = np.lexsort((cols, -vals, rows))  # by row, then score descending, then the lower row first
+    rows, cols = rows[order], cols[order]
+    counts = np.bincount(rows, minlength=n)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    candidates = [cols[starts[r]:starts[r + 1]] for r in np.flatnonzero(counts >= min_size)]
+    candidates.sort(key=len, reverse=True)  # stable: equal sizes keep row order, as sentence-transformers
+    used = np.zeros(n, dtype=bool)
+    out: list[np.ndarray] = []
+    for community in candidates:
+        free = community[~used[community]]
+        if len(free) >= min_size:
+            out.append(free)
+            used[free] = True
+    out.sort(key=len, reverse=True)
+    return [c.tolist() for c in out]
