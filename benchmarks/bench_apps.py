@@ -1,7 +1,7 @@
 """Apps on embeddings: paraphrase mining and community detection vs sentence-transformers, k-means vs
 scikit-learn and faiss, peak memory; one run, side by side.
 
-python benchmarks/bench_apps.py --data ../shared/data --sizes 20000 88000 --threads 2
+python benchmarks/bench_apps.py --data ../shared/data --sizes 20000 87938 --threads 2
 
 The vectors: real sentences from throughput/sentences.txt (the first N), embedded once by embfast with
 all-MiniLM-L6-v2 fp32 (cached in --cache). Each timed call runs in a fresh subprocess, so that its peak
@@ -25,7 +25,7 @@ import sys
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="../shared/data")
-    p.add_argument("--sizes", type=int, nargs="+", default=[20000, 88000])
+    p.add_argument("--sizes", type=int, nargs="+", default=[20000, 87938])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--cache", default="bench-apps-cache", help="folder for the embedded vectors")

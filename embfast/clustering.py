@@ -1,8 +1,9 @@
-"""Clusters of embeddings and what characterizes them: k-means (scikit-learn), community detection
+"""Clusters of embeddings and what characterizes them: k-means (faiss or scikit-learn), community detection
 (:mod:`embfast.mining`), class-based TF-IDF keywords (as BERTopic) and each cluster's most central texts.
 
-Why scikit-learn's KMeans: well kept, already a dependency of the evaluation extras, and measured against
-faiss on this machine in benchmarks/bench_apps.py (see benchmarks/README.md).
+k-means: faiss's ``Kmeans`` when faiss is installed (measured many times faster than scikit-learn's
+``KMeans`` on this machine, at the same inertia: benchmarks/bench_apps.py, benchmarks/README.md), else
+scikit-learn's; both are well kept, and ``backend=`` picks one.
 """
 
 from __future__ import annotations
@@ -14,23 +15,48 @@ from embfast.mining import community_detection, unit_rows
 METHODS = ("community", "kmeans")
 
 
-def kmeans(vectors, k: int, *, seed: int = 0, max_iter: int = 300, n_init: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """k-means on the unit vectors (cosine geometry), through scikit-learn's ``KMeans`` (Lloyd, k-means++).
+KMEANS_BACKENDS = ("auto", "faiss", "sklearn")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def kmeans(vectors, k: int, *, seed: int = 0, max_iter: int = 300, n_init: int = 1,
+           backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """k-means on the unit vectors (cosine geometry): Lloyd iterations from a seeded start.
 
     Args:
         vectors: (n, dim) float embeddings (normalized here).
         k: clusters, 1 <= k <= n.
         seed: random state (default 0: repeatable).
-        max_iter / n_init: scikit-learn's (defaults 300 and 1).
+        max_iter / n_init: iterations and restarts (defaults 300 and 1).
+        backend: "faiss" (``faiss.Kmeans``, random initial centroids), "sklearn" (``KMeans``, k-means++), or
+            "auto" (default): faiss when installed, else scikit-learn.
 
     Returns:
-        labels (n,) int64 in [0, k), centroids (k, dim) float32.
+        labels (n,) int64 in [0, k) (each row's nearest centroid), centroids (k, dim) float32.
     """
-    from sklearn.cluster import KMeans
-
+    if backend not in KMEANS_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(KMEANS_BACKENDS)}, got {backend!r}")
     x = unit_rows(vectors)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= max(x.shape[0], 1):
         raise ValueError(f"k must be an int in [1, {x.shape[0]}] (the number of vectors), got {k!r}")
+    faiss = _faiss() if backend in ("auto", "faiss") else None
+    if backend == "faiss" and faiss is None:
+        raise ImportError("backend='faiss' needs faiss: pip install faiss-cpu")
+    if faiss is not None:
+        km = faiss.Kmeans(x.shape[1], int(k), niter=max_iter, nredo=n_init, seed=seed, verbose=False,
+                          max_points_per_centroid=max(256, x.shape[0] // max(int(k), 1) + 1))
+        km.train(x)
+        _, labels = km.index.search(x, 1)
+        return labels[:, 0].astype(np.int64), np.asarray(km.centroids, dtype=np.float32)
+    from sklearn.cluster import KMeans
+
     km = KMeans(n_clusters=int(k), n_init=n_init, max_iter=max_iter, random_state=seed).fit(x)
     return km.labels_.astype(np.int64), km.cluster_centers_.astype(np.float32)
 

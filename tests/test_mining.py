@@ -139,12 +139,27 @@ def test_kmeans_is_scikit_learn_on_unit_vectors():
     from sklearn.cluster import KMeans
 
     x = clustered(600, centers=6, noise=0.2)
-    labels, centroids = kmeans(x, 6, seed=3)
+    labels, centroids = kmeans(x, 6, seed=3, backend="sklearn")
     ref = KMeans(n_clusters=6, n_init=1, random_state=3).fit(reference.l2_normalize(x))
     np.testing.assert_array_equal(labels, ref.labels_)
     assert centroids.shape == (6, 32) and centroids.dtype == np.float32
     with pytest.raises(ValueError, match=r"k must be an int in \[1, 600\]"):
         kmeans(x, 0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kmeans(x, 2, backend="torch")
+
+
+def test_kmeans_with_faiss_finds_the_same_clusters():
+    pytest.importorskip("faiss")
+    x = clustered(600, centers=6, noise=0.05)
+    labels, centroids = kmeans(x, 6, seed=3, n_init=5, backend="faiss")  # best of 5 seeded random starts
+    u = reference.l2_normalize(x)
+    d = ((u[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
+    assert np.all(d[np.arange(600), labels] <= d.min(axis=1) + 1e-5), "each row labelled by its nearest centroid"
+    ref, _ = kmeans(x, 6, seed=3, n_init=5, backend="sklearn")
+    # six well-separated blobs: both find them (the same partition, whatever the label numbers)
+    pairs = {(int(a), int(b)) for a, b in zip(labels, ref, strict=True)}
+    assert len(pairs) == 6 and len({a for a, _ in pairs}) == 6
 
 
 def test_class_tfidf_keywords_find_each_topic():
