@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from embfast.cross_encoder import CrossEncoder
 from embfast.dynamic import DynamicBatcher, OverloadedError
 from embfast.encoder import Embedder, EncodeInfo
 from embfast.index import Index as Index
@@ -18,6 +19,6 @@ from embfast.tokenization import InputTooLongError
 
 __version__ = "0.1.0"
 
-__all__ = ["DynamicBatcher", "OverloadedError",
+__all__ = ["CrossEncoder", "DynamicBatcher", "OverloadedError",
            "DeviceError", "EncodeInfo", "Embedder", "InputTooLongError", "__version__", "build_info",
            "quantize_embeddings", "semantic_search"]
