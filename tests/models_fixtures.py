@@ -300,9 +300,34 @@ def build_ce_qwen3(d: Path, seed: int = 0) -> Path:
     return d
 
 
+def build_ce_minilm(d: Path, seed: int = 0, logit_std: float = 2.0) -> Path:
+    """A cross-encoder on all-MiniLM-L6-v2's real weights with a seeded random one-label head, scaled so the
+    logits over sample pairs spread about ``logit_std`` (a trained reranker's range). Real weights give real
+    activation ranges, which is what int8 quantization error depends on; the scores themselves mean nothing."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from embfast.export import default_model_path
+
+    if d.exists():
+        shutil.rmtree(d)
+    src = default_model_path()
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(str(src), num_labels=1)
+    with torch.no_grad():
+        w = torch.randn_like(model.classifier.weight)
+        model.classifier.weight.copy_(w / w.norm() * logit_std * 4.0)
+        model.classifier.bias.zero_()
+    model.save_pretrained(d)
+    bert_tokenizer(d)
+    ce_layout(d, max_length=256)
+    return d
+
+
 CE_BUILDERS = {
     "bert-1": build_ce_bert,
     "bert-3": lambda d: build_ce_bert(d, num_labels=3, legacy=True, seed=1),
+    "bert-tanh-legacy": lambda d: build_ce_bert(d, activation="Tanh", legacy=True, seed=2),
     "xlmr": build_ce_xlmr,
     "modernbert": build_ce_modernbert,
     "qwen3": build_ce_qwen3,
