@@ -48,8 +48,9 @@ def parse_pairs(inputs, name: str = "inputs") -> tuple[list, bool]:
 
     - a ``str``: one single text (scored alone);
     - a list / tuple / 1-D string array of exactly two ``str``: one pair (query, passage);
-    - a list / tuple / 2-D string array whose items are pairs (two ``str``) or single texts (``str``):
-      a batch; ``[]`` is an empty batch.
+    - a list / tuple / 2-D string array whose items are pairs (two ``str``) or single texts (``str``, or
+      a list / tuple of one ``str``: a batch of single texts only is written ``[["a"], ["b"]]``, since
+      ``["a", "b"]`` is one pair): a batch; ``[]`` is an empty batch.
 
     Returns:
         (items, single): items are ``str`` or ``(str, str)`` tuples; single says one input was given.
@@ -85,6 +86,10 @@ def parse_pairs(inputs, name: str = "inputs") -> tuple[list, bool]:
             continue
         if not _is_seq(item):
             raise TypeError(f"{where} must be a pair of str or a str, got {type(item).__name__}")
+        if len(item) == 1 and isinstance(item[0], str):
+            _check_text(item[0], f"{where}[0]", i)
+            out.append(item[0])
+            continue
         if len(item) != 2:
             raise ValueError(f"{where} must be a pair of exactly 2 texts (query, passage), got {len(item)}"
                              + ("; for several inputs pass a list of pairs" if single and len(item) > 2 else ""))

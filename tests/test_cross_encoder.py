@@ -108,6 +108,8 @@ def test_shapes(ce_models):
     np.testing.assert_allclose(one.predict(np.array(PAIRS[:3])), one.predict(PAIRS[:3]), atol=1e-6)
     np.testing.assert_allclose(one.predict(np.array(PAIRS[0])), one.predict(PAIRS[0]), atol=1e-6)
     assert one.rank("q", []) == []
+    singles = one.predict([["a text"], ("another",)])  # a batch of single texts only: one-element lists
+    np.testing.assert_allclose(singles, [one.predict("a text"), one.predict("another")], atol=1e-6)
     probs = three.predict(PAIRS[:4], apply_softmax=True)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
 
@@ -142,7 +144,8 @@ BAD_INPUTS = [
     (42, TypeError, "got int"),
     ({"query": "q"}, TypeError, "got dict"),
     (["a", "b", "c"], ValueError, "exactly 2 texts.*list of pairs"),
-    ([("a",)], ValueError, r"inputs\[0\] must be a pair of exactly 2"),
+    ([("a", "b", "c")], ValueError, r"inputs\[0\] must be a pair of exactly 2"),
+    ([()], ValueError, r"inputs\[0\] must be a pair of exactly 2"),
     ([("a", "b"), ("a", 1)], TypeError, r"inputs\[1\]\[1\] must be a str, got int"),
     ([("a", ["b"])], TypeError, "not lists"),
     ([("a", "b"), 3], TypeError, r"inputs\[1\] must be a pair of str or a str"),
