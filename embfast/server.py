@@ -719,7 +719,7 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
         return _decode_json(await _read_body(request, max_request_bytes))
 
     add_rerank_routes(route, reranker=reranker, batcher=rerank_batcher, error=ApiError, read_json=read_json,
-                      dumps=_dumps, count=count, name=reranker.name if reranker is not None else name,
+                      dumps=_dumps, count=count, name=reranker.name if embedder is not None and reranker else name,
                       max_inputs=max_inputs)
     return app
 
