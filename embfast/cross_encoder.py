@@ -352,6 +352,42 @@ def rank_results(scores: np.ndarray, documents: list[str] | None = None, top_k: 
     return out
 
 
+def rerank_search(index, queries, top_k: int, reranker: CrossEncoder, candidates: int = 100,
+                  **search_kwargs) -> list[list[dict]]:
+    """``index.search`` for ``max(top_k, candidates)`` rows, then each query's rows scored by ``reranker``
+    (all pairs of all queries in one :meth:`CrossEncoder.predict`: one length sort) and the best ``top_k``
+    kept. Hits keep their fields; ``score`` becomes the reranker's, ``retrieval_score`` the index's.
+
+    Raises:
+        TypeError: ``reranker`` is not a CrossEncoder; queries that are vectors (the reranker reads text).
+        ValueError: a multi-label reranker, ``candidates`` < 1, rows without texts.
+    """
+    if not isinstance(reranker, CrossEncoder):
+        raise TypeError(f"rerank must be an embfast.CrossEncoder, got {type(reranker).__name__}")
+    if reranker.num_labels != 1:
+        raise ValueError(f"rerank needs a cross-encoder with one label, this one has {reranker.num_labels}")
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
+        raise ValueError(f"rerank_candidates must be an int >= 1, got {candidates!r}")
+    texts = [queries] if isinstance(queries, str) else queries
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(q, str) for q in texts):
+        raise TypeError("rerank needs text queries (a str or a list of str): the cross-encoder reads the query")
+    hits = index.search(list(texts), max(int(top_k), int(candidates)), **search_kwargs)
+    pairs = []
+    for q, row in zip(texts, hits, strict=True):
+        for h in row:
+            if h.get("text") is None:
+                raise ValueError(f"row {h['id']!r} has no text to rerank: add rows with texts")
+            pairs.append((q, h["text"]))
+    scores = reranker.predict(pairs, search_kwargs.get("batch_size", 32)) if pairs else np.zeros(0, np.float32)
+    out, start = [], 0
+    for row in hits:
+        s = scores[start:start + len(row)]
+        start += len(row)
+        out.append([{**row[i], "score": float(s[i]), "retrieval_score": row[i]["score"]}
+                    for i in np.argsort(-s, kind="stable")[:top_k].tolist()])
+    return out
+
+
 def _resolve_precision(precision: str, device: str) -> str:
     """"auto" -> fp16 on CUDA, fp32 on the CPU; fp16 asked on the CPU is an error (as Embedder)."""
     if precision == "auto":

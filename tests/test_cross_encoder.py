@@ -246,3 +246,48 @@ def test_int8_accuracy_on_real_weights(tmp_path):
         assert np.abs(got - fp32).max() <= fp32.std(), (np.abs(got - fp32).max(), fp32.std())
         ranks = [np.argsort(np.argsort(v)) for v in (got, fp32)]
         assert np.corrcoef(*ranks)[0, 1] >= 0.9
+
+
+def test_index_search_reranks_its_candidates(ce_models, tiny):
+    from embfast import Index
+
+    ce = ce_models["bert-1"][0]
+    docs = [p for p in PASSAGES if p.strip()]
+    index = Index(tiny)
+    index.add(docs, ids=[f"p{i}" for i in range(len(docs))])
+    base = index.search(QUERIES, top_k=len(docs))
+    got = index.search(QUERIES, top_k=3, rerank=ce, rerank_candidates=5)
+    for q, row, plain in zip(QUERIES, got, base, strict=True):
+        cand = plain[:5]
+        expected = ce.rank(q, [h["text"] for h in cand])[:3]
+        assert [h["id"] for h in row] == [cand[e["corpus_id"]]["id"] for e in expected]
+        np.testing.assert_allclose([h["score"] for h in row], [e["score"] for e in expected], atol=1e-5)
+        by_id = {h["id"]: h["score"] for h in plain}
+        assert all(h["retrieval_score"] == by_id[h["id"]] for h in row)
+    assert index.search("q", top_k=2, rerank=ce, rerank_candidates=1)[0].__len__() == 2  # top_k wins
+    with pytest.raises(TypeError, match="text queries"):
+        index.search(tiny.encode(["q"]), rerank=ce)
+    with pytest.raises(ValueError, match="one label"):
+        index.search("q", rerank=ce_models["bert-3"][0])
+    with pytest.raises(ValueError, match="rerank_candidates"):
+        index.search("q", rerank=ce, rerank_candidates=0)
+    no_text = Index(tiny)
+    no_text.add(tiny.encode(docs[:2]))
+    with pytest.raises(ValueError, match="no text"):
+        no_text.search("q", rerank=ce)
+
+
+def test_cli_rerank(ce_dirs, ce_models, tmp_path, capsys):
+    import json
+
+    from embfast.cli import main
+
+    docs = [p for p in PASSAGES if p.strip() and "\n" not in p]
+    (tmp_path / "docs.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
+    assert main(["rerank", str(ce_dirs["bert-1"]), QUERIES[0], str(tmp_path / "docs.txt"), "-k", "3", "--json",
+                 "--threads", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    expected = ce_models["bert-1"][0].rank(QUERIES[0], docs, top_k=3)
+    assert [h["id"] for h in out["hits"]] == [e["corpus_id"] for e in expected]
+    assert main(["rerank", str(ce_dirs["bert-1"]), "q"]) == 2  # neither a file nor --index
+    assert "either a passages file or --index" in capsys.readouterr().err
