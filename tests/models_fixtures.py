@@ -300,7 +300,7 @@ def build_ce_qwen3(d: Path, seed: int = 0) -> Path:
     return d
 
 
-def build_ce_minilm(d: Path, seed: int = 0, logit_std: float = 2.0) -> Path:
+def build_ce_minilm(d: Path, seed: int = 0, logit_std: float = 2.0, max_length: int = 256) -> Path:
     """A cross-encoder on all-MiniLM-L6-v2's real weights with a seeded random one-label head, scaled so the
     logits over sample pairs spread about ``logit_std`` (a trained reranker's range). Real weights give real
     activation ranges, which is what int8 quantization error depends on; the scores themselves mean nothing."""
@@ -320,7 +320,7 @@ def build_ce_minilm(d: Path, seed: int = 0, logit_std: float = 2.0) -> Path:
         model.classifier.bias.zero_()
     model.save_pretrained(d)
     bert_tokenizer(d)
-    ce_layout(d, max_length=256)
+    ce_layout(d, max_length=max_length)
     return d
 
 
