@@ -209,6 +209,10 @@ def test_export_manifest_and_variants(ce_dirs, ce_models):
     assert man["config"]["num_labels"] == 3 and man["config"]["labels"] == ["LABEL_0", "LABEL_1", "LABEL_2"]
     assert "token_type_ids" in man["input_names"]
     assert CrossEncoder(ours.model_dir, threads=1).model_dir == ours.model_dir  # an export loads as it is
+    from embfast.models import cached_models
+
+    row = next(r for r in cached_models() if r["path"] == str(ours.model_dir))  # embfast models lists it
+    assert row["pooling"] == "cross-encoder(3 labels)" and row["max_seq_length"] == 64
     int8 = CrossEncoder(ce_dirs["qwen3"], threads=1, precision="int8")
     checks = read_manifest(int8.model_dir)["variant_checks"]
     assert checks["int8"]["probe_min_cosine"] >= 0.5 and checks["fp32"]["probe_min_cosine"] >= 0.99999
