@@ -37,8 +37,8 @@ def main() -> None:
     from embfast.batching import plan_batches
     from embfast.export import default_model_path, ensure_exported, read_manifest
     from embfast.kernels import l2_normalize, pool
-    from embfast.tokenization import TextTokenizer
     from embfast.session import CPU_DISABLED_OPTIMIZERS
+    from embfast.tokenization import TextTokenizer
     from embfast.variants import ensure_variant
 
     folder = ensure_exported(default_model_path())

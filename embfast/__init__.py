@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from embfast.clustering import kmeans
+from embfast.cross_encoder import CrossEncoder
 from embfast.dynamic import DynamicBatcher, OverloadedError
 from embfast.encoder import Embedder, EncodeInfo
 from embfast.index import Index as Index
@@ -20,6 +21,6 @@ from embfast.tokenization import InputTooLongError
 
 __version__ = "0.1.0"
 
-__all__ = ["DynamicBatcher", "OverloadedError",
+__all__ = ["CrossEncoder", "DynamicBatcher", "OverloadedError",
            "DeviceError", "EncodeInfo", "Embedder", "InputTooLongError", "__version__", "build_info",
            "community_detection", "kmeans", "paraphrase_mining", "quantize_embeddings", "semantic_search"]

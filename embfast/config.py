@@ -252,3 +252,137 @@ def read_model_config(folder: str | Path) -> ModelConfig:
     if not (folder / "tokenizer.json").is_file():
         raise ModelConfigError(f"{folder} has no tokenizer.json (a fast tokenizer is required)")
     return cfg
+
+
+# ---- cross-encoders ------------------------------------------------------------------------------------
+# Activation functions a cross-encoder may name (sentence-transformers stores a dotted torch path), by class name.
+CE_ACTIVATIONS = ("Identity", "Sigmoid", "Tanh", "ReLU", "GELU", "SiLU")
+_CE_TASKS = ("sequence-classification", "text-classification")
+
+
+@dataclass
+class CrossEncoderConfig:
+    """How to turn a sequence classifier's logits into sentence-transformers' CrossEncoder scores.
+
+    Attributes:
+        num_labels: logits per input (config.json ``num_labels`` / ``id2label``).
+        activation: applied to the logits by ``predict``: identity | sigmoid | tanh | relu | gelu | silu.
+            Read as sentence-transformers 5.x does: config_sentence_transformers.json ``activation_fn``,
+            else config.json ``sentence_transformers.activation_fn`` (4.x), else the older
+            ``sbert_ce_default_activation_function``, else sigmoid for one label and identity otherwise.
+        max_seq_length: truncation length of a pair in tokens, special tokens included (sentence_bert_config's
+            ``max_seq_length``, else the smaller of the tokenizer's ``model_max_length`` and the model's
+            ``max_position_embeddings``).
+        padding_side: "right", or "left" (decoder classifiers; they score the last token).
+        do_lower_case: lower-case inputs first (sentence_bert_config).
+        labels: the label names (``id2label``), in logit order.
+    """
+
+    num_labels: int = 1
+    activation: str = "sigmoid"
+    max_seq_length: int = 512
+    padding_side: str = "right"
+    do_lower_case: bool = False
+    labels: list[str] = field(default_factory=list)
+
+    @property
+    def dim(self) -> int:
+        """Width of one row of model output (``num_labels``); the batcher's protocol name."""
+        return self.num_labels
+
+    @property
+    def include_prompt(self) -> bool:
+        return True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CrossEncoderConfig:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def model_kind(folder: str | Path) -> str:
+    """``"cross-encoder"`` for a sequence classifier (what sentence-transformers' CrossEncoder loads), else
+    ``"embedder"``.
+
+    A folder is a cross-encoder when its config.json names a ``*ForSequenceClassification`` architecture,
+    its sentence_bert_config.json says ``transformer_task: sequence-classification``, or its
+    config_sentence_transformers.json says ``model_type: CrossEncoder``; a modules.json with a Pooling
+    module always makes it an embedder.
+    """
+    folder = Path(folder)
+    modules = _read_json(folder / "modules.json")
+    if isinstance(modules, list) and any(
+            module_kind(m.get("type", "") if isinstance(m, dict) else m) == "pooling" for m in modules):
+        return "embedder"
+    sbert = _read_json(folder / "sentence_bert_config.json")
+    if isinstance(sbert, dict) and sbert.get("transformer_task") in _CE_TASKS:
+        return "cross-encoder"
+    st_cfg = _read_json(folder / "config_sentence_transformers.json")
+    if isinstance(st_cfg, dict) and st_cfg.get("model_type") == "CrossEncoder":
+        return "cross-encoder"
+    hf = _read_json(folder / "config.json")
+    archs = hf.get("architectures") if isinstance(hf, dict) else None
+    if isinstance(archs, list) and any(str(a).endswith("ForSequenceClassification") for a in archs):
+        return "cross-encoder"
+    return "embedder"
+
+
+def _activation(path, where: str) -> str:
+    name = str(path).rsplit(".", 1)[-1]
+    if not str(path).startswith("torch.") or name not in CE_ACTIVATIONS:
+        raise ModelConfigError(f"{where}: activation_fn {path!r} is not supported; supported: "
+                               + ", ".join(f"torch.nn.{n}" for n in CE_ACTIVATIONS))
+    return name.lower()
+
+
+def read_cross_encoder_config(folder: str | Path) -> CrossEncoderConfig:
+    """Read a sentence-transformers CrossEncoder folder (5.x or 4.x layout) or a plain HF sequence classifier.
+
+    Raises:
+        ModelConfigError: no config.json / tokenizer.json, an architecture that is not a sequence classifier,
+            an unsupported activation function or padding side.
+    """
+    folder = Path(folder)
+    hf = _read_json(folder / "config.json")
+    if not isinstance(hf, dict):
+        raise ModelConfigError(f"{folder} has no config.json: not a Hugging Face model folder")
+    archs = hf.get("architectures") or []
+    if archs and not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        raise ModelConfigError(f"{folder}/config.json: architecture {archs[0]!r} is not a sequence classifier "
+                               "(*ForSequenceClassification); generative (*ForCausalLM) rerankers are not supported")
+    cfg = CrossEncoderConfig()
+    id2label = hf.get("id2label")
+    cfg.num_labels = int(hf.get("num_labels") or (len(id2label) if isinstance(id2label, dict) else 0) or 2)
+    if isinstance(id2label, dict) and len(id2label) == cfg.num_labels:
+        cfg.labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(cfg.num_labels)]
+    else:
+        cfg.labels = [f"LABEL_{i}" for i in range(cfg.num_labels)]
+
+    st_cfg = _read_json(folder / "config_sentence_transformers.json")
+    legacy = hf.get("sentence_transformers") if isinstance(hf.get("sentence_transformers"), dict) else {}
+    path = None
+    if isinstance(st_cfg, dict) and st_cfg.get("activation_fn"):
+        path, where = st_cfg["activation_fn"], f"{folder}/config_sentence_transformers.json"
+    elif legacy.get("activation_fn"):
+        path, where = legacy["activation_fn"], f"{folder}/config.json"
+    elif hf.get("sbert_ce_default_activation_function"):
+        path, where = hf["sbert_ce_default_activation_function"], f"{folder}/config.json"
+    cfg.activation = _activation(path, where) if path else ("sigmoid" if cfg.num_labels == 1 else "identity")
+
+    sbert = _read_json(folder / "sentence_bert_config.json")
+    if isinstance(sbert, dict):
+        cfg.do_lower_case = bool(sbert.get("do_lower_case", False))
+    tok_cfg = _read_json(folder / "tokenizer_config.json")
+    tok_cfg = tok_cfg if isinstance(tok_cfg, dict) else None
+    if tok_cfg:
+        cfg.padding_side = tok_cfg.get("padding_side", "right") or "right"
+    if cfg.padding_side not in ("left", "right"):
+        raise ModelConfigError(f"{folder}/tokenizer_config.json: padding_side must be 'left' or 'right', "
+                               f"got {cfg.padding_side!r}")
+    text_cfg = hf.get("text_config") if isinstance(hf.get("text_config"), dict) else hf
+    cfg.max_seq_length = _max_seq_length(text_cfg, sbert, tok_cfg)
+    if not (folder / "tokenizer.json").is_file():
+        raise ModelConfigError(f"{folder} has no tokenizer.json (a fast tokenizer is required)")
+    return cfg

@@ -34,6 +34,12 @@ def _erf(x: np.ndarray) -> np.ndarray:
     return sign * (1.0 - poly * np.exp(-a * a))
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)) without overflow: exp only ever sees -|x|."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
 def activate(x: np.ndarray, name: str) -> np.ndarray:
     """Apply the activation ``name`` (identity | tanh | relu | sigmoid | gelu | silu) to a float array."""
     if name == "identity":
@@ -43,9 +49,9 @@ def activate(x: np.ndarray, name: str) -> np.ndarray:
     if name == "relu":
         return np.maximum(x, 0)
     if name == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-x))
+        return _sigmoid(x)
     if name == "silu":
-        return x / (1.0 + np.exp(-x))
+        return x * _sigmoid(x)
     if name == "gelu":  # torch.nn.GELU's default: the exact erf form
         return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
     raise ValueError(f"activation must be one of identity, tanh, relu, sigmoid, gelu, silu, got {name!r}")

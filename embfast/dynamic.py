@@ -26,6 +26,15 @@ Three stages, as TEI splits them (transport -> inference queue -> backend):
    normalization and output quantization then run in each caller's own
    thread (:meth:`Embedder.postprocess`), in encode's documented order.
 
+Model kinds: the worker knows a model only through one small protocol:
+``tokenizer`` (``tokenize`` -> :class:`~embfast.tokenization.Tokenized`),
+``embed_token_ids(ids, rows, ...)`` -> (len(rows), ``config.dim``) float32 rows,
+and ``postprocess``. An :class:`~embfast.Embedder` returns pooled vectors
+(``encode`` / ``encode_async``); a :class:`~embfast.CrossEncoder` returns logits
+(``predict`` / ``predict_async``: pairs are tokenized in the caller with their
+segment ids, the activation runs in the caller's thread). Queueing, budgets,
+cancellation and failure isolation are the same for both.
+
 Threads: one worker runs ORT with the embedder's intra-op threads (default: all
 cores); tokenizer threads are few (``min(4, cores // 2)``, at least 1) and only
 used by ``encode_async`` for large inputs. In a server process also set
@@ -96,12 +105,14 @@ class BatchStats:
 class _Request:
     """One caller's texts inside the batcher (worker-side state; guarded by the batcher's lock)."""
 
-    __slots__ = ("future", "ids", "lengths", "pooled", "todo", "remaining", "t_enqueue", "prompt_length")
+    __slots__ = ("future", "ids", "type_ids", "lengths", "pooled", "todo", "remaining", "t_enqueue",
+                 "prompt_length")
 
     def __init__(self, tok: Tokenized, hidden: int, prompt_length: int = 0):
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.prompt_length = prompt_length  # prompt tokens left out of pooling (include_prompt: false)
         self.ids = tok.ids
+        self.type_ids = tok.type_ids  # segment ids of pairs (cross-encoders), or None
         self.lengths = np.asarray(tok.lengths, dtype=np.int64)
         n = len(tok.ids)
         self.pooled = np.empty((n, hidden), dtype=np.float32)
@@ -171,7 +182,8 @@ class DynamicBatcher:
     """Merge concurrent ``encode`` calls from threads and coroutines into token-budget batches.
 
     Args:
-        embedder: the :class:`~embfast.Embedder` to run (shared; it stays usable directly).
+        embedder: the :class:`~embfast.Embedder` or :class:`~embfast.CrossEncoder` to run (shared; it
+            stays usable directly). An Embedder's batcher serves ``encode``, a CrossEncoder's ``predict``.
         max_batch_tokens: at most this many padded tokens (rows x longest row) per
             ONNX Runtime call (default 16384, as ``Embedder.encode``). A single
             text longer than the budget still runs, alone.
@@ -210,8 +222,10 @@ class DynamicBatcher:
                  tokenizer_threads: int | None = None, call_cost_tokens: float | None = None):
         for attr in ("tokenizer", "embed_token_ids", "postprocess", "config"):
             if not hasattr(embedder, attr):
-                raise TypeError(f"embedder must be an embfast.Embedder, got {type(embedder).__name__}")
+                raise TypeError(f"embedder must be an embfast.Embedder or CrossEncoder, got {type(embedder).__name__}")
         self.embedder = embedder
+        #: "embedder" (encode / encode_async) or "cross-encoder" (predict / predict_async)
+        self.kind = "cross-encoder" if hasattr(embedder, "format_scores") else "embedder"
         self.max_batch_tokens = _check_int("max_batch_tokens", max_batch_tokens, 1)
         self.max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms <= 60_000:
@@ -271,27 +285,12 @@ class DynamicBatcher:
             TypeError / ValueError: bad input or options (nothing is queued).
         """
         t0 = time.perf_counter()
+        self._require("embedder", "encode")
         texts, single, prefix, opts = self._prepare(sentences, normalize_embeddings, prompt, prompt_name,
                                                    truncate, truncate_dim, precision, timeout)
         if not texts:
             return self._empty(opts, convert_to_numpy, return_info)
-        self._reserve()
-        try:
-            tok, skip = self._tokenize(texts, prefix, truncate)
-        except BaseException:
-            self._release()
-            raise
-        fut = self._enqueue(tok, skip)
-        try:
-            pooled = fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            if fut.cancel():
-                raise TimeoutError(f"encode did not finish within timeout={timeout} s; its texts were "
-                                   "dropped from the queue") from None
-            pooled = fut.result()  # finished while timing out
-        except BaseException:
-            fut.cancel()  # e.g. KeyboardInterrupt: do not leave work for nobody
-            raise
+        pooled, (tok, _) = self._submit_wait(lambda: self._tokenize(texts, prefix, truncate), timeout, "encode")
         return self._finish(pooled, tok, single, opts, convert_to_numpy, return_info, t0)
 
     async def encode_async(self, sentences, normalize_embeddings: bool | None = None, *,
@@ -306,29 +305,56 @@ class DynamicBatcher:
         tokenizer threads. Cancelling the awaiting task drops the call's texts.
         """
         t0 = time.perf_counter()
+        self._require("embedder", "encode_async")
         texts, single, prefix, opts = self._prepare(sentences, normalize_embeddings, prompt, prompt_name,
                                                    truncate, truncate_dim, precision, timeout)
         if not texts:
             return self._empty(opts, convert_to_numpy, return_info)
-        self._reserve()
-        try:
-            if sum(map(len, texts)) + len(prefix) * len(texts) <= self.INLINE_TOKENIZE_CHARS:
-                tok, skip = self._tokenize(texts, prefix, truncate)
-            else:
-                loop = asyncio.get_running_loop()
-                tok, skip = await loop.run_in_executor(self._tokenizer_pool(), self._tokenize, texts, prefix,
-                                                       truncate)
-        except BaseException:
-            self._release()
-            raise
-        fut = self._enqueue(tok, skip)
-        waiter = asyncio.wrap_future(fut)  # cancelling it cancels fut, which drops the texts
-        try:
-            pooled = await (waiter if timeout is None else asyncio.wait_for(waiter, timeout))
-        except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on
-            raise TimeoutError(f"encode_async did not finish within timeout={timeout} s; its texts were "
-                               "dropped from the queue") from None
+        chars = sum(map(len, texts)) + len(prefix) * len(texts)
+        pooled, (tok, _) = await self._submit_wait_async(lambda: self._tokenize(texts, prefix, truncate), chars,
+                                                         timeout, "encode_async")
         return self._finish(pooled, tok, single, opts, convert_to_numpy, return_info, t0)
+
+    def predict(self, inputs, *, activation_fn=None, apply_softmax: bool = False, truncate: bool = True,
+                convert_to_numpy: bool = True, return_info: bool = False, timeout: float | None = None):
+        """Score pairs with the batcher's :class:`~embfast.CrossEncoder`, batched with other callers; blocks.
+
+        Args:
+            inputs / activation_fn / apply_softmax / truncate / convert_to_numpy / return_info: as
+                :meth:`CrossEncoder.predict`.
+            timeout: seconds to wait (None = no limit); past it ``TimeoutError`` and the inputs are dropped.
+
+        Returns:
+            As :meth:`CrossEncoder.predict`: (n,) or (n, num_labels) float32, a float for one input of a
+            one-label model; with ``return_info`` (scores, info).
+
+        Raises:
+            TypeError: the batcher serves an embedder. OverloadedError / BatcherClosedError, at once.
+            TypeError / ValueError: bad input or options (nothing is queued). InputTooLongError.
+        """
+        t0 = time.perf_counter()
+        items, single = self._prepare_pairs(inputs, activation_fn, truncate, timeout)
+        if not items:
+            return self._finish_scores(np.zeros((0, self._hidden), np.float32), None, single, activation_fn,
+                                       apply_softmax, convert_to_numpy, return_info, t0)
+        logits, tok = self._submit_wait(lambda: self._tokenize_pairs(items, truncate), timeout, "predict")
+        return self._finish_scores(logits, tok, single, activation_fn, apply_softmax, convert_to_numpy,
+                                   return_info, t0)
+
+    async def predict_async(self, inputs, *, activation_fn=None, apply_softmax: bool = False,
+                            truncate: bool = True, convert_to_numpy: bool = True, return_info: bool = False,
+                            timeout: float | None = None):
+        """The coroutine form of :meth:`predict` (same arguments, results and errors)."""
+        t0 = time.perf_counter()
+        items, single = self._prepare_pairs(inputs, activation_fn, truncate, timeout)
+        if not items:
+            return self._finish_scores(np.zeros((0, self._hidden), np.float32), None, single, activation_fn,
+                                       apply_softmax, convert_to_numpy, return_info, t0)
+        chars = sum(len(x) if isinstance(x, str) else len(x[0]) + len(x[1]) for x in items)
+        logits, tok = await self._submit_wait_async(lambda: self._tokenize_pairs(items, truncate), chars,
+                                                    timeout, "predict_async")
+        return self._finish_scores(logits, tok, single, activation_fn, apply_softmax, convert_to_numpy,
+                                   return_info, t0)
 
     def submit_tokenized(self, tok: Tokenized) -> concurrent.futures.Future:
         """Queue texts that are already tokenized (e.g. by ``embedder.tokenizer.tokenize``).
@@ -462,6 +488,85 @@ class DynamicBatcher:
     def _empty(self, opts: dict, convert_to_numpy: bool, return_info: bool):
         # The facade's own answer for no input (shape, dtype and errors as encode([]) gives).
         return self.embedder.encode([], convert_to_numpy=convert_to_numpy, return_info=return_info, **opts)
+
+    # ---- shared by every kind: admission, queueing, waiting -----------------------------------
+    def _submit_wait(self, tokenize: Callable, timeout: float | None, what: str):
+        """Admit, tokenize (``tokenize()`` -> (Tokenized, prompt_length) or Tokenized), queue and wait.
+
+        Returns (rows, what ``tokenize`` returned).
+        """
+        self._reserve()
+        try:
+            made = tokenize()
+        except BaseException:
+            self._release()
+            raise
+        fut = self._enqueue(*(made if isinstance(made, tuple) else (made,)))
+        try:
+            return fut.result(timeout), made
+        except concurrent.futures.TimeoutError:
+            if fut.cancel():
+                raise TimeoutError(f"{what} did not finish within timeout={timeout} s; its texts were "
+                                   "dropped from the queue") from None
+            return fut.result(), made  # finished while timing out
+        except BaseException:
+            fut.cancel()  # e.g. KeyboardInterrupt: do not leave work for nobody
+            raise
+
+    async def _submit_wait_async(self, tokenize: Callable, chars: int, timeout: float | None, what: str):
+        """:meth:`_submit_wait` for coroutines: small inputs (``chars``) tokenize on the loop, large ones on
+        the tokenizer threads; cancelling the awaiting task drops the texts."""
+        self._reserve()
+        try:
+            if chars <= self.INLINE_TOKENIZE_CHARS:
+                made = tokenize()
+            else:
+                made = await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool(), tokenize)
+        except BaseException:
+            self._release()
+            raise
+        fut = self._enqueue(*(made if isinstance(made, tuple) else (made,)))
+        waiter = asyncio.wrap_future(fut)  # cancelling it cancels fut, which drops the texts
+        try:
+            return await (waiter if timeout is None else asyncio.wait_for(waiter, timeout)), made
+        except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on
+            raise TimeoutError(f"{what} did not finish within timeout={timeout} s; its texts were "
+                               "dropped from the queue") from None
+
+    def _require(self, kind: str, what: str) -> None:
+        if self.kind != kind:
+            other = "predict / predict_async" if self.kind == "cross-encoder" else "encode / encode_async"
+            raise TypeError(f"{what} needs a batcher over {'an Embedder' if kind == 'embedder' else 'a CrossEncoder'}"
+                            f"; this one serves {'a CrossEncoder' if self.kind == 'cross-encoder' else 'an Embedder'}"
+                            f": use {other}")
+
+    # ---- cross-encoder callers ------------------------------------------------------------------
+    def _prepare_pairs(self, inputs, activation_fn, truncate, timeout) -> tuple[list, bool]:
+        from embfast.cross_encoder import parse_pairs
+
+        self._require("cross-encoder", "predict")
+        items, single = parse_pairs(inputs)
+        if not isinstance(truncate, bool):
+            raise TypeError(f"truncate must be a bool, got {type(truncate).__name__}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
+        self.embedder._activation(activation_fn)  # refuse a bad one before queueing
+        return items, single
+
+    def _tokenize_pairs(self, items: list, truncate: bool) -> Tokenized:
+        return self.embedder.tokenizer.tokenize(items, truncate=truncate)
+
+    def _finish_scores(self, logits, tok: Tokenized | None, single: bool, activation_fn, apply_softmax: bool,
+                       convert_to_numpy: bool, return_info: bool, t0: float):
+        model = self.embedder
+        result = model.format_scores(model.postprocess(logits, activation_fn=activation_fn,
+                                                       apply_softmax=apply_softmax), single, convert_to_numpy)
+        if not return_info:
+            return result
+        if tok is None:
+            tok = Tokenized([], np.zeros(0, np.int64), np.zeros(0, bool))
+        return result, EncodeInfo(tok.lengths, tok.truncated, time.perf_counter() - t0)
 
     def _finish(self, pooled, tok: Tokenized, single: bool, opts: dict, convert_to_numpy: bool,
                 return_info: bool, t0: float):
@@ -599,6 +704,10 @@ class DynamicBatcher:
 
     def _run_rows(self, groups: list[tuple[_Request, np.ndarray]]) -> np.ndarray:
         ids = [req.ids[r] for req, take in groups for r in take]
+        if any(req.type_ids is not None for req, _ in groups):  # pairs: segment ids travel with the ids
+            type_ids = [req.type_ids[r] if req.type_ids is not None else [0] * len(req.ids[r])
+                        for req, take in groups for r in take]
+            return self.embedder.embed_token_ids(ids, np.arange(len(ids)), type_ids=type_ids)
         if not any(req.prompt_length for req, _ in groups):
             return self.embedder.embed_token_ids(ids, np.arange(len(ids)))
         skip = np.concatenate([np.full(len(take), req.prompt_length, dtype=np.int64) for req, take in groups])

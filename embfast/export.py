@@ -6,6 +6,10 @@ Cache layout: ``$EMBFAST_HOME/models/<name>-<key>/`` (default
 ``dense.npz`` when the model has Dense layers after pooling (see
 :mod:`embfast.dense`), and ``manifest.json`` (pooling, normalize,
 max_seq_length, dim, Dense layers, prompts, input names, source checksum).
+A sequence classifier (a cross-encoder / reranker, :func:`embfast.config.model_kind`)
+is exported the same way with optimum's ``text-classification`` task: ``model.onnx``
+then outputs ``logits`` (batch, num_labels) and the manifest says ``"kind":
+"cross-encoder"`` and holds a :class:`~embfast.config.CrossEncoderConfig`.
 ``key`` is derived from the source files' contents, so a changed source
 re-exports. Exports are built in a temporary folder and renamed
 into place under a file lock, so concurrent processes never see (or leave) a
@@ -25,7 +29,13 @@ import time
 import warnings
 from pathlib import Path
 
-from embfast.config import ModelConfig, read_model_config
+from embfast.config import (
+    ModelConfig,
+    ModelConfigError,
+    model_kind,
+    read_cross_encoder_config,
+    read_model_config,
+)
 from embfast.dense import export_dense
 
 EXPORT_FORMAT = 2  # 2: output_dim and Dense layers in the config, dense.npz, source_kind
@@ -158,13 +168,17 @@ def export_model(src: str | Path, out: str | Path, *, checksum: str | None = Non
 
     The pooling, normalization and truncation settings are read from ``src``
     (see :mod:`embfast.config`) and stored in the manifest; pooling runs in our
-    kernels, not in the graph. ``out`` is written atomically (temp dir + rename);
-    an existing ``out`` is replaced. Needs the ``export`` extra (torch, optimum).
+    kernels, not in the graph. A sequence classifier (cross-encoder) is exported
+    with its classification head; its output is ``logits``. ``out`` is written
+    atomically (temp dir + rename); an existing ``out`` is replaced. Needs the
+    ``export`` extra (torch, optimum).
     """
     src, out = Path(src).resolve(), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"model folder not found: {src}")
-    cfg = read_model_config(src)
+    kind = model_kind(src)
+    cfg = read_cross_encoder_config(src) if kind == "cross-encoder" else read_model_config(src)
+    task = "text-classification" if kind == "cross-encoder" else "feature-extraction"
     try:
         from optimum.exporters.onnx import main_export
     except ImportError as exc:
@@ -175,17 +189,18 @@ def export_model(src: str | Path, out: str | Path, *, checksum: str | None = Non
         t0 = time.perf_counter()
         with warnings.catch_warnings(), _without_tokenizer(src) as weights_only:
             warnings.simplefilter("ignore")  # torch's tracer warns about constants it folds; they are expected
-            main_export(str(weights_only), str(tmp), task="feature-extraction", library_name="transformers",
+            main_export(str(weights_only), str(tmp), task=task, library_name="transformers",
                         do_validation=False, local_files_only=True)
         export_s = time.perf_counter() - t0
         for name in _CARRIED:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        if cfg.dense:
+        if kind == "embedder" and cfg.dense:
             export_dense(src, cfg.dense, tmp)
-        input_names, output_name = _onnx_io(tmp / "model.onnx")
+        input_names, output_name = _onnx_io(tmp / "model.onnx", "logits" if kind == "cross-encoder" else None)
         manifest = {
             "format": EXPORT_FORMAT,
+            "kind": kind,
             "source_kind": "transformers",
             "source": str(src),
             "source_checksum": checksum,
@@ -221,7 +236,10 @@ def _without_tokenizer(src: Path):
 
 
 def _onnx_io(path: Path, output_name: str | None = None) -> tuple[list[str], str]:
-    """Input names and the token-embedding output of an ONNX model (see :func:`session.find_token_output`)."""
+    """Input names and the token-embedding output of an ONNX model (see :func:`session.find_token_output`).
+
+    ``output_name="logits"`` (a classifier's export) is taken as it is, without the token-embedding check.
+    """
     from types import SimpleNamespace
 
     import onnx
@@ -237,6 +255,8 @@ def _onnx_io(path: Path, output_name: str | None = None) -> tuple[list[str], str
                                shape=list(o.type.tensor_type.shape.dim) if o.type.tensor_type.HasField("shape")
                                else None)
                for o in model.graph.output]
+    if output_name == "logits" and any(o.name == "logits" for o in outputs):
+        return inputs, output_name
     return inputs, find_token_output(outputs, output_name, where=str(path))
 
 
@@ -277,10 +297,37 @@ def resolve_model(model: str | Path | None) -> Path:
     return ensure_exported(path)
 
 
-def load_config(folder: Path) -> tuple[ModelConfig, dict]:
-    """The ModelConfig and manifest of an exported folder."""
+_KIND_NAMES = {"embedder": "an embedding model", "cross-encoder": "a cross-encoder (sequence classifier)"}
+_KIND_CLASSES = {"embedder": "embfast.Embedder", "cross-encoder": "embfast.CrossEncoder"}
+
+
+class ModelKindError(ModelConfigError):
+    """The model is of another kind than the one asked for (a cross-encoder given to Embedder, or the reverse)."""
+
+
+def manifest_kind(manifest: dict) -> str:
+    """``"embedder"`` or ``"cross-encoder"`` (manifests written before cross-encoders are embedders)."""
+    return manifest.get("kind", "embedder")
+
+
+def load_manifest(folder: Path, kind: str = "embedder") -> dict:
+    """The manifest of an exported folder, checked for its format and for being a model of ``kind``.
+
+    Raises:
+        ValueError: an unreadable format. ModelKindError: the model is of another kind.
+    """
     manifest = read_manifest(folder)
     if manifest.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{folder} was exported with format {manifest.get('format')}, this embfast reads "
                          f"formats {', '.join(map(str, READABLE_FORMATS))}; export it again")
+    found = manifest_kind(manifest)
+    if found != kind:
+        raise ModelKindError(f"{manifest.get('source') or folder} is {_KIND_NAMES[found]}, not {_KIND_NAMES[kind]}; "
+                             f"load it with {_KIND_CLASSES[found]}")
+    return manifest
+
+
+def load_config(folder: Path) -> tuple[ModelConfig, dict]:
+    """The ModelConfig and manifest of an exported embedding model (ModelKindError for a cross-encoder)."""
+    manifest = load_manifest(folder, "embedder")
     return ModelConfig.from_dict(manifest["config"]), manifest

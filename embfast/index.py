@@ -354,7 +354,7 @@ class Index:
 
     # ---- search -----------------------------------------------------------------------------------------------
     def search(self, queries, top_k: int = 10, *, rescore: bool = True, rescore_multiplier: int = 4,
-               batch_size: int = 32) -> list[list[dict]]:
+               batch_size: int = 32, rerank=None, rerank_candidates: int = 100) -> list[list[dict]]:
         """Rank the index's rows for each query.
 
         Args:
@@ -365,12 +365,21 @@ class Index:
                 (default True); False ranks by the codes alone and returns cosine estimates on the same
                 scale (int8: cosine with the dequantized row; binary: 1 - 2 * hamming / dim).
             rescore_multiplier: candidates per hit taken from the quantized codes (default 4).
+            rerank: a :class:`~embfast.CrossEncoder` (one label): the best ``max(top_k, rerank_candidates)``
+                rows are scored again with each query text and re-sorted (default None: no reranking).
+                Needs text queries and rows added with texts.
+            rerank_candidates: rows per query given to ``rerank`` (default 100).
 
         Returns:
             One list per query, best first, of ``{"id", "score", "text", "metadata"}``; scores are
             cosine similarities (fp32, or rescored) or cosine estimates (``rescore=False``); ties go to
-            the earlier row.
+            the earlier row. With ``rerank``, ``score`` is the cross-encoder's and ``retrieval_score`` the cosine.
         """
+        if rerank is not None:  # retrieve, then rerank (embfast.cross_encoder.rerank_search)
+            from embfast.cross_encoder import rerank_search
+
+            return rerank_search(self, queries, top_k, rerank, rerank_candidates, rescore=rescore,
+                                 rescore_multiplier=rescore_multiplier, batch_size=batch_size)
         kernels._check_k(top_k)
         if isinstance(rescore_multiplier, bool) or not isinstance(rescore_multiplier, int) or rescore_multiplier < 1:
             raise ValueError(f"rescore_multiplier must be an int >= 1, got {rescore_multiplier!r}")

@@ -500,6 +500,14 @@ def cached_models(root: Path | None = None) -> list[dict]:
         folder = man_path.parent
         try:
             man = read_manifest(folder)
+            if man.get("kind") == "cross-encoder":  # a reranker: its labels stand where pooling does
+                ce = man["config"]
+                rows.append({"name": man.get("name", folder.name), "dim": None, "normalize": False, "dense": 0,
+                             "pooling": f"cross-encoder({ce.get('num_labels', 1)} label"
+                                        f"{'s' if ce.get('num_labels', 1) != 1 else ''})",
+                             "max_seq_length": ce.get("max_seq_length"), "precisions": _variants_present(folder, man),
+                             "graph": "fp32", "source": man.get("source"), "path": str(folder)})
+                continue
             cfg = ModelConfig.from_dict(man["config"])
         except (ValueError, KeyError, TypeError):
             continue

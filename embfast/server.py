@@ -22,6 +22,9 @@ Endpoints:
   given, or an embfast index file (:class:`embfast.Index`, built with this model).
 - ``GET /health``, ``GET /info``, ``GET /metrics`` (Prometheus text format),
   ``GET /v1/models``.
+- Reranking with a cross-encoder (``reranker=``, or a CrossEncoder as the model): TEI's
+  ``POST /rerank`` and ``POST /predict``, Cohere's / Jina's ``POST /v1/rerank`` (and ``/v2/rerank``);
+  see :mod:`embfast.server_rerank`. A route whose model is not served answers 424.
 
 Errors are JSON ``{"error": {"message", "type", "code", "param"}}`` as OpenAI's:
 400 malformed JSON, 401 missing or wrong API key (``Authorization: Bearer``;
@@ -54,7 +57,8 @@ DRAIN_LIMIT_BYTES = 64 * 2**20  # read (and drop) at most this much of a refused
 ENCODING_FORMATS = ("float", "base64")
 _EMBEDDINGS_FIELDS = ("input", "model", "encoding_format", "dimensions", "user", "truncate")
 _SEARCH_FIELDS = ("query", "top_k", "model", "truncate", "positive", "negative")
-_ENDPOINTS = ("/v1/embeddings", "/v1/search", "/v1/models", "/health", "/info", "/metrics")
+_ENDPOINTS = ("/v1/embeddings", "/v1/search", "/v1/models", "/health", "/info", "/metrics",
+              "/rerank", "/predict", "/v1/rerank", "/v2/rerank")
 
 try:  # faster JSON for large float responses; the standard library otherwise
     import orjson as _orjson
@@ -536,11 +540,12 @@ class _Guard:
 def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wait_ms: float = 2.0,
                max_queue: int = 1024, dynamic_batching: bool = True, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                max_inputs: int = DEFAULT_MAX_INPUTS, api_key: str | None = None, corpus=None, corpus_texts=None,
-               model_name: str | None = None):
+               model_name: str | None = None, reranker=None):
     """Build the FastAPI app serving ``embedder``.
 
     Args:
-        embedder: an :class:`~embfast.Embedder`.
+        embedder: an :class:`~embfast.Embedder`, or a :class:`~embfast.CrossEncoder` for a server that
+            only reranks (its embedding routes then answer 424), or None with ``reranker``.
         batcher: a :class:`~embfast.dynamic.DynamicBatcher` to use (the caller
             closes it); default: the app makes one from the arguments below
             (``app.state.batcher``) and closes it at shutdown, after in-flight
@@ -555,6 +560,8 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
             built with this model) or an :class:`embfast.Index`.
         corpus_texts: for vectors: a file with one text per line (or a list of str), one per row.
         model_name: the name answers carry (default: the model folder's name).
+        reranker: a :class:`~embfast.CrossEncoder` for /rerank, /predict and /v1/rerank (default None: those
+            answer 424). It gets a DynamicBatcher of its own, with the same settings, closed at shutdown.
 
     Raises:
         ValueError / FileNotFoundError: a bad corpus or argument, before anything serves.
@@ -572,34 +579,55 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
         raise ValueError(f"max_request_bytes must be an int >= 1, got {max_request_bytes!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string or None")
-    name = model_name or embedder.manifest.get("name") or Path(embedder.model_dir).name
-    dim = embedder.dim
+    from embfast.cross_encoder import CrossEncoder
+
+    if isinstance(embedder, CrossEncoder):  # a server that only reranks
+        if reranker is not None:
+            raise ValueError("give the cross-encoder once: as the model or as reranker=")
+        embedder, reranker = None, embedder
+    if embedder is None and reranker is None:
+        raise ValueError("nothing to serve: give an Embedder, a CrossEncoder, or both (reranker=)")
+    if reranker is not None and not isinstance(reranker, CrossEncoder):
+        raise TypeError(f"reranker must be an embfast.CrossEncoder or None, got {type(reranker).__name__}")
+    main_model = embedder if embedder is not None else reranker
+    name = model_name or main_model.manifest.get("name") or Path(main_model.model_dir).name
+    dim = embedder.dim if embedder is not None else 0
+    if corpus is not None and embedder is None:
+        raise ValueError("a search corpus needs an embedding model to embed queries")
     if corpus is None and corpus_texts is not None:
         raise ValueError("corpus_texts needs a corpus (the .npy vectors of those texts)")
     search_corpus = None if corpus is None else SearchCorpus.open(corpus, corpus_texts, embedder)
     metrics = Metrics()
     own = batcher is None
-    if own:  # its worker thread starts with the first request; closed at shutdown
+    if own and embedder is not None:  # its worker thread starts with the first request; closed at shutdown
         batcher = DynamicBatcher(embedder, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
                                  max_queue=max_queue, merge_requests=dynamic_batching)
-    elif not isinstance(batcher, DynamicBatcher):
+    elif not own and not isinstance(batcher, DynamicBatcher):
         raise TypeError(f"batcher must be a DynamicBatcher or None, got {type(batcher).__name__}")
+    rerank_batcher = None if reranker is None else DynamicBatcher(
+        reranker, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_queue=max_queue,
+        merge_requests=dynamic_batching)
+    batchers = [b for b in (batcher, rerank_batcher) if b is not None]
+    owned = [b for b in (batcher if own else None, rerank_batcher) if b is not None]
 
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher.add_batch_listener(metrics.on_batch)
+        for b in batchers:
+            b.add_batch_listener(metrics.on_batch)
         try:
             yield
         finally:
-            batcher.remove_batch_listener(metrics.on_batch)
-            if own:  # uvicorn runs this after the in-flight requests finished; close() drains what is left
-                await asyncio.get_running_loop().run_in_executor(None, batcher.close)
+            for b in batchers:
+                b.remove_batch_listener(metrics.on_batch)
+            for b in owned:  # uvicorn runs this after the in-flight requests finished; close() drains what is left
+                await asyncio.get_running_loop().run_in_executor(None, b.close)
 
     app = FastAPI(title="embfast", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.metrics = metrics
     app.state.batcher = batcher
+    app.state.rerank_batcher = rerank_batcher
     app.add_middleware(_Guard, api_key=api_key, metrics=metrics, max_request_bytes=max_request_bytes)
 
     def route(path: str, method: str):
@@ -632,6 +660,11 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
         return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal",
                                        type_="server_error"))
 
+    def need_embedder() -> None:
+        if embedder is None:
+            raise ApiError(424, "this server has no embedding model (it serves a cross-encoder): use /rerank, "
+                           "/predict or /v1/rerank", code="model_not_embedder")
+
     async def run_encode(request: Request, texts: list[str], **kw):
         try:
             return await batcher.encode_async(texts, return_info=True, **kw)
@@ -655,6 +688,7 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
     @route("/v1/embeddings", "POST")
     async def embeddings(request: Request):
         body = _decode_json(await _read_body(request, max_request_bytes))
+        need_embedder()
         p = parse_embeddings_request(body, dim=dim, max_inputs=max_inputs)
         dims = p["dimensions"]
         emb, info = await run_encode(request, p["texts"], truncate=p["truncate"], truncate_dim=dims,
@@ -674,6 +708,7 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
     @route("/v1/search", "POST")
     async def search(request: Request):
         body = _decode_json(await _read_body(request, max_request_bytes))
+        need_embedder()
         if not isinstance(body, dict):
             raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}",
                            code="invalid_json")
@@ -722,18 +757,23 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
 
     @route("/health", "GET")
     async def health(request: Request):
-        if batcher.closed:
+        if any(b.closed for b in batchers):
             return Response(_dumps({"status": "shutting down"}), status_code=503, media_type="application/json")
         return Response(_dumps({"status": "ok"}), media_type="application/json")
 
     @route("/info", "GET")
     async def info(request: Request):
-        b = batcher
-        cfg = embedder.config
+        b = batchers[0]
+        m = main_model
+        model_info = {"dim": dim, "pooling": embedder.config.pooling, "normalize": embedder.config.normalize} \
+            if embedder is not None else {"dim": None}
         return Response(_dumps({
-            "model": name, "model_dir": str(embedder.model_dir), "dim": dim, "max_seq_length": cfg.max_seq_length,
-            "pooling": cfg.pooling, "normalize": cfg.normalize, "precision": embedder.precision,
-            "device": embedder.device, "provider": embedder.session.provider, "threads": embedder.session.threads,
+            "model": name, "model_dir": str(m.model_dir), **model_info, "max_seq_length": m.config.max_seq_length,
+            "precision": m.precision, "device": m.device, "provider": m.session.provider, "threads": m.session.threads,
+            "reranker": None if reranker is None else {
+                "model": reranker.name, "model_dir": str(reranker.model_dir), "num_labels": reranker.num_labels,
+                "activation": reranker.config.activation, "max_seq_length": reranker.max_seq_length,
+                "precision": reranker.precision},
             "batching": {"dynamic": b.merge_requests, "max_batch_tokens": b.max_batch_tokens,
                          "max_batch_size": b.max_batch_size, "max_wait_ms": b.max_wait_ms, "max_queue": b.max_queue},
             "limits": {"max_request_bytes": max_request_bytes, "max_inputs": max_inputs},
@@ -749,9 +789,17 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
 
     @route("/metrics", "GET")
     async def prometheus(request: Request):
-        return PlainTextResponse(metrics.render(batcher.stats()),
+        return PlainTextResponse(metrics.render(batchers[0].stats()),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    from embfast.server_rerank import add_rerank_routes
+
+    async def read_json(request):
+        return _decode_json(await _read_body(request, max_request_bytes))
+
+    add_rerank_routes(route, reranker=reranker, batcher=rerank_batcher, error=ApiError, read_json=read_json,
+                      dumps=_dumps, count=count, name=reranker.name if embedder is not None and reranker else name,
+                      max_inputs=max_inputs)
     return app
 
 
@@ -775,7 +823,10 @@ def register_cli(subparsers) -> None:
                                           "EMBFAST_MAX_WAIT_MS).")
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=_env("PORT", 8080), help="port (default 8080)")
-    p.add_argument("--model", default=_env("MODEL"), help="model folder (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--model", default=_env("MODEL"), help="model folder (default: bundled all-MiniLM-L6-v2); "
+                   "a cross-encoder folder serves only the reranking routes")
+    p.add_argument("--reranker", default=_env("RERANKER"),
+                   help="a cross-encoder folder for /rerank, /predict and /v1/rerank, next to --model")
     p.add_argument("--device", default=_env("DEVICE", "cpu"), choices=["cpu", "cuda", "auto"])
     p.add_argument("--precision", default=_env("PRECISION", "fp32"), choices=["fp32", "int8", "fp16", "auto"])
     p.add_argument("--threads", type=int, default=_env("THREADS"), help="ONNX Runtime threads (default: all cores)")
@@ -813,18 +864,22 @@ def cmd_serve(args) -> int:
         import uvicorn
     except ImportError as exc:
         raise ImportError(f"embfast serve needs the server extra: pip install 'embfast[server]' ({exc})") from exc
-    from embfast import Embedder
+    from embfast import CrossEncoder
+    from embfast.server_rerank import load_served_model
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
     t0 = time.perf_counter()
-    embedder = Embedder(args.model, device=args.device, precision=args.precision, threads=args.threads)
-    app = create_app(embedder, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
+    model_args = {"device": args.device, "precision": args.precision, "threads": args.threads}
+    embedder = load_served_model(args.model, **model_args)
+    reranker = CrossEncoder(args.reranker, **model_args) if args.reranker else None
+    app = create_app(embedder, reranker=reranker, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
                      max_queue=args.max_queue, dynamic_batching=args.dynamic_batching,
                      max_request_bytes=args.max_request_bytes, api_key=args.api_key or None,
                      corpus=args.corpus, corpus_texts=args.corpus_texts)
-    print(f"embfast serve: {embedder} ready in {time.perf_counter() - t0:.1f} s; "
-          f"http://{args.host}:{args.port}/v1/embeddings", flush=True)
+    route = "/rerank" if isinstance(embedder, CrossEncoder) else "/v1/embeddings"
+    print(f"embfast serve: {embedder}{f' + {reranker}' if reranker else ''} ready in "
+          f"{time.perf_counter() - t0:.1f} s; http://{args.host}:{args.port}{route}", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"embfast serve: warning: listening on {args.host} without --api-key", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,

@@ -37,11 +37,15 @@ class Tokenized:
         ids: one list of token ids per text (after truncation).
         lengths: (n,) int64 tokens per text after truncation, special tokens included.
         truncated: (n,) bool, True where the text was cut at max_seq_length.
+        type_ids: one list of segment ids per input (0 for the first text of a pair, 1 for the second, as
+            the tokenizer's post-processor says), or None: all zeros. Only kept for pairs fed to a model
+            that takes ``token_type_ids``.
     """
 
     ids: list[list[int]]
     lengths: np.ndarray
     truncated: np.ndarray
+    type_ids: list[list[int]] | None = None
 
 
 class TextTokenizer:
@@ -104,13 +108,21 @@ class TextTokenizer:
             self._prompt_lengths[prompt] = n
         return n
 
-    def tokenize(self, texts: list[str], *, truncate: bool = True) -> Tokenized:
+    def tokenize(self, texts: list, *, truncate: bool = True) -> Tokenized:
         """Tokenize texts (already validated strings) without padding.
+
+        ``texts`` may also hold pairs ``(a, b)`` (a cross-encoder's inputs): they are joined by the
+        tokenizer's post-processor ([CLS] a [SEP] b [SEP]) and cut with the longest-first strategy (a
+        token at a time from the longer of the two), as Hugging Face tokenizers do; their segment ids
+        are kept in ``type_ids`` when the model takes ``token_type_ids``.
 
         Raises InputTooLongError naming the first over-long input when ``truncate`` is False.
         """
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
         ids = [e.ids for e in encodings]
+        type_ids = None
+        if "token_type_ids" in self.input_names and any(not isinstance(t, str) for t in texts):
+            type_ids = [e.type_ids for e in encodings]
         lengths = np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(ids))
         # A text reached the limit: it was cut if the tokenizer kept an overflow.
         truncated = np.zeros(len(ids), dtype=bool)
@@ -120,17 +132,18 @@ class TextTokenizer:
             first = int(np.flatnonzero(truncated)[0])
             raise InputTooLongError(f"input {first} has more than max_seq_length={self.max_seq_length} tokens "
                                     f"({int(truncated.sum())} inputs are too long); pass truncate=True to cut them")
-        return Tokenized(ids=ids, lengths=lengths, truncated=truncated)
+        return Tokenized(ids=ids, lengths=lengths, truncated=truncated, type_ids=type_ids)
 
     def count_tokens(self, texts: list[str]) -> np.ndarray:
         """Tokens each text would feed the model (after truncation), special tokens included."""
         return self.tokenize(texts).lengths
 
-    def pad(self, ids: list[list[int]], rows: np.ndarray) -> dict[str, np.ndarray]:
+    def pad(self, ids: list[list[int]], rows: np.ndarray, type_ids: list[list[int]] | None = None
+            ) -> dict[str, np.ndarray]:
         """ONNX feeds for the texts ``rows`` (indices into ``ids``), padded to their longest.
 
         Returns input_ids and attention_mask (batch, seq_len) int64, plus
-        token_type_ids (zeros) when the model takes them.
+        token_type_ids when the model takes them: ``type_ids[rows]`` (pairs), or zeros.
         """
         width = int(max((len(ids[r]) for r in rows), default=0)) or 1
         input_ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
@@ -148,6 +161,14 @@ class TextTokenizer:
         feeds = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in self.input_names:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
+            if type_ids is not None:
+                types = feeds["token_type_ids"]
+                for j, r in enumerate(rows):
+                    n = len(type_ids[r])
+                    if left:
+                        types[j, width - n:] = type_ids[r]
+                    else:
+                        types[j, :n] = type_ids[r]
         if "position_ids" in self.input_names:
             feeds["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         return feeds

@@ -13,7 +13,8 @@
 
 Every variant is checked when built: its output on a probe batch must stay close to
 the plain export (a failed fusion or quantization never ships silently); the figures
-are written into the manifest under ``variants``. Builds happen under the export
+are written into the manifest under ``variants``. Cross-encoders (manifest ``kind``)
+are probed on query/passage pairs and compared by their logits (:func:`_probe_logits`). Builds happen under the export
 lock and are written atomically (temp file + rename).
 """
 
@@ -37,6 +38,15 @@ VARIANT_FORMAT = 2
 # The probe check: pooled cosine to the plain export (mean and the model's pooling) must reach these.
 # int8 is a sanity floor against a broken quantization; its real accuracy is measured on STS-B and SciFact.
 MIN_COSINE = {"fp32": 0.99999, "int8": 0.90, "fp16": 0.999}
+# Cross-encoders: the logit agreement of _probe_logits. int8's floor only catches a broken quantization
+# (unrelated logits give about 0); tiny random test models reach 0.77-0.996, and int8's accuracy is
+# stated and tested in tests/test_cross_encoder.py.
+MIN_LOGIT_AGREEMENT = {"fp32": 0.99999, "int8": 0.5, "fp16": 0.999}
+
+
+def _probe_floor(manifest: dict, precision: str) -> float:
+    kind = manifest.get("kind", "embedder")
+    return (MIN_LOGIT_AGREEMENT if kind == "cross-encoder" else MIN_COSINE)[precision]
 PROBE_TEXTS = [
     "The cat sat on the mat.", "A man is playing a guitar on a stage in front of a large crowd.",
     "Stock markets fell sharply after the central bank raised interest rates for the third time this year.",
@@ -98,11 +108,15 @@ def _quantize_int8(src: Path, dst: Path) -> None:
 def _probe_cosine(folder: Path, reference: Path, candidate: Path, manifest: dict) -> float | None:
     """Minimum cosine between two graphs' pooled outputs on the probe texts (None: cannot run here).
 
+    For a cross-encoder: the logit agreement of :func:`_probe_logits` instead (same scale: 1.0 = identical).
+
     The probe batch is tokenized, padded and pooled the way the model runs: its
     padding side (left for decoders, so a fusion that mishandles left padding is
     caught), its lower-casing and truncation, and both mean pooling over every real
     token and the model's own pooling; the smaller cosine counts.
     """
+    if manifest.get("kind", "embedder") == "cross-encoder":
+        return _probe_logits(folder, reference, candidate, manifest)
     import onnxruntime as ort
 
     from embfast.config import ModelConfig
@@ -130,6 +144,43 @@ def _probe_cosine(folder: Path, reference: Path, candidate: Path, manifest: dict
         cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
         worst = min(worst, float(np.nan_to_num(cos, nan=-1.0).min()))
     return worst
+
+
+def _probe_logits(folder: Path, reference: Path, candidate: Path, manifest: dict) -> float | None:
+    """Agreement of two cross-encoder graphs' logits on probe pairs (None: cannot run here): per label, the
+    cosine between the two columns of logits over the probe inputs, both centred on the reference's mean
+    (how well the candidate orders and spaces the inputs as the reference does; an offset error lowers it);
+    the smallest over labels. 1.0 means identical.
+
+    The pairs (each probe text against the next, and single texts) are tokenized and padded as the model
+    runs (padding side, segment ids, lower-casing), in one batch.
+    """
+    import onnxruntime as ort
+
+    from embfast.config import CrossEncoderConfig
+    from embfast.tokenization import TextTokenizer
+
+    cfg = CrossEncoderConfig.from_dict(manifest.get("config", {}))
+    tok = TextTokenizer(folder / "tokenizer.json", min(128, cfg.max_seq_length or 128), manifest["input_names"],
+                        padding_side=cfg.padding_side, do_lower_case=cfg.do_lower_case)
+    inputs = [(q, PROBE_TEXTS[(i + 1) % len(PROBE_TEXTS)]) for i, q in enumerate(PROBE_TEXTS)] + PROBE_TEXTS[:2]
+    t = tok.tokenize(inputs)
+    feeds = tok.pad(t.ids, np.arange(len(inputs)), t.type_ids)
+    outs = []
+    for path in (reference, candidate):
+        try:
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - fp16 graphs may not run on the CPU provider
+            return None
+        names = [i.name for i in sess.get_inputs()]
+        outs.append(sess.run([manifest["output_name"]], {n: feeds[n] for n in names})[0].astype(np.float64))
+    a, b = outs
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return -1.0
+    mean = a.mean(axis=0)
+    a, b = a - mean, b - mean  # both centred on the reference: an offset error counts, a common scale does not
+    cos = (a * b).sum(0) / (np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0) + 1e-30)
+    return float(cos.min())
 
 
 def build_variant(folder: str | Path, precision: str) -> Path:
@@ -161,11 +212,11 @@ def build_variant(folder: str | Path, precision: str) -> Path:
                 # applies its own session-level fusions to it.
                 return _record(folder, "fp32", "model.onnx", {"optimizer_skipped": str(exc)[:300]})
         cosine = _probe_cosine(folder, folder / "model.onnx", tmp, manifest)
-        if cosine is not None and cosine < MIN_COSINE[precision]:
+        if cosine is not None and cosine < _probe_floor(manifest, precision):
             if precision == "fp32":
                 return _record(folder, "fp32", "model.onnx", {"optimizer_skipped": f"probe cosine {cosine:.6f}"})
             raise VariantError(f"{precision} variant of {folder} failed its check: min probe cosine {cosine:.5f} "
-                               f"< {MIN_COSINE[precision]}")
+                               f"< {_probe_floor(manifest, precision)}")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -201,3 +201,134 @@ def build_prompt_bert(d: Path, *, pooling: str = "mean", seed: int = 3) -> Path:
 
 BUILDERS = {"bert-cls": build_bert_cls, "xlmr-mean": build_xlmr, "modernbert-mean": build_modernbert,
             "qwen3-last": build_qwen3, "gemma3-dense": build_gemma3_dense}
+
+
+# ---- cross-encoders (sequence classifiers) ------------------------------------------------------------
+CE_ACTIVATIONS = {"Sigmoid": "torch.nn.modules.activation.Sigmoid", "Identity": "torch.nn.modules.linear.Identity",
+                  "Tanh": "torch.nn.modules.activation.Tanh"}
+
+
+def ce_layout(d: Path, *, activation: str | None = None, legacy: bool = False, max_length: int | None = 64) -> None:
+    """Write the sentence-transformers CrossEncoder files next to a saved ``*ForSequenceClassification``.
+
+    Args:
+        activation: "Sigmoid" | "Identity" | "Tanh" written as the model's activation_fn; None writes none
+            (sentence-transformers then uses Sigmoid for one label, Identity otherwise).
+        legacy: the sentence-transformers 4.x layout (``"sentence_transformers": {"activation_fn"}`` in
+            config.json, no modules.json) instead of 5.x's (modules.json, sentence_bert_config.json with
+            ``transformer_task``, config_sentence_transformers.json).
+        max_length: the tokenizer's ``model_max_length`` (what CrossEncoder truncates pairs at).
+    """
+    if max_length is not None:
+        tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
+        tok_cfg["model_max_length"] = max_length
+        (d / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    act = CE_ACTIVATIONS[activation] if activation else None
+    if legacy:
+        cfg = json.loads((d / "config.json").read_text())
+        if act:
+            cfg["sentence_transformers"] = {"activation_fn": act, "version": "4.1.0"}
+        (d / "config.json").write_text(json.dumps(cfg, indent=2))
+        return
+    (d / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "",
+                                                  "type": NEW_TYPES["Transformer"]}], indent=2))
+    (d / "sentence_bert_config.json").write_text(json.dumps({
+        "transformer_task": "sequence-classification",
+        "modality_config": {"text": {"method": "forward", "method_output_name": "logits"}},
+        "module_output_name": "scores"}, indent=2))
+    st_cfg = {"model_type": "CrossEncoder", "prompts": {}, "default_prompt_name": None}
+    if act:
+        st_cfg["activation_fn"] = act
+    (d / "config_sentence_transformers.json").write_text(json.dumps(st_cfg, indent=2))
+
+
+def _save_classifier(d: Path, cfg, seed: int) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    torch.manual_seed(seed)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(d)
+
+
+def build_ce_bert(d: Path, *, num_labels: int = 1, activation: str | None = None, legacy: bool = False,
+                  seed: int = 0) -> Path:
+    """BERT sequence classifier (ms-marco-MiniLM style: token_type_ids tell query from passage)."""
+    from transformers import BertConfig
+
+    _save_classifier(d, BertConfig(vocab_size=30522, max_position_embeddings=512, num_labels=num_labels, **SMALL),
+                     seed)
+    bert_tokenizer(d)
+    ce_layout(d, activation=activation, legacy=legacy)
+    return d
+
+
+def build_ce_xlmr(d: Path, seed: int = 0) -> Path:
+    """XLM-RoBERTa classifier (bge-reranker style) with the real 250k vocabulary, one label."""
+    from transformers import XLMRobertaConfig
+
+    small = dict(SMALL, hidden_size=32, intermediate_size=64)
+    _save_classifier(d, XLMRobertaConfig(vocab_size=250002, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                                         max_position_embeddings=514, type_vocab_size=1, num_labels=1, **small), seed)
+    xlmr_tokenizer(d)
+    ce_layout(d)
+    return d
+
+
+def build_ce_modernbert(d: Path, seed: int = 0) -> Path:
+    """ModernBERT classifier (gte-reranker-modernbert style), no token_type_ids, one label."""
+    from transformers import ModernBertConfig
+
+    _save_classifier(d, ModernBertConfig(vocab_size=30522, pad_token_id=0, cls_token_id=101, sep_token_id=102,
+                                         bos_token_id=101, eos_token_id=102, global_attn_every_n_layers=2,
+                                         local_attention=16, num_labels=1, **SMALL), seed)
+    bert_tokenizer(d, token_types=False)
+    ce_layout(d, activation="Identity")
+    return d
+
+
+def build_ce_qwen3(d: Path, seed: int = 0) -> Path:
+    """Qwen3 decoder classifier (Qwen3-Reranker-seq-cls style): left padding, the last token's logits."""
+    from transformers import Qwen3Config
+
+    _save_classifier(d, Qwen3Config(vocab_size=30522, num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                                    max_position_embeddings=512, num_labels=1, **SMALL), seed)
+    bert_tokenizer(d, token_types=False, padding_side="left")
+    ce_layout(d)
+    return d
+
+
+def build_ce_minilm(d: Path, seed: int = 0, logit_std: float = 2.0, max_length: int = 256) -> Path:
+    """A cross-encoder on all-MiniLM-L6-v2's real weights with a seeded random one-label head, scaled so the
+    logits over sample pairs spread about ``logit_std`` (a trained reranker's range). Real weights give real
+    activation ranges, which is what int8 quantization error depends on; the scores themselves mean nothing."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from embfast.export import default_model_path
+
+    if d.exists():
+        shutil.rmtree(d)
+    src = default_model_path()
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(str(src), num_labels=1)
+    with torch.no_grad():
+        w = torch.randn_like(model.classifier.weight)
+        model.classifier.weight.copy_(w / w.norm() * logit_std * 4.0)
+        model.classifier.bias.zero_()
+    model.save_pretrained(d)
+    bert_tokenizer(d)
+    ce_layout(d, max_length=max_length)
+    return d
+
+
+CE_BUILDERS = {
+    "bert-1": build_ce_bert,
+    "bert-3": lambda d: build_ce_bert(d, num_labels=3, legacy=True, seed=1),
+    "bert-tanh-legacy": lambda d: build_ce_bert(d, activation="Tanh", legacy=True, seed=2),
+    "xlmr": build_ce_xlmr,
+    "modernbert": build_ce_modernbert,
+    "qwen3": build_ce_qwen3,
+}
