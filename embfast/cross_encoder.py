@@ -143,6 +143,7 @@ class CrossEncoder:
         threads: ONNX Runtime intra-op threads (default: the cores this process may use).
         max_seq_length: truncate pairs at this many tokens (special tokens included); at most the
             model's own (default: the model's, see :class:`~embfast.config.CrossEncoderConfig`).
+        max_length: the same limit under sentence-transformers' CrossEncoder name (give one of the two).
 
     Raises:
         FileNotFoundError: no such folder. embfast.export.ModelKindError: an embedding model (use
@@ -152,7 +153,12 @@ class CrossEncoder:
     """
 
     def __init__(self, model: str | Path, *, device: str = "cpu", precision: str = "auto",
-                 threads: int | None = None, max_seq_length: int | None = None):
+                 threads: int | None = None, max_seq_length: int | None = None, max_length: int | None = None):
+        if max_length is not None:  # sentence-transformers' CrossEncoder name for the same limit
+            if max_seq_length is not None and max_seq_length != max_length:
+                raise ValueError(f"max_length ({max_length}) and max_seq_length ({max_seq_length}) name the same "
+                                 "limit: give one")
+            max_seq_length = max_length
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         if precision not in PRECISIONS:

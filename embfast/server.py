@@ -836,6 +836,9 @@ def register_cli(subparsers) -> None:
                    help="an idle worker waits this long for more texts to merge (default 2 ms)")
     p.add_argument("--max-queue", type=int, default=_env("MAX_QUEUE", 1024),
                    help="requests waiting or running before 429 (default 1024)")
+    p.add_argument("--max-client-batch-size", type=int, default=_env("MAX_CLIENT_BATCH_SIZE", DEFAULT_MAX_INPUTS),
+                   help=f"most texts (or documents to rerank) per request, as TEI (default {DEFAULT_MAX_INPUTS}); "
+                        "more: 422")
     p.add_argument("--max-request-bytes", type=int, default=_env("MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES),
                    help="largest request body in bytes (default 2000000)")
     p.add_argument("--api-key", default=_env("API_KEY"), help="require 'Authorization: Bearer KEY' (default: none)")
@@ -876,7 +879,7 @@ def cmd_serve(args) -> int:
     app = create_app(embedder, reranker=reranker, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
                      max_queue=args.max_queue, dynamic_batching=args.dynamic_batching,
                      max_request_bytes=args.max_request_bytes, api_key=args.api_key or None,
-                     corpus=args.corpus, corpus_texts=args.corpus_texts)
+                     corpus=args.corpus, corpus_texts=args.corpus_texts, max_inputs=args.max_client_batch_size)
     route = "/rerank" if isinstance(embedder, CrossEncoder) else "/v1/embeddings"
     print(f"embfast serve: {embedder}{f' + {reranker}' if reranker else ''} ready in "
           f"{time.perf_counter() - t0:.1f} s; http://{args.host}:{args.port}{route}", flush=True)

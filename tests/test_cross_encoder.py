@@ -295,3 +295,16 @@ def test_cli_rerank(ce_dirs, ce_models, tmp_path, capsys):
     assert [h["id"] for h in out["hits"]] == [e["corpus_id"] for e in expected]
     assert main(["rerank", str(ce_dirs["bert-1"]), "q"]) == 2  # neither a file nor --index
     assert "either a passages file or --index" in capsys.readouterr().err
+
+
+def test_max_length_is_sentence_transformers_name_for_the_limit(ce_dirs):
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+
+    ours = CrossEncoder(ce_dirs["bert-1"], threads=1, max_length=16)
+    theirs = STCrossEncoder(str(ce_dirs["bert-1"]), device="cpu", max_length=16)
+    long_pairs = [("a question " * 10, "a passage that goes on " * 10), ("short", "pair")]
+    _, info = ours.predict(long_pairs, return_info=True)
+    assert info.truncated.tolist() == [True, False] and info.token_counts.max() == 16
+    np.testing.assert_allclose(ours.predict(long_pairs), theirs.predict(long_pairs), atol=1e-4)
+    with pytest.raises(ValueError, match="name the same limit"):
+        CrossEncoder(ce_dirs["bert-1"], max_length=16, max_seq_length=32)

@@ -414,7 +414,7 @@ def test_viz_plots_with_labels(tiny_dir, tmp_path):
     write_lines(tmp_path / "labels.txt", [f"kind{i % 3}" for i in range(60)])
     r = run_cli("viz", "v.npy", "--labels", "labels.txt", "-o", "plot.png", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("wrote plot.png: 60 points, PC1 ") and _is_png(tmp_path / "plot.png")
+    assert r.stdout.startswith("wrote plot.png: 60 points (pca, 3 colours): PC1 ") and _is_png(tmp_path / "plot.png")
     write_lines(tmp_path / "short.txt", ["a", "b"])
     r = run_cli("viz", "v.npy", "--labels", "short.txt", "-o", "p2.png", cwd=tmp_path)
     assert r.returncode == 2 and "labels must have one entry per embedding row (60), got 2" in r.stderr

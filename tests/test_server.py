@@ -364,7 +364,8 @@ def test_cli_serve_flags_env_and_sigterm(tiny_dir, tiny, tmp_path):
     assert (args.host, args.port, args.max_request_bytes, args.dynamic_batching) == ("127.0.0.1", 8080,
                                                                                     2_000_000, True)
     env = {**os.environ, "EMBFAST_MAX_WAIT_MS": "0.5", "EMBFAST_DYNAMIC_BATCHING": "0", "EMBFAST_API_KEY": "k",
-           "EMBFAST_MODEL": str(tiny_dir), "EMBFAST_THREADS": "1", "EMBFAST_LOG_LEVEL": "warning"}
+           "EMBFAST_MODEL": str(tiny_dir), "EMBFAST_THREADS": "1", "EMBFAST_LOG_LEVEL": "warning",
+           "EMBFAST_MAX_CLIENT_BATCH_SIZE": "3"}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -384,6 +385,10 @@ def test_cli_serve_flags_env_and_sigterm(tiny_dir, tiny, tmp_path):
         r = httpx.post(f"{url}/v1/embeddings", json={"input": "cli"}, headers={"authorization": "Bearer k"},
                        timeout=30)
         assert cosine(r.json()["data"][0]["embedding"], tiny.encode("cli")) >= 0.9999
+        assert info["limits"]["max_inputs"] == 3
+        r = httpx.post(f"{url}/v1/embeddings", json={"input": ["a"] * 4}, headers={"authorization": "Bearer k"},
+                       timeout=30)
+        assert r.status_code == 422 and "at most 3 strings" in r.json()["error"]["message"]
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
