@@ -25,6 +25,7 @@ from embfast.text import lone_surrogate, read_lines, surrogate_reason
 
 MAX_COLOURS = 20
 METHODS = ("pca", "umap", "tsne")
+GREY_GROUPS = ("other", "none")  # labels drawn in grey: the rest of the labels, rows in no cluster
 
 
 def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +98,7 @@ def project_2d(x: np.ndarray, method: str = "pca", *, seed: int = 0) -> tuple[np
         except ImportError as exc:
             raise ImportError("--method umap needs umap-learn: pip install 'embfast[apps]'") from exc
         reducer = umap.UMAP(n_components=2, metric="cosine", n_neighbors=min(15, x.shape[0] - 1), min_dist=0.1,
-                            random_state=seed)
+                            random_state=seed, n_jobs=1)  # a seed makes umap-learn serial anyway
         return np.asarray(reducer.fit_transform(x), dtype=np.float64), "UMAP 1", "UMAP 2"
     from sklearn.manifold import TSNE
 
@@ -165,10 +166,11 @@ def _png(pts, groups, gid, output, title, xlabel, ylabel, coloured: bool) -> Non
         ax.scatter(pts[:, 0], pts[:, 1], s=4, alpha=0.6)
     else:
         cmap = plt.get_cmap("tab20")
-        for j, g in enumerate(groups):
+        for j, g in enumerate(groups):  # "other" and "none" (unclustered) in grey, under the coloured groups
             mask = gid == j
-            ax.scatter(pts[mask, 0], pts[mask, 1], s=4, alpha=0.7, color="lightgrey" if g == "other" else cmap(j % 20),
-                       label=str(g)[:40])
+            grey = g in GREY_GROUPS
+            ax.scatter(pts[mask, 0], pts[mask, 1], s=3 if grey else 4, alpha=0.35 if grey else 0.75,
+                       color="lightgrey" if grey else cmap(j % 20), label=str(g)[:40], zorder=1 if grey else 2)
         ax.legend(fontsize=6, markerscale=3, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -191,7 +193,7 @@ def _html(pts, groups, gid, path, title, xlabel, ylabel, texts, coloured: bool) 
         mask = gid == j
         hover = None if texts is None else [texts[i] if len(texts[i]) <= 300 else texts[i][:297] + "..."
                                             for i in np.flatnonzero(mask)]
-        marker = {"size": 4, "opacity": 0.75, **({"color": "lightgrey"} if g == "other" else {})}
+        marker = {"size": 4, "opacity": 0.75, **({"color": "lightgrey"} if g in GREY_GROUPS else {})}
         fig.add_trace(go.Scatter(x=pts[mask, 0], y=pts[mask, 1], mode="markers", name=str(g)[:60], marker=marker,
                                  text=hover, hoverinfo="text+name" if hover is not None else "name"))
     fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title=ylabel, template="plotly_white",
