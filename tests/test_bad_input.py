@@ -22,8 +22,8 @@ from test_jobs import run_cli
 from test_server import serve
 
 from embfast import DynamicBatcher, Index, kernels
+from embfast.chunking import Chunker
 from embfast.io import ReadOptions, read_records
-from embfast.jobs import Chunker
 from embfast.kernels import reference
 from embfast.server import create_app, load_corpus_texts
 from embfast.text import InvalidTextError, check_texts, lone_surrogate, read_lines, split_lines

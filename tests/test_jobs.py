@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from embfast.benchcmd import sample_sentences
+from embfast.chunking import Chunker
 from embfast.io import BadInputError, ReadOptions, Record, read_records
-from embfast.jobs import Chunker, embedded_shards, encode_files, work_folder
+from embfast.jobs import embedded_shards, encode_files, work_folder
 
 
 def run_cli(*args, cwd, timeout=300):
