@@ -30,7 +30,7 @@ from embfast.dense import activate
 from embfast.encoder import CPU_MAX_BATCH_TOKENS, PRECISIONS, EncodeInfo
 from embfast.export import load_manifest
 from embfast.models import resolve
-from embfast.session import DEVICES, OnnxSession
+from embfast.session import DEVICES, OnnxSession, resolve_precision
 from embfast.text import InvalidTextError, lone_surrogate, surrogate_reason
 from embfast.tokenization import TextTokenizer
 
@@ -169,7 +169,7 @@ class CrossEncoder:
         self.model_dir = resolve(model)
         self.manifest = load_manifest(self.model_dir, "cross-encoder")
         self.config = CrossEncoderConfig.from_dict(self.manifest["config"])
-        self.precision = _resolve_precision(precision, device)
+        self.precision = resolve_precision(precision, device)
         from embfast.variants import ensure_variant
 
         self.session = OnnxSession(ensure_variant(self.model_dir, self.precision), device=device, threads=threads,
@@ -392,15 +392,3 @@ def rerank_search(index, queries, top_k: int, reranker: CrossEncoder, candidates
         out.append([{**row[i], "score": float(s[i]), "retrieval_score": row[i]["score"]}
                     for i in np.argsort(-s, kind="stable")[:top_k].tolist()])
     return out
-
-
-def _resolve_precision(precision: str, device: str) -> str:
-    """"auto" -> fp16 on CUDA, fp32 on the CPU; fp16 asked on the CPU is an error (as Embedder)."""
-    if precision == "auto":
-        from embfast.session import cuda_available
-
-        return "fp16" if device in ("cuda", "auto") and cuda_available() else "fp32"
-    if precision == "fp16" and device == "cpu":
-        raise ValueError("precision='fp16' needs device='cuda' (fp16 on a CPU is slower than fp32, not faster); "
-                         "use precision='fp32' or 'int8' on the CPU")
-    return precision

@@ -24,7 +24,7 @@ from embfast.export import load_config
 from embfast.models import resolve
 from embfast.quantization import OUTPUT_PRECISIONS, quantize_embeddings
 from embfast.search import semantic_search
-from embfast.session import DEVICES, OnnxSession
+from embfast.session import DEVICES, OnnxSession, resolve_precision
 from embfast.text import check_text, check_texts
 from embfast.tokenization import TextTokenizer
 
@@ -148,7 +148,7 @@ class Embedder:
         self.model_dir = resolve(model, tokenizer=tokenizer, output_name=output_name)
         self.config, self.manifest = load_config(self.model_dir)
         self.dense = DenseStack(self.model_dir, self.config.dense)
-        self.precision = self._resolve_precision(precision, device)
+        self.precision = resolve_precision(precision, device)
         onnx_path = self._variant_path(self.precision)
         self.session = OnnxSession(onnx_path, device=device, threads=threads,
                                    output_name=self.manifest.get("output_name"))
@@ -187,16 +187,6 @@ class Embedder:
         return BoundRunner(session.session, "sentence_embedding")
 
     # ---- construction helpers ------------------------------------------------
-    def _resolve_precision(self, precision: str, device: str) -> str:
-        if precision == "auto":
-            from embfast.session import cuda_available
-
-            return "fp16" if device in ("cuda", "auto") and cuda_available() else "fp32"
-        if precision == "fp16" and device == "cpu":
-            raise ValueError("precision='fp16' needs device='cuda' (fp16 on a CPU is slower than fp32, not faster); "
-                             "use precision='fp32' or 'int8' on the CPU")
-        return precision
-
     def _variant_path(self, precision: str) -> Path:
         """The graph for this precision: fp32 = the fusion-optimized export; built once, then cached."""
         from embfast.variants import ensure_variant

@@ -31,6 +31,17 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """A model's precision for ``device``: "auto" -> fp16 where CUDA runs, else fp32; fp16 on the CPU is a
+    ValueError (fp16 on a CPU is slower than fp32, not faster). Shared by every model kind."""
+    if precision == "auto":
+        return "fp16" if device in ("cuda", "auto") and cuda_available() else "fp32"
+    if precision == "fp16" and device == "cpu":
+        raise ValueError("precision='fp16' needs device='cuda' (fp16 on a CPU is slower than fp32, not faster); "
+                         "use precision='fp32' or 'int8' on the CPU")
+    return precision
+
+
 def cuda_available() -> bool:
     """True when this onnxruntime build has the CUDA provider (it may still fail to start without a GPU)."""
     return "CUDAExecutionProvider" in ort.get_available_providers()
