@@ -1,9 +1,9 @@
 """Clusters of embeddings and what characterizes them: k-means (faiss or scikit-learn), community detection
 (:mod:`embfast.mining`), class-based TF-IDF keywords (as BERTopic) and each cluster's most central texts.
 
-k-means: faiss's ``Kmeans`` when faiss is installed (measured many times faster than scikit-learn's
-``KMeans`` on this machine, at the same inertia: benchmarks/bench_apps.py, benchmarks/README.md), else
-scikit-learn's; both are well kept, and ``backend=`` picks one.
+k-means: faiss's ``Kmeans`` when faiss is installed, else scikit-learn's; both are well kept, and
+``backend=`` picks one. benchmarks/bench_apps.py times the two side by side (a first run on 2,000 vectors,
+with other work on the cores, had faiss far ahead; the quiet-machine figures are still to be taken).
 """
 
 from __future__ import annotations
