@@ -1,0 +1,359 @@
+"""The FastAPI app of ``embfast serve``: :func:`create_app` wires the models, their batchers, the guard
+(API key, latency, status counts) and every API family's routes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from embfast.search_corpus import SearchCorpus
+from embfast.server.common import (
+    _ENDPOINTS,
+    _SEARCH_FIELDS,
+    DEFAULT_MAX_INPUTS,
+    DEFAULT_MAX_REQUEST_BYTES,
+    ApiError,
+    _check_fields,
+    _decode_json,
+    _dumps,
+    _error_body,
+    _example_ids,
+    _json_type,
+    _optional,
+    _orjson,
+    _read_body,
+    _text_input,
+    parse_embeddings_request,
+)
+from embfast.server.metrics import Metrics
+from embfast.text import InvalidTextError
+
+log = logging.getLogger(__name__)
+
+
+class _Guard:
+    """ASGI middleware: API key check (all but /health), request latency and status counts."""
+
+    def __init__(self, app, *, api_key: str | None, metrics: Metrics, max_request_bytes: int):
+        self.app, self.api_key, self.metrics, self.limit = app, api_key, metrics, max_request_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        path = scope.get("path", "")
+        endpoint = path if path in _ENDPOINTS else "other"
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key is not None and path != "/health" and not self._authorized(scope):
+                await self._drain(receive)
+                err = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                               code="unauthorized", type_="authentication_error")
+                self.metrics.inc("embfast_errors_total", (err.code,))
+                body = _error_body(err)
+                await send_status({"type": "http.response.start", "status": 401, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer")]})
+                await send_status({"type": "http.response.body", "body": body})
+                return
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.request_seconds.observe(time.perf_counter() - t0, (endpoint,))
+            self.metrics.inc("embfast_requests_total", (endpoint, str(status[0])))
+
+    def _authorized(self, scope) -> bool:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                                           self.api_key.encode())
+        return False
+
+    async def _drain(self, receive) -> None:
+        size = 0
+        while size <= self.limit:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            size += len(msg.get("body", b""))
+            if not msg.get("more_body"):
+                return
+
+
+def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wait_ms: float = 2.0,
+               max_queue: int = 1024, dynamic_batching: bool = True, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               max_inputs: int = DEFAULT_MAX_INPUTS, api_key: str | None = None, corpus=None, corpus_texts=None,
+               model_name: str | None = None, reranker=None):
+    """Build the FastAPI app serving ``embedder``.
+
+    Args:
+        embedder: an :class:`~embfast.Embedder`, or a :class:`~embfast.CrossEncoder` for a server that
+            only reranks (its embedding routes then answer 424), or None with ``reranker``.
+        batcher: a :class:`~embfast.dynamic.DynamicBatcher` to use (the caller
+            closes it); default: the app makes one from the arguments below
+            (``app.state.batcher``) and closes it at shutdown, after in-flight
+            requests, so such an app serves once.
+        max_batch_tokens / max_wait_ms / max_queue: the batcher's (see DynamicBatcher).
+        dynamic_batching: False runs each request in ONNX Runtime calls of its own (for comparison).
+        max_request_bytes: largest request body, in bytes (default 2 MB); larger: 413.
+        max_inputs: most strings per request (default 2048, as OpenAI).
+        api_key: when set, every endpoint but /health needs ``Authorization: Bearer <api_key>``.
+        corpus: for /v1/search: an .npy file of (n, dim) embeddings (dim at most the model's;
+            queries are cut to it), an (n, dim) array, an embfast index file (``embfast.Index``,
+            built with this model) or an :class:`embfast.Index`.
+        corpus_texts: for vectors: a file with one text per line (or a list of str), one per row.
+        model_name: the name answers carry (default: the model folder's name).
+        reranker: a :class:`~embfast.CrossEncoder` for /rerank, /predict and /v1/rerank (default None: those
+            answer 424). It gets a DynamicBatcher of its own, with the same settings, closed at shutdown.
+
+    Raises:
+        ValueError / FileNotFoundError: a bad corpus or argument, before anything serves.
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.responses import PlainTextResponse, Response
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from embfast import __version__, build_info
+    from embfast.dynamic import BatcherClosedError, DynamicBatcher, OverloadedError
+    from embfast.tokenization import InputTooLongError
+
+    if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be an int >= 1, got {max_request_bytes!r}")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise ValueError("api_key must be a non-empty string or None")
+    from embfast.cross_encoder import CrossEncoder
+
+    if isinstance(embedder, CrossEncoder):  # a server that only reranks
+        if reranker is not None:
+            raise ValueError("give the cross-encoder once: as the model or as reranker=")
+        embedder, reranker = None, embedder
+    if embedder is None and reranker is None:
+        raise ValueError("nothing to serve: give an Embedder, a CrossEncoder, or both (reranker=)")
+    if reranker is not None and not isinstance(reranker, CrossEncoder):
+        raise TypeError(f"reranker must be an embfast.CrossEncoder or None, got {type(reranker).__name__}")
+    main_model = embedder if embedder is not None else reranker
+    name = model_name or main_model.manifest.get("name") or Path(main_model.model_dir).name
+    dim = embedder.dim if embedder is not None else 0
+    if corpus is not None and embedder is None:
+        raise ValueError("a search corpus needs an embedding model to embed queries")
+    if corpus is None and corpus_texts is not None:
+        raise ValueError("corpus_texts needs a corpus (the .npy vectors of those texts)")
+    search_corpus = None if corpus is None else SearchCorpus.open(corpus, corpus_texts, embedder)
+    metrics = Metrics()
+    own = batcher is None
+    if own and embedder is not None:  # its worker thread starts with the first request; closed at shutdown
+        batcher = DynamicBatcher(embedder, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
+                                 max_queue=max_queue, merge_requests=dynamic_batching)
+    elif not own and not isinstance(batcher, DynamicBatcher):
+        raise TypeError(f"batcher must be a DynamicBatcher or None, got {type(batcher).__name__}")
+    rerank_batcher = None if reranker is None else DynamicBatcher(
+        reranker, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_queue=max_queue,
+        merge_requests=dynamic_batching)
+    batchers = [b for b in (batcher, rerank_batcher) if b is not None]
+    owned = [b for b in (batcher if own else None, rerank_batcher) if b is not None]
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        for b in batchers:
+            b.add_batch_listener(metrics.on_batch)
+        try:
+            yield
+        finally:
+            for b in batchers:
+                b.remove_batch_listener(metrics.on_batch)
+            for b in owned:  # uvicorn runs this after the in-flight requests finished; close() drains what is left
+                await asyncio.get_running_loop().run_in_executor(None, b.close)
+
+    app = FastAPI(title="embfast", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.metrics = metrics
+    app.state.batcher = batcher
+    app.state.rerank_batcher = rerank_batcher
+    app.add_middleware(_Guard, api_key=api_key, metrics=metrics, max_request_bytes=max_request_bytes)
+
+    def route(path: str, method: str):
+        """Register an endpoint; its ``request`` parameter is typed here because annotations are strings
+        (``from __future__ import annotations``) and FastAPI, imported lazily, is not a module global."""
+        def register(fn):
+            fn.__annotations__ = {k: Request if k == "request" else v for k, v in fn.__annotations__.items()}
+            app.add_api_route(path, fn, methods=[method])
+            return fn
+        return register
+
+    def error_response(exc: ApiError) -> Response:
+        metrics.inc("embfast_errors_total", (exc.code,))
+        return Response(_error_body(exc), status_code=exc.status, media_type="application/json",
+                        headers=exc.headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                       code=code, headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):  # a bug: say so, keep serving
+        log.exception("embfast serve: internal error on %s", request.url.path)
+        return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal",
+                                       type_="server_error"))
+
+    def need_embedder() -> None:
+        if embedder is None:
+            raise ApiError(424, "this server has no embedding model (it serves a cross-encoder): use /rerank, "
+                           "/predict or /v1/rerank", code="model_not_embedder")
+
+    async def run_encode(request: Request, texts: list[str], **kw):
+        try:
+            return await batcher.encode_async(texts, return_info=True, **kw)
+        except OverloadedError as exc:
+            raise ApiError(429, str(exc), code="overloaded", type_="rate_limit_error",
+                           headers={"retry-after": "1"}) from None
+        except InputTooLongError as exc:
+            raise ApiError(422, f"{exc} (send \"truncate\": true)", code="input_too_long", param="input") from None
+        except InvalidTextError as exc:  # validated above already; kept so that no text can ever reach a 500
+            raise ApiError(422, str(exc), code="invalid_input", param="input") from None
+        except BatcherClosedError:
+            raise ApiError(503, "the server is shutting down", code="shutting_down", type_="server_error") from None
+
+    def count(info) -> int:
+        tokens = int(info.token_counts.sum())
+        metrics.inc("embfast_texts_total", value=len(info.token_counts))
+        metrics.inc("embfast_tokens_total", value=tokens)
+        metrics.inc("embfast_truncated_texts_total", value=int(info.truncated.sum()))
+        return tokens
+
+    @route("/v1/embeddings", "POST")
+    async def embeddings(request: Request):
+        body = _decode_json(await _read_body(request, max_request_bytes))
+        need_embedder()
+        p = parse_embeddings_request(body, dim=dim, max_inputs=max_inputs)
+        dims = p["dimensions"]
+        emb, info = await run_encode(request, p["texts"], truncate=p["truncate"], truncate_dim=dims,
+                                     normalize_embeddings=True if dims else None)
+        tokens = count(info)
+        if p["encoding_format"] == "base64":
+            rows = [base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii") for v in emb]
+        else:
+            rows = list(emb) if _orjson is not None else emb.tolist()
+        data = [{"object": "embedding", "index": i, "embedding": r} for i, r in enumerate(rows)]
+        out = {"object": "list", "data": data, "model": name,
+               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        payload = _dumps(out) if emb.size <= 65536 else await run_in_threadpool(_dumps, out)
+        return Response(payload, media_type="application/json",
+                        headers={"x-embfast-truncated-inputs": str(int(info.truncated.sum()))})
+
+    @route("/v1/search", "POST")
+    async def search(request: Request):
+        body = _decode_json(await _read_body(request, max_request_bytes))
+        need_embedder()
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}",
+                           code="invalid_json")
+        _check_fields(body, _SEARCH_FIELDS)
+        top_k = _optional(body, "top_k", (int,), "an integer in [1, 10000]", 10)
+        if not 1 <= top_k <= 10000:
+            raise ApiError(422, f"top_k must be an integer in [1, 10000], got {top_k}", code="invalid_parameter",
+                           param="top_k")
+        if "positive" in body or "negative" in body:
+            return await recommend(body, top_k)
+        queries, _ = _text_input(body, "query", max_inputs)
+        truncate = _optional(body, "truncate", (bool,), "true or false", True)
+        _optional(body, "model", (str,), "a string")
+        if search_corpus is None:
+            raise ApiError(404, "no corpus is loaded: start the server with --corpus FILE (.npy or an embfast "
+                           "index)", code="no_corpus")
+        cdim = search_corpus.dim
+        q, info = await run_encode(request, queries, truncate=truncate, normalize_embeddings=True,
+                                   truncate_dim=cdim if cdim < dim else None)
+        hits = await run_in_threadpool(search_corpus.search, q, top_k)
+        tokens = count(info)
+        data = [{"object": "search_result", "index": i, "hits": row} for i, row in enumerate(hits)]
+        return Response(_dumps({"object": "list", "data": data, "model": name,
+                                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}),
+                        media_type="application/json")
+
+    async def recommend(body: dict, top_k: int):
+        """/v1/search by example: {"positive": [ids], "negative": [ids], "top_k"} (no "query")."""
+        if "query" in body:
+            raise ApiError(422, "give either query or positive/negative ids, not both", code="invalid_input",
+                           param="query")
+        ids = {f: _example_ids(body, f) for f in ("positive", "negative")}
+        if not ids["positive"]:
+            raise ApiError(422, "positive must be a non-empty list of ids", code="invalid_input", param="positive")
+        if search_corpus is None:
+            raise ApiError(404, "no corpus is loaded: start the server with --corpus FILE (.npy or an embfast "
+                           "index)", code="no_corpus")
+        try:
+            hits = await run_in_threadpool(search_corpus.recommend, ids["positive"], ids["negative"], top_k)
+        except KeyError as exc:
+            field = "negative" if str(exc.args[0]).startswith("negative") else "positive"
+            raise ApiError(422, str(exc.args[0]), code="unknown_id", param=field) from None
+        return Response(_dumps({"object": "list", "model": name, "usage": {"prompt_tokens": 0, "total_tokens": 0},
+                                "data": [{"object": "search_result", "index": 0, "hits": hits}]}),
+                        media_type="application/json")
+
+    @route("/health", "GET")
+    async def health(request: Request):
+        if any(b.closed for b in batchers):
+            return Response(_dumps({"status": "shutting down"}), status_code=503, media_type="application/json")
+        return Response(_dumps({"status": "ok"}), media_type="application/json")
+
+    @route("/info", "GET")
+    async def info(request: Request):
+        b = batchers[0]
+        m = main_model
+        model_info = {"dim": dim, "pooling": embedder.config.pooling, "normalize": embedder.config.normalize} \
+            if embedder is not None else {"dim": None}
+        return Response(_dumps({
+            "model": name, "model_dir": str(m.model_dir), **model_info, "max_seq_length": m.config.max_seq_length,
+            "precision": m.precision, "device": m.device, "provider": m.session.provider, "threads": m.session.threads,
+            "reranker": None if reranker is None else {
+                "model": reranker.name, "model_dir": str(reranker.model_dir), "num_labels": reranker.num_labels,
+                "activation": reranker.config.activation, "max_seq_length": reranker.max_seq_length,
+                "precision": reranker.precision},
+            "batching": {"dynamic": b.merge_requests, "max_batch_tokens": b.max_batch_tokens,
+                         "max_batch_size": b.max_batch_size, "max_wait_ms": b.max_wait_ms, "max_queue": b.max_queue},
+            "limits": {"max_request_bytes": max_request_bytes, "max_inputs": max_inputs},
+            "auth": api_key is not None,
+            "corpus": None if search_corpus is None else search_corpus.info(),
+            "version": __version__, "build": build_info()}), media_type="application/json")
+
+    @route("/v1/models", "GET")
+    async def models():
+        return Response(_dumps({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                                            "owned_by": "embfast"}]}),
+                        media_type="application/json")
+
+    @route("/metrics", "GET")
+    async def prometheus(request: Request):
+        return PlainTextResponse(metrics.render(batchers[0].stats()),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    from embfast.server.rerank import add_rerank_routes
+
+    async def read_json(request):
+        return _decode_json(await _read_body(request, max_request_bytes))
+
+    add_rerank_routes(route, reranker=reranker, batcher=rerank_batcher, error=ApiError, read_json=read_json,
+                      dumps=_dumps, count=count, name=reranker.name if embedder is not None and reranker else name,
+                      max_inputs=max_inputs)
+    return app
+

@@ -1,0 +1,96 @@
+"""``embfast serve`` on the command line: flags (each with an EMBFAST_* environment variable) and uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from embfast.server.app import create_app
+from embfast.server.common import DEFAULT_MAX_INPUTS, DEFAULT_MAX_REQUEST_BYTES
+
+
+def _env(name: str, default=None):
+    return os.environ.get(f"EMBFAST_{name}", default)
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = _env(name)
+    if value is None:
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def register_cli(subparsers) -> None:
+    """Add ``embfast serve`` (flags mirror EMBFAST_* environment variables)."""
+    p = subparsers.add_parser("serve", help="OpenAI-compatible embedding server (FastAPI + uvicorn)",
+                              description="Serve /v1/embeddings, /v1/search, /health, /info, /metrics. Every "
+                                          "flag has an EMBFAST_* environment variable (--max-wait-ms = "
+                                          "EMBFAST_MAX_WAIT_MS).")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=_env("PORT", 8080), help="port (default 8080)")
+    p.add_argument("--model", default=_env("MODEL"), help="model folder (default: bundled all-MiniLM-L6-v2); "
+                   "a cross-encoder folder serves only the reranking routes")
+    p.add_argument("--reranker", default=_env("RERANKER"),
+                   help="a cross-encoder folder for /rerank, /predict and /v1/rerank, next to --model")
+    p.add_argument("--device", default=_env("DEVICE", "cpu"), choices=["cpu", "cuda", "auto"])
+    p.add_argument("--precision", default=_env("PRECISION", "fp32"), choices=["fp32", "int8", "fp16", "auto"])
+    p.add_argument("--threads", type=int, default=_env("THREADS"), help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--max-batch-tokens", type=int, default=_env("MAX_BATCH_TOKENS", 16384),
+                   help="padded tokens per ONNX Runtime batch (default 16384)")
+    p.add_argument("--max-wait-ms", type=float, default=_env("MAX_WAIT_MS", 2.0),
+                   help="an idle worker waits this long for more texts to merge (default 2 ms)")
+    p.add_argument("--max-queue", type=int, default=_env("MAX_QUEUE", 1024),
+                   help="requests waiting or running before 429 (default 1024)")
+    p.add_argument("--max-client-batch-size", type=int, default=_env("MAX_CLIENT_BATCH_SIZE", DEFAULT_MAX_INPUTS),
+                   help=f"most texts (or documents to rerank) per request, as TEI (default {DEFAULT_MAX_INPUTS}); "
+                        "more: 422")
+    p.add_argument("--max-request-bytes", type=int, default=_env("MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES),
+                   help="largest request body in bytes (default 2000000)")
+    p.add_argument("--api-key", default=_env("API_KEY"), help="require 'Authorization: Bearer KEY' (default: none)")
+    p.add_argument("--corpus", default=_env("CORPUS"),
+                   help="for /v1/search: an .npy file of (n, dim) embeddings, or an embfast index file")
+    p.add_argument("--corpus-texts", default=_env("CORPUS_TEXTS"), help="the .npy corpus's texts, one per line")
+    p.add_argument("--dynamic-batching", action=argparse.BooleanOptionalAction,
+                   default=_env_flag("DYNAMIC_BATCHING", True),
+                   help="merge concurrent requests into batches (default on; off = one request per ORT call)")
+    p.add_argument("--shutdown-timeout-s", type=float, default=_env("SHUTDOWN_TIMEOUT_S", 30.0),
+                   help="on SIGINT/SIGTERM, wait this long for in-flight requests (default 30 s)")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
+                   choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=_env_flag("ACCESS_LOG", False),
+                   help="log every request (default off)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    """Load the model, build the app, run uvicorn until SIGINT/SIGTERM (in-flight requests finish)."""
+    # A server tokenizes many small inputs at once: the tokenizers' own thread pool and ORT's spinning
+    # threads would only fight the worker for the cores (set either variable to override).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("EMBFAST_ORT_SPIN", "0")
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise ImportError(f"embfast serve needs the server extra: pip install 'embfast[server]' ({exc})") from exc
+    from embfast import CrossEncoder
+    from embfast.server.rerank import load_served_model
+
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [1, 65535], got {args.port}")
+    t0 = time.perf_counter()
+    model_args = {"device": args.device, "precision": args.precision, "threads": args.threads}
+    embedder = load_served_model(args.model, **model_args)
+    reranker = CrossEncoder(args.reranker, **model_args) if args.reranker else None
+    app = create_app(embedder, reranker=reranker, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
+                     max_queue=args.max_queue, dynamic_batching=args.dynamic_batching,
+                     max_request_bytes=args.max_request_bytes, api_key=args.api_key or None,
+                     corpus=args.corpus, corpus_texts=args.corpus_texts, max_inputs=args.max_client_batch_size)
+    route = "/rerank" if isinstance(embedder, CrossEncoder) else "/v1/embeddings"
+    print(f"embfast serve: {embedder}{f' + {reranker}' if reranker else ''} ready in "
+          f"{time.perf_counter() - t0:.1f} s; http://{args.host}:{args.port}{route}", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"embfast serve: warning: listening on {args.host} without --api-key", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
+                timeout_graceful_shutdown=args.shutdown_timeout_s)
+    return 0
