@@ -71,6 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="infinity backend (default torch, its default). optimum needs infinity-emb[optimum] and a "
                         "folder with model.onnx; infinity 0.0.78 + optimum 2.1 failed to load it here")
     p.add_argument("--infinity-batch-size", type=int, default=32, help="infinity --batch-size (default 32)")
+    p.add_argument("--apis", default="openai",
+                   help="API families to load embfast with (batching on): openai (/v1/embeddings), tei (/embed), "
+                        "cohere (/v2/embed); comma-separated (default openai)")
+    p.add_argument("--in-process", action="store_true",
+                   help="also run the same load on a DynamicBatcher in this process (no HTTP): the HTTP layer's cost "
+                        "per request is each API's p50 minus this p50")
     p.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--startup-timeout-s", type=float, default=300.0, help="wait this long for a server to start")
     args = p.parse_args(argv)
@@ -160,7 +166,42 @@ def infinity_server(args, model_dir: str) -> Server:
 
 
 # ---- load -------------------------------------------------------------------------------------------
-async def run_load(server: Server, sentences: list[str], clients: int, k: int, seconds: float) -> dict:
+#: API family -> (path, request body for a chunk of texts, number of vectors in a 200 answer)
+APIS = {
+    "openai": ("/v1/embeddings", lambda chunk, model: {"input": chunk[0] if len(chunk) == 1 else chunk, "model": model,
+                                                        "encoding_format": "float"},
+               lambda body: len(body["data"])),
+    "tei": ("/embed", lambda chunk, model: {"inputs": chunk[0] if len(chunk) == 1 else chunk}, len),
+    "cohere": ("/v2/embed", lambda chunk, model: {"texts": chunk, "model": model, "input_type": "search_document",
+                                                  "embedding_types": ["float"]},
+               lambda body: len(body["embeddings"]["float"])),
+}
+
+
+async def run_inprocess(batcher, sentences: list[str], clients: int, k: int, seconds: float) -> dict:
+    """The same closed-loop load on a DynamicBatcher in this process (asyncio callers, no HTTP)."""
+    latencies: list[float] = []
+    texts_done = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def client(c: int) -> None:
+        nonlocal texts_done
+        i = c * 997
+        while time.perf_counter() < stop_at:
+            chunk = [sentences[(i + j) % len(sentences)] for j in range(k)]
+            i += k * clients
+            t0 = time.perf_counter()
+            await batcher.encode_async(chunk[0] if k == 1 else chunk)
+            latencies.append(time.perf_counter() - t0)
+            texts_done += k
+
+    t_start = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    return {"latencies": latencies, "errors": 0, "texts": texts_done, "seconds": time.perf_counter() - t_start}
+
+
+async def run_load(server: Server, sentences: list[str], clients: int, k: int, seconds: float,
+                   api: str = "openai") -> dict:
     """``clients`` closed-loop clients for ``seconds``; returns counts and latencies (seconds)."""
     import httpx
 
@@ -177,12 +218,17 @@ async def run_load(server: Server, sentences: list[str], clients: int, k: int, s
             while time.perf_counter() < stop_at:
                 chunk = [sentences[(i + j) % len(sentences)] for j in range(k)]
                 i += k * clients
-                body = {"input": chunk[0] if k == 1 else chunk, "model": server.model_name,
-                        "encoding_format": "float"}
+                if api == "openai":
+                    path, body = server.path, {"input": chunk[0] if k == 1 else chunk, "model": server.model_name,
+                                               "encoding_format": "float"}
+                    vectors = APIS["openai"][2]
+                else:
+                    path, make, vectors = APIS[api]
+                    body = make(chunk, server.model_name)
                 t0 = time.perf_counter()
                 try:
-                    r = await http.post(server.path, json=body)
-                    ok = r.status_code == 200 and len(r.json()["data"]) == k
+                    r = await http.post(path, json=body)
+                    ok = r.status_code == 200 and vectors(r.json()) == k
                 except (httpx.HTTPError, ValueError, KeyError):
                     ok = False
                 if ok:
@@ -197,16 +243,25 @@ async def run_load(server: Server, sentences: list[str], clients: int, k: int, s
     return {"latencies": latencies, "errors": errors, "texts": texts_done, "seconds": elapsed}
 
 
-def measure(server: Server, sentences: list[str], clients: int, k: int, args) -> dict:
+def measure(server, sentences: list[str], clients: int, k: int, args, api: str = "openai") -> dict:
+    """One point: ``server`` a Server (HTTP, through ``api``) or a DynamicBatcher (in-process)."""
     import numpy as np
 
+    if isinstance(server, Server):
+        def load(seconds):
+            return run_load(server, sentences, clients, k, seconds, api)
+        name, extra = server.name.split("-")[0], {**server.extra, "api": api}
+    else:
+        def load(seconds):
+            return run_inprocess(server, sentences, clients, k, seconds)
+        name, extra = "in-process", {"dynamic_batching": True, "api": "python"}
     if args.warmup_s > 0:
-        asyncio.run(run_load(server, sentences, clients, k, args.warmup_s))
-    res = asyncio.run(run_load(server, sentences, clients, k, args.duration_s))
+        asyncio.run(load(args.warmup_s))
+    res = asyncio.run(load(args.duration_s))
     lat = np.array(res["latencies"]) * 1000
     n = len(lat)
     return {
-        "bench": "server", "server": server.name.split("-")[0], **server.extra, "concurrency": clients,
+        "bench": "server", "server": name, **extra, "concurrency": clients,
         "texts_per_request": k, "requests": n, "errors": res["errors"], "seconds": round(res["seconds"], 3),
         "requests_per_s": round(n / res["seconds"], 2), "texts_per_s": round(res["texts"] / res["seconds"], 2),
         "p50_ms": round(float(np.percentile(lat, 50)), 2) if n else None,
@@ -232,13 +287,20 @@ def machine() -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| server | batching | clients | texts/req | req/s | texts/s | p50 ms | p99 ms | errors |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| server | API | batching | clients | texts/req | req/s | texts/s | p50 ms | p99 ms | errors |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         batching = {True: "on", False: "off"}.get(r.get("dynamic_batching"), f"batch {r.get('batch_size', '-')}")
-        out.append(f"| {r['server']} | {batching} | {r['concurrency']} | {r['texts_per_request']} | "
-                   f"{r['requests_per_s']} | {r['texts_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |")
-    return "\n".join(out)
+        out.append(f"| {r['server']} | {r.get('api', 'openai')} | {batching} | {r['concurrency']} | "
+                   f"{r['texts_per_request']} | {r['requests_per_s']} | {r['texts_per_s']} | {r['p50_ms']} | "
+                   f"{r['p99_ms']} | {r['errors']} |")
+    base = {(r["concurrency"], r["texts_per_request"]): r["p50_ms"] for r in rows if r["server"] == "in-process"}
+    extra = [f"- HTTP cost per request ({r['api']}, {r['concurrency']} clients, {r['texts_per_request']} "
+             f"text(s)): p50 {r['p50_ms']} - {base[(r['concurrency'], r['texts_per_request'])]} = "
+             f"{r['p50_ms'] - base[(r['concurrency'], r['texts_per_request'])]:.2f} ms"
+             for r in rows if r["server"] == "embfast" and r.get("dynamic_batching")
+             and (r["concurrency"], r["texts_per_request"]) in base and r["p50_ms"] is not None]
+    return "\n".join(out + ([""] + extra if extra else []))
 
 
 def main(argv=None) -> int:
@@ -274,16 +336,34 @@ def main(argv=None) -> int:
             except RuntimeError as exc:
                 print(json.dumps({"bench": "server", "skipped": server.name, "why": str(exc)}), flush=True)
                 continue
+            apis = args.apis.split(",") if server.extra.get("dynamic_batching") else ["openai"]
             try:
+                for api in apis:
+                    for k in args.texts_per_request:
+                        for clients in args.concurrency:
+                            row = measure(server, sentences, clients, k, args, api)
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
+                            if out:
+                                out.write(json.dumps(row) + "\n")
+            finally:
+                server.stop()
+        if args.in_process:  # after the servers stopped: the cores are this process's alone
+            from embfast import DynamicBatcher, Embedder
+
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the settings `embfast serve` runs with
+            os.environ.setdefault("EMBFAST_ORT_SPIN", "0")
+            model = Embedder(args.model, precision=args.precision, threads=args.threads) if args.model else \
+                Embedder(precision=args.precision, threads=args.threads)
+            with DynamicBatcher(model, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
+                                max_queue=100000) as batcher:
                 for k in args.texts_per_request:
                     for clients in args.concurrency:
-                        row = measure(server, sentences, clients, k, args)
+                        row = measure(batcher, sentences, clients, k, args)
                         rows.append(row)
                         print(json.dumps(row), flush=True)
                         if out:
                             out.write(json.dumps(row) + "\n")
-            finally:
-                server.stop()
     finally:
         if out:
             out.close()

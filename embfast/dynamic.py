@@ -64,7 +64,7 @@ import numpy as np
 
 from embfast.encoder import EncodeInfo, as_text_list
 from embfast.quantization import OUTPUT_PRECISIONS
-from embfast.tokenization import Tokenized
+from embfast.tokenization import InputTooLongError, Tokenized
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,25 @@ def plan_by_cost(lengths: np.ndarray, max_batch_size: int, max_batch_tokens: int
     return groups[::-1]
 
 
+def _check_token_ids(token_ids, vocab_size: int) -> list[list[int]]:
+    """``token_ids`` as a list of non-empty lists of ints in [0, vocab_size); TypeError / ValueError otherwise."""
+    if not isinstance(token_ids, (list, tuple)):
+        raise TypeError(f"token_ids must be a list of lists of ints, got {type(token_ids).__name__}")
+    out = []
+    for i, row in enumerate(token_ids):
+        if not isinstance(row, (list, tuple, np.ndarray)) or len(row) == 0:
+            raise ValueError(f"token_ids[{i}] must be a non-empty list of ints")
+        arr = np.asarray(row)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise TypeError(f"token_ids[{i}] must be a list of ints, got {arr.dtype} with shape {arr.shape}")
+        bad = (arr < 0) | (arr >= vocab_size)
+        if bad.any():
+            raise ValueError(f"token_ids[{i}] holds {int(arr[bad][0])}: ids must be in [0, {vocab_size}) (this "
+                             "model's vocabulary)")
+        out.append([int(v) for v in arr])
+    return out
+
+
 def _default_tokenizer_threads() -> int:
     try:
         cores = len(os.sched_getaffinity(0))
@@ -260,7 +279,7 @@ class DynamicBatcher:
     def encode(self, sentences, normalize_embeddings: bool | None = None, *, prompt: str | None = None,
                prompt_name: str | None = None, truncate: bool = True, truncate_dim: int | None = None,
                precision: str = "float32", convert_to_numpy: bool = True, return_info: bool = False,
-               timeout: float | None = None):
+               timeout: float | None = None, truncation_side: str = "right"):
         """Embed texts, batched with whatever other callers are sending; blocks the calling thread.
 
         Args:
@@ -269,6 +288,7 @@ class DynamicBatcher:
             prompt / prompt_name: as :meth:`Embedder.encode`.
             truncate: cut inputs longer than max_seq_length (True) or raise
                 :class:`~embfast.InputTooLongError` for this call (False).
+            truncation_side: "right" (default) keeps the start of a long input, "left" its end.
             truncate_dim: keep the first dims (Matryoshka) before normalization.
             precision: output precision: float32 | int8 | uint8 | binary | ubinary.
             convert_to_numpy: False returns a list of 1-D arrays.
@@ -287,17 +307,19 @@ class DynamicBatcher:
         t0 = time.perf_counter()
         self._require("embedder", "encode")
         texts, single, prefix, opts = self._prepare(sentences, normalize_embeddings, prompt, prompt_name,
-                                                   truncate, truncate_dim, precision, timeout)
+                                                   truncate, truncate_dim, precision, timeout,
+                                                   truncation_side)
         if not texts:
             return self._empty(opts, convert_to_numpy, return_info)
-        pooled, (tok, _) = self._submit_wait(lambda: self._tokenize(texts, prefix, truncate), timeout, "encode")
+        pooled, (tok, _) = self._submit_wait(lambda: self._tokenize(texts, prefix, truncate, truncation_side),
+                                             timeout, "encode")
         return self._finish(pooled, tok, single, opts, convert_to_numpy, return_info, t0)
 
     async def encode_async(self, sentences, normalize_embeddings: bool | None = None, *,
                            prompt: str | None = None, prompt_name: str | None = None, truncate: bool = True,
                            truncate_dim: int | None = None, precision: str = "float32",
                            convert_to_numpy: bool = True, return_info: bool = False,
-                           timeout: float | None = None):
+                           timeout: float | None = None, truncation_side: str = "right"):
         """The coroutine form of :meth:`encode` (same arguments, results and errors).
 
         The event loop never runs ONNX Runtime; it tokenizes inputs of up to
@@ -307,13 +329,51 @@ class DynamicBatcher:
         t0 = time.perf_counter()
         self._require("embedder", "encode_async")
         texts, single, prefix, opts = self._prepare(sentences, normalize_embeddings, prompt, prompt_name,
-                                                   truncate, truncate_dim, precision, timeout)
+                                                   truncate, truncate_dim, precision, timeout,
+                                                   truncation_side)
         if not texts:
             return self._empty(opts, convert_to_numpy, return_info)
         chars = sum(map(len, texts)) + len(prefix) * len(texts)
-        pooled, (tok, _) = await self._submit_wait_async(lambda: self._tokenize(texts, prefix, truncate), chars,
-                                                         timeout, "encode_async")
+        pooled, (tok, _) = await self._submit_wait_async(
+            lambda: self._tokenize(texts, prefix, truncate, truncation_side), chars, timeout, "encode_async")
         return self._finish(pooled, tok, single, opts, convert_to_numpy, return_info, t0)
+
+    async def encode_ids_async(self, token_ids: list, normalize_embeddings: bool | None = None, *,
+                               truncate: bool = True, truncate_dim: int | None = None, precision: str = "float32",
+                               return_info: bool = False, timeout: float | None = None):
+        """Embed inputs given as token ids of the model's own tokenizer, fed as they are (no special tokens
+        added; TEI's and vLLM's semantics for token-id input), batched with the other callers.
+
+        Args:
+            token_ids: a list of non-empty lists of ints, each in [0, vocabulary size).
+            truncate: keep the first ``max_seq_length`` ids of a longer input (True) or raise
+                :class:`~embfast.InputTooLongError` (False).
+            normalize_embeddings / truncate_dim / precision / return_info / timeout: as :meth:`encode_async`.
+
+        Returns:
+            (n, dim) as :meth:`encode_async` (with ``return_info``: (embeddings, info)).
+
+        Raises:
+            TypeError / ValueError: not a list of lists of ints, an empty list, an id outside the vocabulary
+            (naming the input and the id); InputTooLongError; OverloadedError; BatcherClosedError.
+        """
+        t0 = time.perf_counter()
+        self._require("embedder", "encode_ids_async")
+        ids = _check_token_ids(token_ids, self.embedder.tokenizer.tokenizer.get_vocab_size(with_added_tokens=True))
+        _, _, _, opts = self._prepare([], normalize_embeddings, None, None, truncate, truncate_dim, precision, timeout)
+        if not ids:
+            return self._empty(opts, True, return_info)
+        limit = self.embedder.tokenizer.max_seq_length
+        lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
+        too_long = lengths > limit
+        if too_long.any() and not truncate:
+            first = int(np.flatnonzero(too_long)[0])
+            raise InputTooLongError(f"input {first} has {int(lengths[first])} token ids, more than "
+                                    f"max_seq_length={limit}; pass truncate=True to keep the first {limit}")
+        cut = [r[:limit] for r in ids]
+        given = Tokenized(ids=cut, lengths=np.minimum(lengths, limit), truncated=too_long)
+        pooled, (tok, _) = await self._submit_wait_async(lambda: (given, 0), 0, timeout, "encode_ids_async")
+        return self._finish(pooled, tok, False, opts, True, return_info, t0)
 
     def predict(self, inputs, *, activation_fn=None, apply_softmax: bool = False, truncate: bool = True,
                 convert_to_numpy: bool = True, return_info: bool = False, timeout: float | None = None):
@@ -451,13 +511,15 @@ class DynamicBatcher:
 
     # ---- caller side ---------------------------------------------------------------------------
     def _prepare(self, sentences, normalize_embeddings, prompt, prompt_name, truncate, truncate_dim, precision,
-                 timeout):
+                 timeout, truncation_side="right"):
         """Validate everything before anything is queued. Returns (texts, single, prefix, postprocess opts)."""
         texts, single = as_text_list(sentences)
         if precision not in OUTPUT_PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(OUTPUT_PRECISIONS)}, got {precision!r}")
         if not isinstance(truncate, bool):
             raise TypeError(f"truncate must be a bool, got {type(truncate).__name__}")
+        if truncation_side not in ("right", "left"):
+            raise ValueError(f"truncation_side must be 'right' or 'left', got {truncation_side!r}")
         if normalize_embeddings is not None and not isinstance(normalize_embeddings, (bool, np.bool_)):
             raise TypeError(f"normalize_embeddings must be a bool or None, got {type(normalize_embeddings).__name__}")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
@@ -469,14 +531,15 @@ class DynamicBatcher:
         opts = {"normalize_embeddings": normalize_embeddings, "truncate_dim": truncate_dim, "precision": precision}
         return texts, single, prefix, opts
 
-    def _tokenize(self, texts: list[str], prefix: str, truncate: bool) -> tuple[Tokenized, int]:
+    def _tokenize(self, texts: list[str], prefix: str, truncate: bool,
+                  truncation_side: str = "right") -> tuple[Tokenized, int]:
         """Tokenize (prompt prepended); also the prompt tokens pooling leaves out (0 unless include_prompt: false)."""
         skip = 0
         if prefix:
             texts = [prefix + t for t in texts]
             if not getattr(self.embedder.config, "include_prompt", True):
                 skip = self.embedder.tokenizer.prompt_length(prefix)
-        return self.embedder.tokenizer.tokenize(texts, truncate=truncate), skip
+        return self.embedder.tokenizer.tokenize(texts, truncate=truncate, truncation_side=truncation_side), skip
 
     def _tokenizer_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._cond:

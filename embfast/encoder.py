@@ -241,7 +241,7 @@ class Embedder:
                truncate_dim: int | None = None, precision: str = "float32",
                output_value: str = "sentence_embedding", convert_to_numpy: bool = True,
                show_progress_bar: bool = False, return_info: bool = False,
-               max_batch_tokens: int | None | str = "auto"):
+               max_batch_tokens: int | None | str = "auto", truncation_side: str = "right"):
         """Embed texts.
 
         Args:
@@ -254,6 +254,8 @@ class Embedder:
             truncate: cut inputs longer than max_seq_length (True) or raise InputTooLongError (False).
             truncate_dim: keep the first dims (Matryoshka), before normalization; default the model's.
             precision: output precision: float32 | int8 | uint8 | binary | ubinary (sentence-transformers').
+            truncation_side: "right" (default, sentence-transformers') keeps the start of a long input,
+                "left" keeps its end (TEI's ``truncation_direction``; a prompt is cut with the text).
             output_value: "sentence_embedding", or "token_embeddings" for one (tokens, hidden) array per text.
             convert_to_numpy: False returns a list of 1-D arrays instead of one 2-D array.
             show_progress_bar: a tqdm bar over batches.
@@ -283,7 +285,7 @@ class Embedder:
             if max_batch_tokens != "auto":
                 raise ValueError(f"max_batch_tokens must be an int >= 1, None or 'auto', got {max_batch_tokens!r}")
             max_batch_tokens = None if self.device == "cuda" else CPU_MAX_BATCH_TOKENS
-        tok = self.tokenizer.tokenize(texts, truncate=truncate)
+        tok = self.tokenizer.tokenize(texts, truncate=truncate, truncation_side=truncation_side)
         batches = plan_batches(tok.lengths, batch_size, max_batch_tokens)
 
         def progress(items):

@@ -9,6 +9,7 @@ model's ``max_seq_length`` (special tokens included), as sentence-transformers d
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,8 @@ class TextTokenizer:
         self.special_ids = frozenset(int(t["id"]) for t in spec.get("added_tokens") or () if t.get("special"))
         self.pad_token_id = self._find_pad_id() if pad_token_id is None else pad_token_id
         self._prompt_lengths: dict[str, int] = {}
+        self._left: Tokenizer | None = None  # a copy that cuts from the start, made on first use
+        self._lock = threading.Lock()
 
     def _find_pad_id(self) -> int:
         pad = self.tokenizer.padding
@@ -108,7 +111,21 @@ class TextTokenizer:
             self._prompt_lengths[prompt] = n
         return n
 
-    def tokenize(self, texts: list, *, truncate: bool = True) -> Tokenized:
+    def _cutting_from(self, side: str) -> Tokenizer:
+        """The tokenizer that truncates from ``side`` ("right": keep the start; "left": keep the end)."""
+        if side == "right":
+            return self.tokenizer
+        if side != "left":
+            raise ValueError(f"truncation_side must be 'right' or 'left', got {side!r}")
+        with self._lock:
+            if self._left is None:  # settings are fixed per object, so a second object keeps this one thread-safe
+                left = Tokenizer.from_str(self.tokenizer.to_str())
+                left.no_padding()
+                left.enable_truncation(max_length=self.max_seq_length, direction="left")
+                self._left = left
+            return self._left
+
+    def tokenize(self, texts: list, *, truncate: bool = True, truncation_side: str = "right") -> Tokenized:
         """Tokenize texts (already validated strings) without padding.
 
         ``texts`` may also hold pairs ``(a, b)`` (a cross-encoder's inputs): they are joined by the
@@ -116,9 +133,14 @@ class TextTokenizer:
         token at a time from the longer of the two), as Hugging Face tokenizers do; their segment ids
         are kept in ``type_ids`` when the model takes ``token_type_ids``.
 
-        Raises InputTooLongError naming the first over-long input when ``truncate`` is False.
+        ``truncation_side`` "right" (default, as sentence-transformers) keeps the first tokens of a long
+        input; "left" keeps the last ones (TEI's ``truncation_direction: "left"``). Special tokens ([CLS],
+        [SEP]) are added after the cut either way; a prompt is part of the input and is cut with it.
+
+        Raises InputTooLongError naming the first over-long input when ``truncate`` is False; ValueError for
+        another ``truncation_side``.
         """
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        encodings = self._cutting_from(truncation_side).encode_batch(texts, add_special_tokens=True)
         ids = [e.ids for e in encodings]
         type_ids = None
         if "token_type_ids" in self.input_names and any(not isinstance(t, str) for t in texts):

@@ -1,35 +1,32 @@
-"""``embfast serve``: an OpenAI-compatible embedding server (FastAPI + uvicorn), transport only.
+"""``embfast serve``: one embedding server that speaks the field's HTTP APIs (FastAPI + uvicorn), transport only.
 
-Requests go transport -> :class:`~embfast.dynamic.DynamicBatcher` (one queue,
-token-budget batches, one ONNX Runtime worker) -> the Embedder. Why FastAPI +
-uvicorn: the stack the ``server`` extra already names, well kept, and ASGI lets
-every request wait on the batcher without a thread of its own.
+Requests go transport -> :class:`~embfast.dynamic.DynamicBatcher` (one queue per model, token-budget batches,
+one ONNX Runtime worker) -> the model. Why FastAPI + uvicorn: the stack the ``server`` extra names, well kept,
+and ASGI lets every request wait on the batcher without a thread of its own.
 
-Endpoints:
-- ``POST /v1/embeddings``: OpenAI's embeddings API. ``input`` a string or a list
-  of strings (at most ``max_inputs``, default 2048, none empty), ``model``
-  (any string; the answer names the served model), ``encoding_format``
-  ``float`` (default) | ``base64`` (little-endian float32 bytes),
-  ``dimensions`` (Matryoshka: the first ``dimensions`` values, re-normalized),
-  ``user`` (ignored), and embfast's ``truncate`` (default true: texts longer
-  than the model takes are cut, counted in ``usage`` and the
-  ``x-embfast-truncated-inputs`` header; false: 422 instead).
-  ``usage.prompt_tokens`` = ``total_tokens`` = tokens fed to the model.
-- ``POST /v1/search``: ``{"query": str | [str], "top_k": 10}`` -> cosine top-k
-  (``{"id", "score", "text"?, "metadata"?}`` per hit) over a corpus loaded at
-  start-up: an .npy file of (n, dim) embeddings (dim at most the model's:
-  queries are cut to it), with texts (one per line) when a texts file is
-  given, or an embfast index file (:class:`embfast.Index`, built with this model).
-- ``GET /health``, ``GET /info``, ``GET /metrics`` (Prometheus text format),
-  ``GET /v1/models``.
-- Reranking with a cross-encoder (``reranker=``, or a CrossEncoder as the model): TEI's
-  ``POST /rerank`` and ``POST /predict``, Cohere's / Jina's ``POST /v1/rerank`` (and ``/v2/rerank``);
-  see :mod:`embfast.server_rerank`. A route whose model is not served answers 424.
+One module per API family, so a client written for another engine works unchanged:
+- :mod:`embfast.server.openai`: OpenAI's ``/v1/embeddings`` (and ``/embeddings``), ``/v1/models``, and
+  embfast's ``/v1/search`` (cosine top-k over a loaded corpus, or recommendations by example).
+- :mod:`embfast.server.tei`: text-embeddings-inference's ``/embed``, ``/``, ``/embed_all``, ``/similarity``,
+  ``/tokenize``, ``/decode``, ``/info``, ``/health``, ``/ping``, and ``/health/live`` / ``/health/ready``.
+- :mod:`embfast.server.cohere`: Cohere's ``/v2/embed`` and ``/v1/embed``.
+- :mod:`embfast.server.rerank`: TEI's ``/rerank`` and ``/predict``, Cohere's / Jina's ``/v1/rerank`` and
+  ``/v2/rerank`` with a cross-encoder (``reranker=``, or a CrossEncoder as the model).
+- :mod:`embfast.server.common` (errors, body reading, field checks), :mod:`embfast.server.metrics`
+  (Prometheus), :mod:`embfast.server.app` (:func:`create_app`), :mod:`embfast.server.cli` (``embfast serve``).
 
-Errors are JSON ``{"error": {"message", "type", "code", "param"}}`` as OpenAI's:
-400 malformed JSON, 401 missing or wrong API key (``Authorization: Bearer``;
-``/health`` stays open), 404 / 405, 413 body over ``max_request_bytes``, 422 a
-field that is wrong, 429 queue full (``Retry-After``), 503 shutting down.
+Across APIs: unknown request fields are ignored and logged once per name (``strict_requests`` /
+``--strict-requests``: 422); ``input_type`` (query / document / passage / search_query / search_document /
+classification / clustering) and ``prompt_name`` select the model's prompt; a long text is cut at the end (or
+the start: ``truncation_direction: "left"``, Cohere's ``truncate: "START"``) and counted in the
+``x-embfast-truncated-inputs`` header, or refused with ``truncate: false`` / ``"NONE"``. A route whose model is
+not served answers 424.
+
+Errors come in the shape each family's clients parse: OpenAI's ``{"error": {"message", "type", "code",
+"param"}}``, TEI's ``{"error", "error_type"}`` on TEI's routes, Cohere's ``{"message"}`` on ``/v*/embed``.
+Statuses: 400 malformed JSON, 401 missing or wrong API key (``Authorization: Bearer``; ``/health`` stays open),
+404 / 405, 413 body over ``max_request_bytes``, 422 a field that is wrong, 424 model kind not served, 429 queue
+full (``Retry-After``), 503 shutting down. Never a 5xx for a bad request.
 """
 
 from __future__ import annotations

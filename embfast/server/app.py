@@ -4,37 +4,40 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import logging
 import time
 from pathlib import Path
-
-import numpy as np
+from types import SimpleNamespace
 
 from embfast.search_corpus import SearchCorpus
 from embfast.server.common import (
     _ENDPOINTS,
-    _SEARCH_FIELDS,
     DEFAULT_MAX_INPUTS,
     DEFAULT_MAX_REQUEST_BYTES,
     ApiError,
-    _check_fields,
+    TokenIdDecoder,
     _decode_json,
     _dumps,
-    _error_body,
-    _example_ids,
-    _json_type,
-    _optional,
-    _orjson,
     _read_body,
-    _text_input,
-    parse_embeddings_request,
+    error_body,
 )
 from embfast.server.metrics import Metrics
 from embfast.text import InvalidTextError
 
 log = logging.getLogger(__name__)
+
+# The error body each route's clients parse (TEI's and Cohere's routes answer in their API's shape).
+TEI_PATHS = frozenset({"/", "/embed", "/embed_all", "/similarity", "/tokenize", "/decode", "/invocations",
+                       "/rerank", "/predict", "/embed_sparse"})
+COHERE_PATHS = frozenset({"/v1/embed", "/v2/embed"})
+
+
+def family_of(path: str) -> str:
+    """"tei", "cohere" or "openai": the API family whose error shape ``path`` answers in."""
+    if path in TEI_PATHS:
+        return "tei"
+    return "cohere" if path in COHERE_PATHS else "openai"
 
 
 class _Guard:
@@ -62,7 +65,7 @@ class _Guard:
                 err = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                                code="unauthorized", type_="authentication_error")
                 self.metrics.inc("embfast_errors_total", (err.code,))
-                body = _error_body(err)
+                body = error_body(err, family_of(path))
                 await send_status({"type": "http.response.start", "status": 401, "headers": [
                     (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                     (b"www-authenticate", b"Bearer")]})
@@ -70,7 +73,7 @@ class _Guard:
                 return
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.request_seconds.observe(time.perf_counter() - t0, (endpoint,))
+            self.metrics.observe_request(endpoint, time.perf_counter() - t0)
             self.metrics.inc("embfast_requests_total", (endpoint, str(status[0])))
 
     def _authorized(self, scope) -> bool:
@@ -95,7 +98,8 @@ class _Guard:
 def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wait_ms: float = 2.0,
                max_queue: int = 1024, dynamic_batching: bool = True, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                max_inputs: int = DEFAULT_MAX_INPUTS, api_key: str | None = None, corpus=None, corpus_texts=None,
-               model_name: str | None = None, reranker=None):
+               model_name: str | None = None, reranker=None, strict_requests: bool = False,
+               token_ids: str | None = None):
     """Build the FastAPI app serving ``embedder``.
 
     Args:
@@ -117,13 +121,19 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
         model_name: the name answers carry (default: the model folder's name).
         reranker: a :class:`~embfast.CrossEncoder` for /rerank, /predict and /v1/rerank (default None: those
             answer 424). It gets a DynamicBatcher of its own, with the same settings, closed at shutdown.
+        strict_requests: refuse (422) request fields the route does not know; default False ignores them (logged
+            once per name), as TEI and vLLM do with what proxies and SDKs add.
+        token_ids: what ``input`` given as token ids means on /v1/embeddings and /embed: None (default) answers
+            422 saying how to make the client send text; "model": ids of this model's own tokenizer, fed as they
+            are (TEI's and vLLM's semantics; validated against the vocabulary and max_seq_length);
+            "tiktoken:ENCODING" (e.g. "tiktoken:cl100k_base"): OpenAI-tokenizer ids (langchain-openai's
+            default) decoded with tiktoken to their text, then embedded as text.
 
     Raises:
         ValueError / FileNotFoundError: a bad corpus or argument, before anything serves.
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import PlainTextResponse, Response
-    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from embfast import __version__, build_info
@@ -152,6 +162,9 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
     if corpus is None and corpus_texts is not None:
         raise ValueError("corpus_texts needs a corpus (the .npy vectors of those texts)")
     search_corpus = None if corpus is None else SearchCorpus.open(corpus, corpus_texts, embedder)
+    token_decoder = None
+    if token_ids is not None and token_ids != "model":
+        token_decoder = TokenIdDecoder(token_ids)  # ValueError / ImportError before anything serves
     metrics = Metrics()
     own = batcher is None
     if own and embedder is not None:  # its worker thread starts with the first request; closed at shutdown
@@ -167,13 +180,26 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
 
     from contextlib import asynccontextmanager
 
+    state = SimpleNamespace(ready=False, closing=False)
+
+    def warm_up() -> None:
+        """One request through each model before /health/ready says ready (the first ONNX Runtime run
+        allocates its arenas; a load balancer should not send traffic before that)."""
+        if embedder is not None:
+            embedder.encode(["warm-up"])
+        if reranker is not None:
+            reranker.predict([("warm-up", "warm-up")])
+
     @asynccontextmanager
     async def lifespan(app):
         for b in batchers:
             b.add_batch_listener(metrics.on_batch)
         try:
+            await asyncio.get_running_loop().run_in_executor(None, warm_up)
+            state.ready = True
             yield
         finally:
+            state.ready, state.closing = False, True
             for b in batchers:
                 b.remove_batch_listener(metrics.on_batch)
             for b in owned:  # uvicorn runs this after the in-flight requests finished; close() drains what is left
@@ -185,42 +211,65 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
     app.state.rerank_batcher = rerank_batcher
     app.add_middleware(_Guard, api_key=api_key, metrics=metrics, max_request_bytes=max_request_bytes)
 
+    from embfast.server.schemas import ROUTES, request_body
+
+    schema_defs: dict = {}  # nested request schemas, added to the OpenAPI components
+
     def route(path: str, method: str):
         """Register an endpoint; its ``request`` parameter is typed here because annotations are strings
-        (``from __future__ import annotations``) and FastAPI, imported lazily, is not a module global."""
+        (``from __future__ import annotations``) and FastAPI, imported lazily, is not a module global. A POST
+        route's body and answer are described in /openapi.json from :mod:`embfast.server.schemas`."""
         def register(fn):
             fn.__annotations__ = {k: Request if k == "request" else v for k, v in fn.__annotations__.items()}
-            app.add_api_route(path, fn, methods=[method])
+            extra = request_body(path) if method == "POST" else None
+            if extra is not None:
+                schema_defs.update(extra.pop("x-embfast-defs"))
+            answer = ROUTES.get(path, (None, None))[1] if method == "POST" else None
+            app.add_api_route(path, fn, methods=[method], openapi_extra=extra, response_model=answer)
             return fn
         return register
 
-    def error_response(exc: ApiError) -> Response:
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                              description="embfast: OpenAI, TEI and Cohere embedding and reranking APIs")
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            for name, schema in schema_defs.items():
+                components.setdefault(name, schema)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    def error_response(exc: ApiError, path: str = "") -> Response:
         metrics.inc("embfast_errors_total", (exc.code,))
-        return Response(_error_body(exc), status_code=exc.status, media_type="application/json",
+        return Response(error_body(exc, family_of(path)), status_code=exc.status, media_type="application/json",
                         headers=exc.headers)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                       code=code, headers=dict(exc.headers or {})))
+                                       code=code, headers=dict(exc.headers or {})), request.url.path)
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):  # a bug: say so, keep serving
         log.exception("embfast serve: internal error on %s", request.url.path)
         return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal",
-                                       type_="server_error"))
+                                       type_="server_error"), request.url.path)
 
     def need_embedder() -> None:
         if embedder is None:
             raise ApiError(424, "this server has no embedding model (it serves a cross-encoder): use /rerank, "
                            "/predict or /v1/rerank", code="model_not_embedder")
 
-    async def run_encode(request: Request, texts: list[str], **kw):
+    async def run_encode(texts: list[str], **kw):
         try:
             return await batcher.encode_async(texts, return_info=True, **kw)
         except OverloadedError as exc:
@@ -233,6 +282,19 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
         except BatcherClosedError:
             raise ApiError(503, "the server is shutting down", code="shutting_down", type_="server_error") from None
 
+    async def run_encode_ids(ids: list, **kw):
+        try:
+            return await batcher.encode_ids_async(ids, return_info=True, **kw)
+        except OverloadedError as exc:
+            raise ApiError(429, str(exc), code="overloaded", type_="rate_limit_error",
+                           headers={"retry-after": "1"}) from None
+        except InputTooLongError as exc:
+            raise ApiError(422, f"{exc} (send \"truncate\": true)", code="input_too_long", param="input") from None
+        except (TypeError, ValueError) as exc:
+            raise ApiError(422, str(exc), code="invalid_input", param="input") from None
+        except BatcherClosedError:
+            raise ApiError(503, "the server is shutting down", code="shutting_down", type_="server_error") from None
+
     def count(info) -> int:
         tokens = int(info.token_counts.sum())
         metrics.inc("embfast_texts_total", value=len(info.token_counts))
@@ -240,89 +302,16 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
         metrics.inc("embfast_truncated_texts_total", value=int(info.truncated.sum()))
         return tokens
 
-    @route("/v1/embeddings", "POST")
-    async def embeddings(request: Request):
-        body = _decode_json(await _read_body(request, max_request_bytes))
-        need_embedder()
-        p = parse_embeddings_request(body, dim=dim, max_inputs=max_inputs)
-        dims = p["dimensions"]
-        emb, info = await run_encode(request, p["texts"], truncate=p["truncate"], truncate_dim=dims,
-                                     normalize_embeddings=True if dims else None)
-        tokens = count(info)
-        if p["encoding_format"] == "base64":
-            rows = [base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii") for v in emb]
-        else:
-            rows = list(emb) if _orjson is not None else emb.tolist()
-        data = [{"object": "embedding", "index": i, "embedding": r} for i, r in enumerate(rows)]
-        out = {"object": "list", "data": data, "model": name,
-               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-        payload = _dumps(out) if emb.size <= 65536 else await run_in_threadpool(_dumps, out)
-        return Response(payload, media_type="application/json",
-                        headers={"x-embfast-truncated-inputs": str(int(info.truncated.sum()))})
+    async def read_json(request):
+        return _decode_json(await _read_body(request, max_request_bytes))
 
-    @route("/v1/search", "POST")
-    async def search(request: Request):
-        body = _decode_json(await _read_body(request, max_request_bytes))
-        need_embedder()
-        if not isinstance(body, dict):
-            raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}",
-                           code="invalid_json")
-        _check_fields(body, _SEARCH_FIELDS)
-        top_k = _optional(body, "top_k", (int,), "an integer in [1, 10000]", 10)
-        if not 1 <= top_k <= 10000:
-            raise ApiError(422, f"top_k must be an integer in [1, 10000], got {top_k}", code="invalid_parameter",
-                           param="top_k")
-        if "positive" in body or "negative" in body:
-            return await recommend(body, top_k)
-        queries, _ = _text_input(body, "query", max_inputs)
-        truncate = _optional(body, "truncate", (bool,), "true or false", True)
-        _optional(body, "model", (str,), "a string")
-        if search_corpus is None:
-            raise ApiError(404, "no corpus is loaded: start the server with --corpus FILE (.npy or an embfast "
-                           "index)", code="no_corpus")
-        cdim = search_corpus.dim
-        q, info = await run_encode(request, queries, truncate=truncate, normalize_embeddings=True,
-                                   truncate_dim=cdim if cdim < dim else None)
-        hits = await run_in_threadpool(search_corpus.search, q, top_k)
-        tokens = count(info)
-        data = [{"object": "search_result", "index": i, "hits": row} for i, row in enumerate(hits)]
-        return Response(_dumps({"object": "list", "data": data, "model": name,
-                                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}),
-                        media_type="application/json")
-
-    async def recommend(body: dict, top_k: int):
-        """/v1/search by example: {"positive": [ids], "negative": [ids], "top_k"} (no "query")."""
-        if "query" in body:
-            raise ApiError(422, "give either query or positive/negative ids, not both", code="invalid_input",
-                           param="query")
-        ids = {f: _example_ids(body, f) for f in ("positive", "negative")}
-        if not ids["positive"]:
-            raise ApiError(422, "positive must be a non-empty list of ids", code="invalid_input", param="positive")
-        if search_corpus is None:
-            raise ApiError(404, "no corpus is loaded: start the server with --corpus FILE (.npy or an embfast "
-                           "index)", code="no_corpus")
-        try:
-            hits = await run_in_threadpool(search_corpus.recommend, ids["positive"], ids["negative"], top_k)
-        except KeyError as exc:
-            field = "negative" if str(exc.args[0]).startswith("negative") else "positive"
-            raise ApiError(422, str(exc.args[0]), code="unknown_id", param=field) from None
-        return Response(_dumps({"object": "list", "model": name, "usage": {"prompt_tokens": 0, "total_tokens": 0},
-                                "data": [{"object": "search_result", "index": 0, "hits": hits}]}),
-                        media_type="application/json")
-
-    @route("/health", "GET")
-    async def health(request: Request):
-        if any(b.closed for b in batchers):
-            return Response(_dumps({"status": "shutting down"}), status_code=503, media_type="application/json")
-        return Response(_dumps({"status": "ok"}), media_type="application/json")
-
-    @route("/info", "GET")
-    async def info(request: Request):
+    def info_payload() -> dict:
+        """embfast's own /info keys (TEI's are added by the TEI module)."""
         b = batchers[0]
         m = main_model
         model_info = {"dim": dim, "pooling": embedder.config.pooling, "normalize": embedder.config.normalize} \
             if embedder is not None else {"dim": None}
-        return Response(_dumps({
+        return {
             "model": name, "model_dir": str(m.model_dir), **model_info, "max_seq_length": m.config.max_seq_length,
             "precision": m.precision, "device": m.device, "provider": m.session.provider, "threads": m.session.threads,
             "reranker": None if reranker is None else {
@@ -334,26 +323,30 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
             "limits": {"max_request_bytes": max_request_bytes, "max_inputs": max_inputs},
             "auth": api_key is not None,
             "corpus": None if search_corpus is None else search_corpus.info(),
-            "version": __version__, "build": build_info()}), media_type="application/json")
+            "version": __version__, "build": build_info()}
 
-    @route("/v1/models", "GET")
-    async def models():
-        return Response(_dumps({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
-                                                            "owned_by": "embfast"}]}),
-                        media_type="application/json")
+    ctx = SimpleNamespace(
+        embedder=embedder, reranker=reranker, batcher=batcher, rerank_batcher=rerank_batcher, batchers=batchers,
+        name=name, dim=dim, max_inputs=max_inputs, strict=strict_requests, search_corpus=search_corpus,
+        prompts=dict(embedder.config.prompts) if embedder is not None else {}, metrics=metrics, state=state,
+        need_embedder=need_embedder, run_encode=run_encode, run_encode_ids=run_encode_ids, count=count,
+        read_json=read_json, token_ids=token_ids, token_decoder=token_decoder,
+        info_payload=info_payload, version=__version__)
 
     @route("/metrics", "GET")
     async def prometheus(request: Request):
         return PlainTextResponse(metrics.render(batchers[0].stats()),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    from embfast.server.cohere import add_cohere_routes
+    from embfast.server.openai import add_openai_routes
     from embfast.server.rerank import add_rerank_routes
+    from embfast.server.tei import add_tei_routes
 
-    async def read_json(request):
-        return _decode_json(await _read_body(request, max_request_bytes))
-
+    add_openai_routes(route, ctx)
+    add_tei_routes(route, ctx)
+    add_cohere_routes(route, ctx)
     add_rerank_routes(route, reranker=reranker, batcher=rerank_batcher, error=ApiError, read_json=read_json,
                       dumps=_dumps, count=count, name=reranker.name if embedder is not None and reranker else name,
-                      max_inputs=max_inputs)
+                      max_inputs=max_inputs, strict=strict_requests)
     return app
-

@@ -24,7 +24,9 @@ def _env_flag(name: str, default: bool) -> bool:
 def register_cli(subparsers) -> None:
     """Add ``embfast serve`` (flags mirror EMBFAST_* environment variables)."""
     p = subparsers.add_parser("serve", help="OpenAI-compatible embedding server (FastAPI + uvicorn)",
-                              description="Serve /v1/embeddings, /v1/search, /health, /info, /metrics. Every "
+                              description="Serve OpenAI's /v1/embeddings, TEI's /embed (and /rerank, /predict, "
+                                          "/similarity, /tokenize, /decode, /info), Cohere's /v2/embed and "
+                                          "/v2/rerank, /v1/search, /health, /metrics. Every "
                                           "flag has an EMBFAST_* environment variable (--max-wait-ms = "
                                           "EMBFAST_MAX_WAIT_MS).")
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (default 127.0.0.1)")
@@ -47,6 +49,14 @@ def register_cli(subparsers) -> None:
                         "more: 422")
     p.add_argument("--max-request-bytes", type=int, default=_env("MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES),
                    help="largest request body in bytes (default 2000000)")
+    p.add_argument("--strict-requests", action=argparse.BooleanOptionalAction,
+                   default=_env_flag("STRICT_REQUESTS", False),
+                   help="refuse (422) request fields a route does not know; default: ignore them, logged once "
+                        "per name, as TEI and vLLM do with what proxies and SDKs add")
+    p.add_argument("--token-ids", default=_env("TOKEN_IDS"), metavar="model|tiktoken:ENCODING",
+                   help="accept input given as token ids: 'model' = ids of this model's tokenizer, fed as they are; "
+                        "'tiktoken:cl100k_base' = OpenAI ids (langchain-openai's default) decoded to text "
+                        "(default: refuse them with a 422 that says how to send text)")
     p.add_argument("--api-key", default=_env("API_KEY"), help="require 'Authorization: Bearer KEY' (default: none)")
     p.add_argument("--corpus", default=_env("CORPUS"),
                    help="for /v1/search: an .npy file of (n, dim) embeddings, or an embfast index file")
@@ -85,7 +95,8 @@ def cmd_serve(args) -> int:
     app = create_app(embedder, reranker=reranker, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
                      max_queue=args.max_queue, dynamic_batching=args.dynamic_batching,
                      max_request_bytes=args.max_request_bytes, api_key=args.api_key or None,
-                     corpus=args.corpus, corpus_texts=args.corpus_texts, max_inputs=args.max_client_batch_size)
+                     corpus=args.corpus, corpus_texts=args.corpus_texts, max_inputs=args.max_client_batch_size,
+                     strict_requests=args.strict_requests, token_ids=args.token_ids)
     route = "/rerank" if isinstance(embedder, CrossEncoder) else "/v1/embeddings"
     print(f"embfast serve: {embedder}{f' + {reranker}' if reranker else ''} ready in "
           f"{time.perf_counter() - t0:.1f} s; http://{args.host}:{args.port}{route}", flush=True)

@@ -4,6 +4,8 @@ decoding, field validators and the JSON encoder. Transport only; no FastAPI impo
 from __future__ import annotations
 
 import json
+import logging
+import threading
 
 from embfast.text import lone_surrogate, surrogate_reason
 
@@ -11,10 +13,27 @@ DEFAULT_MAX_REQUEST_BYTES = 2_000_000  # 2 MB, as TEI
 DEFAULT_MAX_INPUTS = 2048  # OpenAI's limit per request
 DRAIN_LIMIT_BYTES = 64 * 2**20  # read (and drop) at most this much of a refused body before answering
 ENCODING_FORMATS = ("float", "base64")
-_EMBEDDINGS_FIELDS = ("input", "model", "encoding_format", "dimensions", "user", "truncate")
+_EMBEDDINGS_FIELDS = ("input", "model", "encoding_format", "dimensions", "user", "truncate", "input_type",
+                      "prompt_name", "truncation_direction")
 _SEARCH_FIELDS = ("query", "top_k", "model", "truncate", "positive", "negative")
-_ENDPOINTS = ("/v1/embeddings", "/v1/search", "/v1/models", "/health", "/info", "/metrics",
-              "/rerank", "/predict", "/v1/rerank", "/v2/rerank")
+_ENDPOINTS = ("/v1/embeddings", "/embeddings", "/v1/search", "/v1/models", "/health", "/health/live",
+              "/health/ready", "/ping", "/info", "/metrics", "/", "/embed", "/embed_all", "/similarity", "/tokenize",
+              "/decode", "/invocations", "/v1/embed", "/v2/embed", "/rerank", "/predict", "/v1/rerank", "/v2/rerank")
+# input_type (Cohere's, NVIDIA's and Voyage's word for asymmetric models) -> the prompt names it selects, first
+# found wins; a model with none of them embeds the text as it is.
+INPUT_TYPES = {
+    "query": ("query", "search_query"), "search_query": ("search_query", "query"),
+    "document": ("document", "passage", "corpus", "search_document"),
+    "passage": ("passage", "document", "corpus", "search_document"),
+    "search_document": ("search_document", "document", "passage", "corpus"),
+    "classification": ("classification",), "clustering": ("clustering",),
+}
+TOKEN_ID_HINT = ("this server takes text, not token ids: ids from another tokenizer (OpenAI's tiktoken) mean "
+                 "nothing to this model. langchain-openai sends them by default: use "
+                 "OpenAIEmbeddings(..., check_embedding_ctx_length=False), which sends the text")
+_log = logging.getLogger("embfast.server")
+_ignored_lock = threading.Lock()
+_ignored_logged: set = set()
 
 try:  # faster JSON for large float responses; the standard library otherwise
     import orjson as _orjson
@@ -47,8 +66,18 @@ def _json_type(v) -> str:
     return "object"
 
 
-def _check_fields(body: dict, allowed: tuple) -> None:
+def _check_fields(body: dict, allowed: tuple, strict: bool = True, route: str = "") -> None:
+    """Unknown fields: 422 when ``strict``; otherwise ignored (as TEI and vLLM do with what proxies add, such
+    as LiteLLM's ``proxy_server_request`` or ``metadata``) and logged once per route and name."""
     unknown = sorted(set(body) - set(allowed))
+    if unknown and not strict:
+        with _ignored_lock:
+            new = [u for u in unknown if (route, u) not in _ignored_logged]
+            _ignored_logged.update((route, u) for u in new)
+        if new:
+            _log.warning("embfast serve: %s: ignoring unknown field(s) %s (logged once; --strict-requests "
+                         "refuses them)", route or "request", ", ".join(map(repr, new)))
+        return
     if unknown:
         raise ApiError(422, f"unknown field(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(allowed)}",
                        code="unknown_field", param=unknown[0])
@@ -84,9 +113,8 @@ def _text_input(body: dict, field: str, max_inputs: int) -> tuple[list[str], boo
                        code="too_many_inputs", param=field)
     if all(isinstance(v, int) and not isinstance(v, bool) for v in value) or (
             isinstance(value[0], list) and value[0] and isinstance(value[0][0], int)):
-        raise ApiError(422, f"{field} must be a string or a list of strings, got token ids; token-id input is not "
-                       "supported (ids from another tokenizer would be meaningless to this model)",
-                       code="invalid_input", param=field)
+        raise ApiError(422, f"{field} must be a string or a list of strings, got token ids; {TOKEN_ID_HINT}",
+                       code="token_ids_not_accepted", param=field)
     for i, v in enumerate(value):
         if not isinstance(v, str):
             hint = "; nested lists are not accepted" if isinstance(v, list) else ""
@@ -121,16 +149,122 @@ def _optional(body: dict, field: str, types: tuple, expected: str, default=None)
     return value
 
 
-def parse_embeddings_request(body, *, dim: int, max_inputs: int = DEFAULT_MAX_INPUTS) -> dict:
-    """Validate an /v1/embeddings body (already JSON-decoded). Raises :class:`ApiError` (422) saying what is wrong.
+def token_id_input(value) -> list[list[int]] | None:
+    """``value`` as lists of token ids when it is ids (OpenAI's ``[int]`` or ``[[int]]``), else None."""
+    if not isinstance(value, list) or not value:
+        return None
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return [value]
+    if all(isinstance(r, list) and r and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+           for r in value):
+        return value
+    return None
+
+
+class TokenIdDecoder:
+    """Token ids -> text for ``--token-ids tiktoken:ENCODING``: what OpenAI's tokenizer sends (langchain-openai's
+    default) decoded back to the text it came from, then embedded as text by this model.
+
+    tiktoken reads its encoding file from ``TIKTOKEN_CACHE_DIR`` when set (offline; llama-index-core ships
+    cl100k_base in ``llama_index/core/_static/tiktoken_cache``), else downloads it once.
+    """
+
+    def __init__(self, spec: str):
+        name = spec.split(":", 1)[1] if ":" in spec else ""
+        if not spec.startswith("tiktoken:") or not name:
+            raise ValueError(f"token_ids must be None, 'model' or 'tiktoken:ENCODING' (e.g. tiktoken:cl100k_base), "
+                             f"got {spec!r}")
+        try:
+            import tiktoken
+        except ImportError as exc:
+            raise ImportError(f"--token-ids {spec} needs tiktoken: pip install tiktoken ({exc})") from exc
+        try:
+            self.encoding = tiktoken.get_encoding(name)
+        except Exception as exc:  # unknown name, or no network and no cached file
+            raise ValueError(f"tiktoken encoding {name!r} could not be loaded ({type(exc).__name__}: {exc}); set "
+                             "TIKTOKEN_CACHE_DIR to a folder holding its file to run offline") from exc
+        self.name = name
+
+    def decode(self, rows: list[list[int]], field: str) -> list[str]:
+        n = self.encoding.n_vocab
+        texts = []
+        for i, row in enumerate(rows):
+            bad = [v for v in row if not 0 <= v < n]
+            if bad:
+                raise ApiError(422, f"{field}[{i}] holds token id {bad[0]}, outside {self.name}'s vocabulary "
+                               f"[0, {n})", code="invalid_input", param=field)
+            text = self.encoding.decode(row, errors="replace")
+            if not text:
+                raise ApiError(422, f"{field}[{i}] decodes to an empty text", code="invalid_input", param=field)
+            texts.append(text)
+        return texts
+
+
+def resolve_prompt(prompts: dict, *, input_type=None, prompt_name=None, type_field: str = "input_type") -> str | None:
+    """The prompt name to embed with, from a request's ``prompt_name`` (TEI's) or ``input_type`` (Cohere's).
+
+    Args:
+        prompts: the model's named prompts (``config_sentence_transformers.json``; may be empty).
+        input_type: one of :data:`INPUT_TYPES` (any case) or None. It selects the first of its prompt names the
+            model has; a model with none of them (or no prompts at all) embeds the text as it is, since clients
+            such as Cohere's and NVIDIA's always send one.
+        prompt_name: a name of ``prompts``; wins over ``input_type``.
 
     Returns:
-        dict(texts, encoding_format, dimensions (None or int in [1, dim]), truncate).
+        A prompt name, or None (the model's default prompt, if it names one).
+
+    Raises:
+        ApiError 422: an ``input_type`` outside the vocabulary, or a ``prompt_name`` the model does not have
+        (naming the ones it has).
+    """
+    if prompt_name is not None:
+        if not isinstance(prompt_name, str):
+            raise ApiError(422, f"prompt_name must be a string, got {_json_type(prompt_name)}",
+                           code="invalid_parameter", param="prompt_name")
+        if prompt_name not in prompts:
+            has = ", ".join(map(repr, sorted(prompts))) if prompts else "none (send no prompt_name)"
+            raise ApiError(422, f"prompt_name {prompt_name!r} is not one of this model's prompts: {has}",
+                           code="unknown_prompt", param="prompt_name")
+        return prompt_name
+    if input_type is None:
+        return None
+    if not isinstance(input_type, str) or input_type.lower() not in INPUT_TYPES:
+        raise ApiError(422, f"{type_field} must be one of {', '.join(INPUT_TYPES)}, got "
+                       f"{json.dumps(input_type)[:40]}", code="invalid_parameter", param=type_field)
+    return next((n for n in INPUT_TYPES[input_type.lower()] if n in prompts), None)
+
+
+def truncation_side(value, field: str = "truncation_direction") -> str:
+    """TEI's ``truncation_direction`` ("right" / "left", any case; default right) as a tokenizer side."""
+    if value is None:
+        return "right"
+    if not isinstance(value, str) or value.lower() not in ("left", "right"):
+        raise ApiError(422, f"{field} must be 'left' or 'right', got {json.dumps(value)[:40]}",
+                       code="invalid_parameter", param=field)
+    return value.lower()
+
+
+def parse_embeddings_request(body, *, dim: int, max_inputs: int = DEFAULT_MAX_INPUTS, prompts: dict | None = None,
+                             strict: bool = True, token_ids: bool = False) -> dict:
+    """Validate an /v1/embeddings body (already JSON-decoded). Raises :class:`ApiError` (422) saying what is wrong.
+
+    ``input_type`` / ``prompt_name`` select one of ``prompts`` (see :func:`resolve_prompt`); ``strict`` False
+    ignores unknown fields instead of refusing them; ``token_ids`` True accepts ``input`` as token ids.
+
+    Returns:
+        dict(texts (None for token ids), token_ids (lists of ints, or None), encoding_format, dimensions (None or
+        int in [1, dim]), truncate, prompt_name, truncation_side).
     """
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}", code="invalid_json")
-    _check_fields(body, _EMBEDDINGS_FIELDS)
-    texts, _ = _text_input(body, "input", max_inputs)
+    _check_fields(body, _EMBEDDINGS_FIELDS, strict, "/v1/embeddings")
+    ids = token_id_input(body.get("input")) if token_ids else None
+    texts = None
+    if ids is not None and len(ids) > max_inputs:
+        raise ApiError(422, f"input must hold at most {max_inputs} inputs, got {len(ids)}", code="too_many_inputs",
+                       param="input")
+    if ids is None:
+        texts, _ = _text_input(body, "input", max_inputs)
     _optional(body, "model", (str,), "a string")
     _optional(body, "user", (str,), "a string")
     fmt = _optional(body, "encoding_format", (str,), "'float' or 'base64'", "float")
@@ -142,7 +276,10 @@ def parse_embeddings_request(body, *, dim: int, max_inputs: int = DEFAULT_MAX_IN
         raise ApiError(422, f"dimensions must be an integer in [1, {dim}], got {dims}",
                        code="invalid_parameter", param="dimensions")
     truncate = _optional(body, "truncate", (bool,), "true or false", True)
-    return {"texts": texts, "encoding_format": fmt, "dimensions": dims, "truncate": truncate}
+    prompt = resolve_prompt(prompts or {}, input_type=body.get("input_type"), prompt_name=body.get("prompt_name"))
+    return {"texts": texts, "token_ids": ids, "encoding_format": fmt, "dimensions": dims, "truncate": truncate,
+            "prompt_name": prompt,
+            "truncation_side": truncation_side(body.get("truncation_direction"))}
 
 
 async def _read_body(request, limit: int) -> bytes:
@@ -186,6 +323,20 @@ def _dumps(obj) -> bytes:
     if _orjson is not None:
         return _orjson.dumps(obj, option=_orjson.OPT_SERIALIZE_NUMPY)
     return json.dumps(obj, separators=(",", ":"), default=lambda a: a.tolist()).encode()
+
+
+_TEI_ERROR_TYPES = {413: "validation", 422: "validation", 424: "backend", 429: "overloaded", 503: "unhealthy",
+                    400: "validation", 401: "unauthorized", 404: "not_found", 405: "validation"}
+
+
+def error_body(exc: ApiError, family: str = "openai") -> bytes:
+    """The refusal in the shape the route's clients parse: TEI ``{"error", "error_type"}``, Cohere
+    ``{"message"}``, else OpenAI's ``{"error": {"message", "type", "code", "param"}}``."""
+    if family == "tei":
+        return json.dumps({"error": exc.message, "error_type": _TEI_ERROR_TYPES.get(exc.status, "backend")}).encode()
+    if family == "cohere":
+        return json.dumps({"message": exc.message}).encode()
+    return _error_body(exc)
 
 
 def _error_body(exc: ApiError) -> bytes:

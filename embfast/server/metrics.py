@@ -1,65 +1,91 @@
-"""The server's metrics in Prometheus text format: request latency and counts, batch sizes and times."""
+"""The server's metrics through ``prometheus_client``: request latency and counts, batch sizes and times, the
+batcher's queue. Each app has a registry of its own (``Metrics().registry``), so two apps in one process (tests,
+several servers) never share or collide.
+
+Names (documented in the README; TEI's ``te_*`` metrics were the guide):
+- ``embfast_request_duration_seconds{endpoint}`` histogram; ``embfast_requests_total{endpoint, code}``;
+  ``embfast_errors_total{kind}`` (refused or failed requests by error code).
+- ``embfast_texts_total``, ``embfast_tokens_total``, ``embfast_truncated_texts_total``: what was embedded.
+- ``embfast_batch_texts``, ``embfast_batch_requests``, ``embfast_batch_tokens`` (padded), and
+  ``embfast_batch_duration_seconds`` histograms; ``embfast_batch_real_tokens_total`` /
+  ``embfast_batch_padded_tokens_total`` counters (their ratio is the padding overhead).
+- Gauges read from the batcher at scrape time: ``embfast_queue_texts``, ``embfast_queue_tokens``,
+  ``embfast_queue_requests``, ``embfast_inflight_requests``; and ``embfast_rejected_total`` (429s).
+"""
 
 from __future__ import annotations
 
 import threading
 
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_QUEUE_GAUGES = (("embfast_queue_texts", "queued_texts", "texts waiting for a batch"),
+                 ("embfast_queue_tokens", "queued_tokens", "tokens of the texts waiting"),
+                 ("embfast_queue_requests", "queued_requests", "requests with texts waiting"),
+                 ("embfast_inflight_requests", "in_flight_requests", "requests admitted and not finished"))
 
-def _labels(names: tuple, values: tuple) -> str:
-    return ",".join(f'{n}="{v}"' for n, v in zip(names, values, strict=True))
 
+class _BatcherCollector:
+    """Gauges of the batcher's queue, read when scraped (the stats dict the last render was given)."""
 
-class _Histogram:
-    """A Prometheus histogram with fixed buckets and optional labels (thread-safe)."""
+    def __init__(self):
+        self.stats: dict = {}
 
-    def __init__(self, name: str, help_: str, buckets: tuple, label_names: tuple = ()):
-        self.name, self.help, self.buckets, self.label_names = name, help_, buckets, label_names
-        self._series: dict[tuple, list] = {}
-        self._lock = threading.Lock()
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    def observe(self, value: float, labels: tuple = ()) -> None:
-        with self._lock:
-            s = self._series.setdefault(labels, [[0] * len(self.buckets), 0.0, 0])
-            for i, b in enumerate(self.buckets):
-                if value <= b:
-                    s[0][i] += 1
-            s[1] += value
-            s[2] += 1
-
-    def render(self) -> list[str]:
-        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        with self._lock:
-            for labels, (counts, total, n) in sorted(self._series.items()):
-                lab = _labels(self.label_names, labels)
-                sep = "," if lab else ""
-                for b, c in zip(self.buckets, counts, strict=True):
-                    out.append(f'{self.name}_bucket{{{lab}{sep}le="{b:g}"}} {c}')
-                out.append(f'{self.name}_bucket{{{lab}{sep}le="+Inf"}} {n}')
-                out.append(f"{self.name}_sum{{{lab}}} {total:.6g}" if lab else f"{self.name}_sum {total:.6g}")
-                out.append(f"{self.name}_count{{{lab}}} {n}" if lab else f"{self.name}_count {n}")
-        return out
+        st = self.stats
+        for name, key, help_ in _QUEUE_GAUGES:
+            yield GaugeMetricFamily(name, help_, value=st.get(key, 0))
+        yield CounterMetricFamily("embfast_rejected", "requests refused because the queue was full",
+                                  value=st.get("rejected", 0))
 
 
 class Metrics:
-    """The server's counters and histograms, rendered in Prometheus text format (version 0.0.4)."""
+    """The server's counters and histograms in a registry of their own, rendered in Prometheus text format."""
 
     def __init__(self):
-        pow2 = tuple(2**i for i in range(11))
-        self.request_seconds = _Histogram(
-            "embfast_request_duration_seconds", "HTTP request latency in seconds, by endpoint",
-            (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), ("endpoint",))
-        self.batch_texts = _Histogram("embfast_batch_texts", "texts per ONNX Runtime batch", pow2)
-        self.batch_requests = _Histogram("embfast_batch_requests", "requests merged into one batch", pow2)
-        self.batch_tokens = _Histogram("embfast_batch_tokens", "padded tokens per batch (rows x longest row)",
-                                       tuple(2**i for i in range(4, 17)))
-        self.batch_seconds = _Histogram("embfast_batch_duration_seconds", "pad + ONNX Runtime + pooling time",
-                                        (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
-        self._counters: dict[tuple, float] = {}
-        self._lock = threading.Lock()
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Histogram
+        except ImportError as exc:
+            raise ImportError(f"embfast serve needs the server extra: pip install 'embfast[server]' ({exc})") from exc
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        pow2 = tuple(float(2**i) for i in range(11))
+        self.request_seconds = Histogram("embfast_request_duration_seconds", "HTTP request latency in seconds, "
+                                         "by endpoint", ["endpoint"], buckets=_LATENCY_BUCKETS, registry=reg)
+        self.batch_texts = Histogram("embfast_batch_texts", "texts per ONNX Runtime batch", buckets=pow2, registry=reg)
+        self.batch_requests = Histogram("embfast_batch_requests", "requests merged into one batch", buckets=pow2,
+                                        registry=reg)
+        self.batch_tokens = Histogram("embfast_batch_tokens", "padded tokens per batch (rows x longest row)",
+                                      buckets=tuple(float(2**i) for i in range(4, 17)), registry=reg)
+        self.batch_seconds = Histogram("embfast_batch_duration_seconds", "pad + ONNX Runtime + pooling time",
+                                       buckets=_LATENCY_BUCKETS[:11], registry=reg)
+        self._counters = {
+            "embfast_requests_total": Counter("embfast_requests", "HTTP requests by endpoint and status code",
+                                              ["endpoint", "code"], registry=reg),
+            "embfast_errors_total": Counter("embfast_errors", "refused or failed requests by kind", ["kind"],
+                                            registry=reg),
+            "embfast_texts_total": Counter("embfast_texts", "texts embedded", registry=reg),
+            "embfast_tokens_total": Counter("embfast_tokens", "tokens fed to the model for embedded texts",
+                                            registry=reg),
+            "embfast_truncated_texts_total": Counter("embfast_truncated_texts", "texts cut at max_seq_length",
+                                                     registry=reg),
+            "embfast_batch_real_tokens_total": Counter("embfast_batch_real_tokens", "real tokens run (no padding)",
+                                                       registry=reg),
+            "embfast_batch_padded_tokens_total": Counter("embfast_batch_padded_tokens", "tokens run, padding "
+                                                         "included", registry=reg),
+        }
+        self._batcher = _BatcherCollector()
+        reg.register(self._batcher)
+        self._render_lock = threading.Lock()
 
     def inc(self, name: str, labels: tuple = (), value: float = 1) -> None:
-        with self._lock:
-            self._counters[(name, labels)] = self._counters.get((name, labels), 0) + value
+        """Add ``value`` to the counter ``name`` (its exposed name, ``..._total``) with label values ``labels``."""
+        counter = self._counters[name]
+        (counter.labels(*labels) if labels else counter).inc(value)
+
+    def observe_request(self, endpoint: str, seconds: float) -> None:
+        self.request_seconds.labels(endpoint).observe(seconds)
 
     def on_batch(self, s) -> None:
         """Batch listener (runs on the batcher's worker thread)."""
@@ -70,37 +96,10 @@ class Metrics:
         self.inc("embfast_batch_real_tokens_total", value=s.tokens)
         self.inc("embfast_batch_padded_tokens_total", value=s.padded_tokens)
 
-    _COUNTER_META = {
-        "embfast_requests_total": ("HTTP requests by endpoint and status code", ("endpoint", "code")),
-        "embfast_errors_total": ("refused or failed requests by kind", ("kind",)),
-        "embfast_texts_total": ("texts embedded", ()),
-        "embfast_tokens_total": ("tokens fed to the model for embedded texts", ()),
-        "embfast_truncated_texts_total": ("texts cut at max_seq_length", ()),
-        "embfast_batch_real_tokens_total": ("real tokens run (no padding)", ()),
-        "embfast_batch_padded_tokens_total": ("tokens run, padding included", ()),
-    }
-
     def render(self, batcher_stats: dict | None) -> str:
-        lines: list[str] = []
-        st = batcher_stats or {}
-        for name, key, help_ in (("embfast_queue_texts", "queued_texts", "texts waiting for a batch"),
-                                 ("embfast_queue_tokens", "queued_tokens", "tokens of the texts waiting"),
-                                 ("embfast_queue_requests", "queued_requests", "requests with texts waiting"),
-                                 ("embfast_inflight_requests", "in_flight_requests",
-                                  "requests admitted and not finished")):
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {st.get(key, 0)}"]
-        lines += ["# HELP embfast_rejected_total requests refused because the queue was full",
-                  "# TYPE embfast_rejected_total counter", f"embfast_rejected_total {st.get('rejected', 0)}"]
-        with self._lock:
-            counters = dict(self._counters)
-        for name, (help_, label_names) in self._COUNTER_META.items():
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
-            series = {lab: v for (n, lab), v in counters.items() if n == name}
-            if not series and not label_names:
-                series = {(): 0}
-            for lab, v in sorted(series.items()):
-                lines.append(f"{name}{{{_labels(label_names, lab)}}} {v:g}" if label_names else f"{name} {v:g}")
-        for h in (self.request_seconds, self.batch_texts, self.batch_requests, self.batch_tokens,
-                  self.batch_seconds):
-            lines += h.render()
-        return "\n".join(lines) + "\n"
+        """Prometheus text format (0.0.4) of every metric, with the queue gauges from ``batcher_stats``."""
+        from prometheus_client import generate_latest
+
+        with self._render_lock:
+            self._batcher.stats = batcher_stats or {}
+            return generate_latest(self.registry).decode()

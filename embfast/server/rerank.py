@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from embfast.server.common import _check_fields
 from embfast.text import lone_surrogate, surrogate_reason
 
 RERANK_ENDPOINTS = ("/rerank", "/predict", "/v1/rerank", "/v2/rerank")
@@ -48,17 +49,19 @@ def _kind(v) -> str:
 class _Parser:
     """Validators that raise the server's ApiError (422 unless said otherwise)."""
 
-    def __init__(self, error: type, max_inputs: int):
-        self.error, self.max_inputs = error, max_inputs
+    def __init__(self, error: type, max_inputs: int, strict: bool = True):
+        self.error, self.max_inputs, self.strict = error, max_inputs, strict
 
     def fail(self, message: str, param: str | None = None, code: str = "invalid_input", status: int = 422):
         raise self.error(status, message, code=code, param=param)
 
-    def body(self, body, allowed: tuple) -> dict:
+    def body(self, body, allowed: tuple, route: str = "") -> dict:
         if not isinstance(body, dict):
             self.fail(f"the request body must be a JSON object, got {_kind(body)}", code="invalid_json", status=400)
         unknown = sorted(set(body) - set(allowed))
-        if unknown:
+        if unknown and not self.strict:
+            _check_fields(body, allowed, False, route)  # ignored, logged once per name
+        elif unknown:
             self.fail(f"unknown field(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(allowed)}",
                       unknown[0], "unknown_field")
         return body
@@ -146,7 +149,7 @@ class _Parser:
 
 
 def add_rerank_routes(route: Callable, *, reranker, batcher, error: type, read_json: Callable, dumps: Callable,
-                      count: Callable, name: str, max_inputs: int) -> None:
+                      count: Callable, name: str, max_inputs: int, strict: bool = True) -> None:
     """Register ``/rerank``, ``/predict``, ``/v1/rerank`` and ``/v2/rerank`` with ``route(path, method)``.
 
     Args:
@@ -157,6 +160,7 @@ def add_rerank_routes(route: Callable, *, reranker, batcher, error: type, read_j
         read_json: ``await read_json(request)`` -> the decoded body (400 / 413 raised there).
         dumps: JSON encoder to bytes. count: ``count(info) -> tokens`` (updates the server's metrics).
         name: the model name answers carry. max_inputs: most texts per request.
+        strict: refuse unknown fields (422); False ignores them (logged once per name).
     """
     from fastapi import Request
     from fastapi.responses import Response
@@ -164,7 +168,7 @@ def add_rerank_routes(route: Callable, *, reranker, batcher, error: type, read_j
     from embfast.dynamic import BatcherClosedError, OverloadedError
     from embfast.tokenization import InputTooLongError
 
-    parse = _Parser(error, max_inputs)
+    parse = _Parser(error, max_inputs, strict)
 
     def require(ranking: bool) -> None:
         if reranker is None:
@@ -198,7 +202,7 @@ def add_rerank_routes(route: Callable, *, reranker, batcher, error: type, read_j
 
     @route("/rerank", "POST")
     async def tei_rerank(request: Request):
-        body = parse.body(await read_json(request), _TEI_RERANK_FIELDS)
+        body = parse.body(await read_json(request), _TEI_RERANK_FIELDS, "/rerank")
         require(ranking=True)
         query = parse.required_text(body, "query")
         texts = parse.texts(body, "texts")
@@ -218,7 +222,7 @@ def add_rerank_routes(route: Callable, *, reranker, batcher, error: type, read_j
 
     @route("/predict", "POST")
     async def tei_predict(request: Request):
-        body = parse.body(await read_json(request), _TEI_PREDICT_FIELDS)
+        body = parse.body(await read_json(request), _TEI_PREDICT_FIELDS, "/predict")
         require(ranking=False)
         items, single = parse.predict_inputs(body)
         raw = parse.option(body, "raw_scores", (bool,), "true or false", False)
@@ -233,7 +237,7 @@ def add_rerank_routes(route: Callable, *, reranker, batcher, error: type, read_j
         return json_response(rows[0] if single else rows, truncated=int(info.truncated.sum()))
 
     async def cohere_rerank(request: Request, version: str):
-        body = parse.body(await read_json(request), _COHERE_FIELDS)
+        body = parse.body(await read_json(request), _COHERE_FIELDS, "/v1/rerank")
         require(ranking=True)
         query = parse.required_text(body, "query")
         documents = parse.texts(body, "documents", documents=True)
