@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import shutil
 import tempfile
 import zipfile
@@ -331,7 +332,9 @@ def import_onnx(onnx_file: str | Path, *, tokenizer: str | Path, output_name: st
         FileNotFoundError: the file or the tokenizer is missing.
         ValueError: a setting is invalid, or the graph's inputs or outputs cannot be used.
     """
-    onnx_file = Path(onnx_file).expanduser().resolve()
+    # absolute, links kept: a hub snapshot links model.onnx to a blob named by its hash (and the external
+    # data sits beside the link, not beside the blob)
+    onnx_file = Path(os.path.abspath(Path(onnx_file).expanduser()))
     if not onnx_file.is_file():
         raise FileNotFoundError(f"ONNX model not found: {onnx_file}")
     if onnx_file.suffix != ".onnx":
@@ -606,7 +609,8 @@ def discover(hub_cache: str | Path | None = None) -> list[dict]:
 
     for row in hub_models(hub_cache):
         snapshot = row.pop("snapshot")
-        mine = [c for c in cached if c["source"] and Path(c["source"]) == Path(snapshot).resolve()]
+        here = {Path(snapshot), Path(snapshot).resolve()}  # its export, and imports of ONNX files it ships
+        mine = [c for c in cached if c["source"] and here & {Path(c["source"]), *Path(c["source"]).parents}]
         claimed.update(c["path"] for c in mine)
         row["precisions"] = sorted({p for c in mine for p in c["precisions"]})
         if mine:
