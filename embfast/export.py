@@ -191,6 +191,7 @@ def export_model(src: str | Path, out: str | Path, *, checksum: str | None = Non
     src, out = Path(src).resolve(), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"model folder not found: {src}")
+    model_name = name or folder_name(src)
     kind = model_kind(src)
     cfg = read_cross_encoder_config(src) if kind == "cross-encoder" else read_model_config(src)
     task = "text-classification" if kind == "cross-encoder" else "feature-extraction"
@@ -220,7 +221,7 @@ def export_model(src: str | Path, out: str | Path, *, checksum: str | None = Non
             "source_kind": "transformers",
             "source": str(src),
             "source_checksum": checksum,
-            "name": name or folder_name(src),
+            "name": model_name,
             "config": cfg.to_dict(),
             "input_names": input_names,
             "output_name": output_name,

@@ -153,7 +153,7 @@ def test_load_by_name_matches_the_packaged_folder(minilm, hub_cache):
 def test_load_by_revision_branch_and_commit(minilm_dir):
     ref = Embedder(minilm_dir, max_seq_length=128)
     by_branch = Embedder(REPO, revision="v2")
-    assert by_branch.max_seq_length == 128
+    assert by_branch.max_seq_length == 128 and by_branch.manifest["name"] == REPO  # exported under the hub id
     assert Embedder(REPO, revision=V2).model_dir == by_branch.model_dir
     assert Embedder(REPO, revision=MAIN).max_seq_length == 256
     a, b = by_branch.encode(TEXTS), ref.encode(TEXTS)
