@@ -1,5 +1,5 @@
 """Ray Serve on a real local cluster: two replicas of the HTTP API answer concurrent clients correctly; a replica
-killed mid-test is replaced and every request the cluster answered is right."""
+killed while clients send is replaced, no request is lost and every answer is right."""
 
 from __future__ import annotations
 
@@ -47,10 +47,14 @@ def _embed(client: httpx.Client, url: str, i: int) -> tuple[int, np.ndarray, str
 
 
 def _replicas() -> list[str]:
-    from ray.util.state import list_actors
+    """Names of the live replica actors of the app (GCS look-up: needs no dashboard)."""
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith("SERVE_REPLICA::embfast#"))
 
-    return sorted(a.name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                  if a.class_name.startswith("ServeReplica:embfast"))
+
+def _running() -> int:
+    status = serve.status().applications["embfast"].deployments["embfast"]
+    return status.replica_states.get("RUNNING", 0)
 
 
 def test_two_replicas_answer_concurrent_clients(served, tiny):
@@ -61,7 +65,7 @@ def test_two_replicas_answer_concurrent_clients(served, tiny):
     for i, vec, _ in answers:
         np.testing.assert_allclose(vec, want[i % len(TEXTS)], rtol=1e-4, atol=1e-5)
     assert len({replica for _, _, replica in answers}) == 2  # both replicas answered
-    assert len(_replicas()) == 2
+    assert len(_replicas()) == 2 and _running() == 2
 
 
 def test_killed_replica_is_replaced_and_no_answer_is_wrong(served, tiny):
@@ -90,7 +94,7 @@ def test_killed_replica_is_replaced_and_no_answer_is_wrong(served, tiny):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # Serve's controller starts a replacement
         now = _replicas()
-        if len(now) == 2 and before[0] not in now:
+        if len(now) == 2 and before[0] not in now and _running() == 2:
             break
         time.sleep(0.5)
     answered_before = len(results)
@@ -103,5 +107,4 @@ def test_killed_replica_is_replaced_and_no_answer_is_wrong(served, tiny):
     assert len(now) == 2 and before[0] not in now, (before, now)
     for i, vec, _ in results:
         np.testing.assert_allclose(vec, want[i % len(TEXTS)], rtol=1e-4, atol=1e-5)
-    # a request in flight on the killed process may fail (it was never answered); every other one was answered
-    assert len(failures) <= 4 * 1, failures
+    assert failures == [], failures  # every request sent while the replica died and was replaced was answered
