@@ -1,5 +1,6 @@
 """Ray Serve on a real local cluster: two replicas of the HTTP API answer concurrent clients correctly; a replica
-killed while clients send is replaced, no request is lost and every answer is right."""
+killed while clients send is replaced (only requests in flight on it fail), replicas stopped
+gracefully lose no request, and every answer is right."""
 
 from __future__ import annotations
 
@@ -107,4 +108,54 @@ def test_killed_replica_is_replaced_and_no_answer_is_wrong(served, tiny):
     assert len(now) == 2 and before[0] not in now, (before, now)
     for i, vec, _ in results:
         np.testing.assert_allclose(vec, want[i % len(TEXTS)], rtol=1e-4, atol=1e-5)
-    assert failures == [], failures  # every request sent while the replica died and was replaced was answered
+    # A SIGKILL loses what that process had accepted: at most the one request each client had in flight there,
+    # answered 500 or (seen once in four runs) never answered until the client's timeout; never a wrong vector.
+    # Every other request was answered, and right. A graceful stop loses nothing (the next test).
+    assert len(failures) <= len(threads), failures
+    assert all(isinstance(f, httpx.TimeoutException) or (isinstance(f, httpx.HTTPStatusError)
+                                                         and f.response.status_code == 500) for f in failures), failures
+
+
+def test_replicas_stopped_gracefully_lose_nothing(served, tiny):
+    """Scaling 2 -> 1 -> 2 replicas while clients send: Serve drains a stopping replica, so no request fails."""
+    want = tiny.encode(TEXTS)
+    stop = threading.Event()
+    results: list = []
+    failures: list = []
+
+    def client_loop():
+        with httpx.Client() as client:
+            i = 0
+            while not stop.is_set():
+                try:
+                    results.append(_embed(client, served, i))
+                except httpx.HTTPError as exc:
+                    failures.append(exc)
+                i += 1
+
+    threads = [threading.Thread(target=client_loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for replicas in (1, 2):
+        serve.run(serve_app([str(tiny.model_dir)], num_replicas=replicas, ray_actor_options={"num_cpus": 0.5},
+                            threads=1, max_wait_ms=1.0), name="embfast", route_prefix="/")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (_running() != replicas or len(_replicas()) != replicas):
+            time.sleep(0.5)
+        assert _running() == replicas
+    answered = len(results)
+    while len(results) < answered + 20:
+        time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert failures == [], failures
+    for i, vec, _ in results:
+        np.testing.assert_allclose(vec, want[i % len(TEXTS)], rtol=1e-4, atol=1e-5)
+
+
+def test_serve_app_arguments():
+    with pytest.raises(ValueError, match="num_replicas must be an int >= 1, got 0"):
+        serve_app(num_replicas=0)
+    app = serve_app("org/name", num_replicas=3, ray_actor_options={"num_cpus": 2})
+    assert type(app).__name__ == "Application"
