@@ -21,7 +21,8 @@ def _env(name: str, default=None):
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=_env("MODEL"), help="model folder (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--model", default=_env("MODEL"), help="model folder, Hub id org/name or catalog name "
+                   "(default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--device", default=_env("DEVICE", "cpu"), choices=["cpu", "cuda", "auto"])
     p.add_argument("--precision", default=_env("PRECISION", "auto"), choices=["fp32", "int8", "fp16", "auto"])
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add their own subcommands: each has register_cli(subparsers) and keeps its code to itself.
 _EXTENSIONS: list[str] = ["embfast.jobs", "embfast.benchcmd", "embfast.viz", "embfast.server", "embfast.models",
+                          "embfast.hub",
                           "embfast.appcmd", "embfast.rerank_cli"]
 
 

@@ -136,7 +136,8 @@ class CrossEncoder:
 
     Args:
         model: a sentence-transformers CrossEncoder / Hugging Face ``*ForSequenceClassification`` folder
-            (exported to ONNX once, into ``$EMBFAST_HOME``), or a folder embfast exported from one.
+            (exported to ONNX once, into ``$EMBFAST_HOME``), a folder embfast exported from one, or a
+            Hugging Face Hub id (``"org/name"``, see :mod:`embfast.hub`).
         device: "cpu", "cuda" (error when CUDA cannot run) or "auto" (CUDA if it runs, else CPU).
         precision: "fp32" | "int8" (CPU; dynamic quantization, per-channel weights) | "fp16" (CUDA) |
             "auto" (default: fp16 on CUDA, fp32 on the CPU).
@@ -144,16 +145,21 @@ class CrossEncoder:
         max_seq_length: truncate pairs at this many tokens (special tokens included); at most the
             model's own (default: the model's, see :class:`~embfast.config.CrossEncoderConfig`).
         max_length: the same limit under sentence-transformers' CrossEncoder name (give one of the two).
+        revision, cache_dir, local_files_only, token: for a Hugging Face Hub id (``"org/name"``): as
+            :class:`embfast.Embedder` (defaults None: ``main``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``, ``HF_TOKEN``).
 
     Raises:
-        FileNotFoundError: no such folder. embfast.export.ModelKindError: an embedding model (use
+        FileNotFoundError: no such folder, or a Hub repo not cached offline
+        (:class:`embfast.hub.HubModelNotFoundError`). embfast.export.ModelKindError: an embedding model (use
         :class:`embfast.Embedder`). ModelConfigError: an unsupported activation or architecture.
 
     One CrossEncoder may be called from many threads at once.
     """
 
     def __init__(self, model: str | Path, *, device: str = "cpu", precision: str = "auto",
-                 threads: int | None = None, max_seq_length: int | None = None, max_length: int | None = None):
+                 threads: int | None = None, max_seq_length: int | None = None, max_length: int | None = None,
+                 revision: str | None = None, cache_dir: str | Path | None = None,
+                 local_files_only: bool | None = None, token: str | bool | None = None):
         if max_length is not None:  # sentence-transformers' CrossEncoder name for the same limit
             if max_seq_length is not None and max_seq_length != max_length:
                 raise ValueError(f"max_length ({max_length}) and max_seq_length ({max_seq_length}) name the same "
@@ -166,7 +172,8 @@ class CrossEncoder:
         if model is None:
             raise TypeError("model must be a cross-encoder folder (there is no bundled cross-encoder)")
         t0 = time.perf_counter()
-        self.model_dir = resolve(model)
+        self.model_dir = resolve(model, kind="cross-encoder", revision=revision, cache_dir=cache_dir,
+                                 local_files_only=local_files_only, token=token)
         self.manifest = load_manifest(self.model_dir, "cross-encoder")
         self.config = CrossEncoderConfig.from_dict(self.manifest["config"])
         self.precision = resolve_precision(precision, device)

@@ -131,21 +131,39 @@ class Embedder:
             IO binding) so only (batch, hidden) vectors leave the device. None (default) = on for CUDA,
             off on the CPU (where the native kernels pool). Not used for models whose pooling needs the
             host (``include_prompt: false``, CLS with left padding): those pool on the host.
+        onnx_file: run a Hub repo's (or a folder's) shipped ONNX file as it is, e.g. ``"onnx/model.onnx"``:
+            no export, no torch (the base install); tokenizer and settings from the repo. Default None.
+        revision: Hub id only: branch, tag or commit; default None (``main``).
+        cache_dir: Hub id only: the Hugging Face cache; default None (``HF_HUB_CACHE``, ``HF_HOME/hub``,
+            ``~/.cache/huggingface/hub``).
+        local_files_only: Hub id only: never download; default None (``HF_HUB_OFFLINE=1`` turns it on).
+        token: Hub id only: for private or gated repos; default None (``HF_TOKEN``).
 
-    ``model`` may also be a name from ``embfast models`` (``"all-mpnet-base-v2"``) or a
-    ``.onnx`` file (with ``tokenizer=``).
+    ``model`` may also be a name from ``embfast models`` (``"all-mpnet-base-v2"``), a
+    ``.onnx`` file (with ``tokenizer=``), or a Hugging Face Hub id (``"org/name"``, downloaded
+    with huggingface_hub, only the files the model needs; see :mod:`embfast.hub`).
+
+    Raises:
+        FileNotFoundError: no such model; :class:`embfast.hub.HubModelNotFoundError` when a Hub repo is
+            not cached and cannot be downloaded (the message names the cache and ``embfast pull``).
+        ImportError: exporting needs the ``export`` extra (torch); ``onnx_file=`` does not.
+        ValueError: an invalid option; embfast.export.ModelKindError for a cross-encoder.
     """
 
     def __init__(self, model: str | Path | None = None, *, device: str = "cpu", precision: str = "auto",
                  threads: int | None = None, max_seq_length: int | None = None, truncate_dim: int | None = None,
                  tokenizer: str | Path | None = None, output_name: str | None = None,
-                 graph_pooling: bool | None = None):
+                 graph_pooling: bool | None = None, onnx_file: str | None = None, revision: str | None = None,
+                 cache_dir: str | Path | None = None, local_files_only: bool | None = None,
+                 token: str | bool | None = None):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         t0 = time.perf_counter()
-        self.model_dir = resolve(model, tokenizer=tokenizer, output_name=output_name)
+        self.model_dir = resolve(model, tokenizer=tokenizer, output_name=output_name, onnx_file=onnx_file,
+                                 revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                 token=token)
         self.config, self.manifest = load_config(self.model_dir)
         self.dense = DenseStack(self.model_dir, self.config.dense)
         self.precision = resolve_precision(precision, device)

@@ -163,7 +163,12 @@ def read_manifest(folder: str | Path) -> dict:
         raise ValueError(f"{folder}/{MANIFEST} is missing or corrupt: {exc}; export the model again") from exc
 
 
-def export_model(src: str | Path, out: str | Path, *, checksum: str | None = None) -> Path:
+def folder_name(src: Path) -> str:
+    """The name a model folder goes by: its own, or its parent's for a folder called ``model``."""
+    return src.name if src.name != "model" else src.parent.name
+
+
+def export_model(src: str | Path, out: str | Path, *, checksum: str | None = None, name: str | None = None) -> Path:
     """Export the transformer of ``src`` to ``out/model.onnx`` and write the manifest.
 
     The pooling, normalization and truncation settings are read from ``src``
@@ -172,10 +177,21 @@ def export_model(src: str | Path, out: str | Path, *, checksum: str | None = Non
     with its classification head; its output is ``logits``. ``out`` is written
     atomically (temp dir + rename); an existing ``out`` is replaced. Needs the
     ``export`` extra (torch, optimum).
+
+    Args:
+        src: the Hugging Face / sentence-transformers folder.
+        out: the folder to write.
+        checksum: :func:`source_checksum` of ``src`` when already known (default: computed).
+        name: the manifest's model name (default: the folder's name; a hub id for a hub model).
+
+    Raises:
+        FileNotFoundError: ``src`` is missing. ImportError: no optimum / torch.
+        UnsupportedModelError: an architecture transformers or optimum cannot export, or custom code.
     """
     src, out = Path(src).resolve(), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"model folder not found: {src}")
+    model_name = name or folder_name(src)
     kind = model_kind(src)
     cfg = read_cross_encoder_config(src) if kind == "cross-encoder" else read_model_config(src)
     task = "text-classification" if kind == "cross-encoder" else "feature-extraction"
@@ -184,6 +200,7 @@ def export_model(src: str | Path, out: str | Path, *, checksum: str | None = Non
     except ImportError as exc:
         raise ImportError("exporting a model needs optimum and torch: "
                           "pip install -c constraints.txt 'embfast[export]'") from exc
+    check_exportable(src, task)
     checksum = checksum or source_checksum(src)
     with staged_folder(out) as tmp:
         t0 = time.perf_counter()
@@ -204,7 +221,7 @@ def export_model(src: str | Path, out: str | Path, *, checksum: str | None = Non
             "source_kind": "transformers",
             "source": str(src),
             "source_checksum": checksum,
-            "name": src.name if src.name != "model" else src.parent.name,
+            "name": model_name,
             "config": cfg.to_dict(),
             "input_names": input_names,
             "output_name": output_name,
@@ -235,6 +252,47 @@ def _without_tokenizer(src: Path):
         yield Path(tmp)
 
 
+class UnsupportedModelError(ModelConfigError):
+    """A model embfast cannot export: an architecture transformers or optimum does not know, or custom code."""
+
+
+def check_exportable(src: Path, task: str = "feature-extraction") -> None:
+    """Check, from config.json alone, that optimum can export ``src`` for ``task``, before torch loads it.
+
+    Skipped when optimum is not installed (the export then raises its own ImportError).
+
+    Raises:
+        ModelConfigError: config.json is missing or has no ``model_type``.
+        UnsupportedModelError: naming the architecture (class) and ``model_type`` that cannot be exported.
+    """
+    try:
+        hf = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelConfigError(f"{src}/config.json is missing or unreadable ({exc}); a Hugging Face model folder "
+                               "needs it") from None
+    if not isinstance(hf, dict):
+        raise ModelConfigError(f"{src}/config.json must hold a JSON object")
+    model_type = hf.get("model_type")
+    arch = (hf.get("architectures") or ["(none listed)"])[0]
+    if not model_type:
+        raise ModelConfigError(f"{src}/config.json has no model_type (architecture {arch}): cannot export it")
+    try:
+        import optimum.exporters.onnx.model_configs  # noqa: F401 - registers the ONNX configs
+        from optimum.exporters.tasks import TasksManager
+    except ImportError:
+        return
+    where = f"{src}/config.json: architecture {arch} (model_type {model_type!r})"
+    known = [t for t in (model_type, model_type.replace("_", "-")) if t in TasksManager._SUPPORTED_MODEL_TYPE]
+    if not known:
+        custom = (f"; it needs custom code (auto_map: {sorted(hf['auto_map'])}), which embfast does not run"
+                  if isinstance(hf.get("auto_map"), dict) else "")
+        raise UnsupportedModelError(f"{where} cannot be exported to ONNX: optimum has no ONNX config for this "
+                                    f"model_type{custom}")
+    tasks = TasksManager.get_supported_tasks_for_model_type(known[0], "onnx", library_name="transformers")
+    if task not in tasks:
+        raise UnsupportedModelError(f"{where}: optimum exports it for {sorted(tasks)}, not {task!r}")
+
+
 def _onnx_io(path: Path, output_name: str | None = None) -> tuple[list[str], str]:
     """Input names and the token-embedding output of an ONNX model (see :func:`session.find_token_output`).
 
@@ -260,19 +318,41 @@ def _onnx_io(path: Path, output_name: str | None = None) -> tuple[list[str], str
     return inputs, find_token_output(outputs, output_name, where=str(path))
 
 
-def ensure_exported(src: str | Path) -> Path:
-    """The cached export of ``src``, exporting it first if it is missing or the source changed."""
+def safe_name(name: str) -> str:
+    """A model name as one path component (a hub id's ``/`` becomes ``--``, as in the hub cache)."""
+    return name.replace("/", "--")
+
+
+def ensure_exported(src: str | Path, *, name: str | None = None) -> Path:
+    """The cached export of ``src``, exporting it first if it is missing or the source changed.
+
+    The cache is keyed by content (:func:`source_checksum`): an export of the same files made
+    under another name (a hub snapshot and a local copy) is reused, never built twice.
+
+    Args:
+        src: a Hugging Face / sentence-transformers folder.
+        name: the model's name (default: the folder's); a hub id for a hub snapshot.
+
+    Returns:
+        ``$EMBFAST_HOME/models/<name>-<key>-v<format>`` (or the same key under another name).
+    """
     src = Path(src).resolve()
     if not src.is_dir():
         raise FileNotFoundError(f"model folder not found: {src}")
     checksum = source_checksum(src)
-    name = src.name if src.name != "model" else src.parent.name
-    out = cache_root() / "models" / f"{name}-{checksum[:16]}-v{EXPORT_FORMAT}"
+    name = name or folder_name(src)
+    suffix = f"-{checksum[:16]}-v{EXPORT_FORMAT}"
+    out = cache_root() / "models" / f"{safe_name(name)}{suffix}"
     if is_exported(out):
         return out
+    for other in sorted((cache_root() / "models").glob(f"*{suffix}")):
+        if is_exported(other):  # the same files exported under another name
+            return other
+    # before the lock: a model that cannot be exported leaves nothing in the cache, not even a lock file
+    check_exportable(src, "text-classification" if model_kind(src) == "cross-encoder" else "feature-extraction")
     with file_lock(out.with_name(out.name + ".lock")):
         if not is_exported(out):  # another process may have finished while we waited
-            export_model(src, out, checksum=checksum)
+            export_model(src, out, checksum=checksum, name=name)
     return out
 
 

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import shutil
 import tempfile
 import zipfile
@@ -39,9 +40,11 @@ from embfast.export import (
     is_exported,
     read_manifest,
     resolve_model,
+    safe_name,
     source_checksum,
     staged_folder,
 )
+from embfast.hub import is_repo_id
 
 # Tokenizer-side files copied next to an imported ONNX.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -329,7 +332,9 @@ def import_onnx(onnx_file: str | Path, *, tokenizer: str | Path, output_name: st
         FileNotFoundError: the file or the tokenizer is missing.
         ValueError: a setting is invalid, or the graph's inputs or outputs cannot be used.
     """
-    onnx_file = Path(onnx_file).expanduser().resolve()
+    # absolute, links kept: a hub snapshot links model.onnx to a blob named by its hash (and the external
+    # data sits beside the link, not beside the blob)
+    onnx_file = Path(os.path.abspath(Path(onnx_file).expanduser()))
     if not onnx_file.is_file():
         raise FileNotFoundError(f"ONNX model not found: {onnx_file}")
     if onnx_file.suffix != ".onnx":
@@ -346,7 +351,7 @@ def import_onnx(onnx_file: str | Path, *, tokenizer: str | Path, output_name: st
     key = hashlib.sha256(json.dumps([_file_digest(onnx_file), tok_sum, overrides, described],
                                     sort_keys=True).encode()).hexdigest()
     base = name or (onnx_file.stem if onnx_file.stem != "model" else onnx_file.parent.name)
-    out = cache_root() / "models" / f"{base}-{key[:16]}-v{EXPORT_FORMAT}"
+    out = cache_root() / "models" / f"{safe_name(base)}-{key[:16]}-v{EXPORT_FORMAT}"
     if is_exported(out):
         return out
     for other in sorted((cache_root() / "models").glob(f"*-{key[:16]}-v{EXPORT_FORMAT}")):
@@ -442,36 +447,65 @@ def _resolve_entry(entry: PackagedModel, tokenizer, output_name) -> Path:
                        **entry.settings)
 
 
-def resolve(model: str | Path | None, *, tokenizer: str | Path | None = None,
-            output_name: str | None = None) -> Path:
+def resolve(model: str | Path | None, *, tokenizer: str | Path | None = None, output_name: str | None = None,
+            kind: str = "embedder", onnx_file: str | None = None, revision: str | None = None,
+            cache_dir: str | Path | None = None, local_files_only: bool | None = None,
+            token: str | bool | None = None) -> Path:
     """A ready-to-run exported folder for what a user passes as ``model``.
 
     Args:
         model: None (the bundled all-MiniLM-L6-v2); a folder embfast exported; a
             sentence-transformers / Hugging Face folder (exported once, cached); a
             ``.onnx`` file (needs ``tokenizer``); a folder holding ``model.onnx`` and
-            ``tokenizer.json`` but no config.json; or a name from :data:`CATALOG`.
+            ``tokenizer.json`` but no config.json; a name from :data:`CATALOG`; or a
+            Hugging Face Hub id ``org/name`` (:mod:`embfast.hub`; a local path of that name wins).
         tokenizer: for an ONNX file: see :func:`import_onnx`.
         output_name: for an ONNX file: its token-embedding output (default: detected).
+        kind: the model kind asked for (``"embedder"`` or ``"cross-encoder"``).
+        onnx_file: a repo's (or a folder's) shipped ONNX file to run as it is, without torch, e.g.
+            ``"onnx/model.onnx"``; the tokenizer and settings come from the repo / folder. Default None.
+        revision: Hub only: branch, tag or commit (default ``main``).
+        cache_dir: Hub only: the Hugging Face cache (default ``HF_HUB_CACHE`` / ``HF_HOME/hub``).
+        local_files_only: Hub only: never download (default None: ``HF_HUB_OFFLINE``).
+        token: Hub only: for private or gated repos (default ``HF_TOKEN``).
 
     Raises:
-        FileNotFoundError: naming the missing path or the package to install.
-        ValueError: ``tokenizer`` / ``output_name`` given for a model that takes neither,
-            or a folder that is none of the above.
+        FileNotFoundError: naming the missing path or the package to install;
+            :class:`embfast.hub.HubModelNotFoundError` for a repo that is not cached offline (naming the
+            cache and how to fetch it); :class:`embfast.hub.HubModelFilesError` for missing weights.
+        ValueError: an option given for a model it does not apply to, or a folder that is none of the above.
     """
     bare_only = "tokenizer= and output_name= apply to a bare ONNX model file, not to"
+    hub_opts = [n for n, v in (("revision", revision), ("cache_dir", cache_dir), ("token", token),
+                               ("local_files_only", local_files_only)) if v is not None]
     if model is None:
-        if tokenizer is not None or output_name is not None:
-            raise ValueError(f"{bare_only} the bundled model")
+        if tokenizer is not None or output_name is not None or onnx_file is not None or hub_opts:
+            raise ValueError("tokenizer=, output_name=, onnx_file= and Hub options do not apply to the bundled model")
         return resolve_model(default_model_path())
     path = Path(model).expanduser()
+    if not path.exists() and catalog_entry(str(model)) is None and is_repo_id(str(model)):
+        from embfast.hub import resolve_hub
+
+        return resolve_hub(str(model), kind=kind, revision=revision, cache_dir=cache_dir,
+                           local_files_only=local_files_only, token=token, onnx_file=onnx_file,
+                           tokenizer=tokenizer, output_name=output_name)
+    if hub_opts:
+        raise ValueError(f"{', '.join(o + '=' for o in hub_opts)} apply to a Hugging Face Hub id ('org/name'), "
+                         f"not to {model!r}")
+    if onnx_file is not None:
+        if not path.is_dir():
+            raise ValueError(f"onnx_file= names a file inside a model folder or Hub repo; {model!r} is neither")
+        if not (path / onnx_file).is_file():
+            raise FileNotFoundError(f"{path} has no {onnx_file}")
+        return import_onnx(path / onnx_file, tokenizer=tokenizer or path, output_name=output_name)
     if not path.exists():
         entry = catalog_entry(str(model))
         if entry is not None:
             return _resolve_entry(entry, tokenizer, output_name)
         raise FileNotFoundError(f"model not found: {path} (give a sentence-transformers folder, a folder exported "
-                                "by embfast, a .onnx file with tokenizer=, a name from `embfast models` "
-                                f"({', '.join(e.name for e in CATALOG)}), or None for the bundled all-MiniLM-L6-v2)")
+                                "by embfast, a .onnx file with tokenizer=, a Hugging Face Hub id 'org/name', a name "
+                                f"from `embfast models` ({', '.join(e.name for e in CATALOG)}), or None for the "
+                                "bundled all-MiniLM-L6-v2)")
     if path.is_file():
         if tokenizer is None:
             raise ValueError(f"{path} is a file: a bare ONNX model needs tokenizer= (a folder with tokenizer.json "
@@ -542,13 +576,16 @@ def _entry_row(entry: PackagedModel) -> dict:
     return row
 
 
-def discover() -> list[dict]:
-    """Installed catalog models and cached exports, one dict per model.
+def discover(hub_cache: str | Path | None = None) -> list[dict]:
+    """Installed catalog models, models in the Hugging Face cache and cached exports, one dict per model.
 
     Keys: name, dim, pooling, normalize, dense (number of Dense layers),
     max_seq_length, precisions (variants built in the cache), source
-    (``package ...`` or the source path) and path (the cached folder, if any).
-    A catalog model shows the precisions of its cached exports; unknown values are None.
+    (``package ...``, ``hub <snapshot>`` or the source path) and path (the cached folder, if any).
+    A catalog or hub model shows the precisions of its cached exports; unknown values are None.
+
+    Args:
+        hub_cache: the Hugging Face cache to list (default :func:`embfast.hub.hub_cache_dir`).
     """
     cached = cached_models()
     rows: list[dict] = []
@@ -567,6 +604,17 @@ def discover() -> list[dict]:
         row["precisions"] = sorted({p for c in mine for p in c["precisions"]})
         row["source"] = "package " + (entry.packages[0] if len(entry.packages) == 1
                                       else f"{entry.packages[0]} .. {entry.packages[-1]}")
+        rows.append(row)
+    from embfast.hub import hub_models
+
+    for row in hub_models(hub_cache):
+        snapshot = row.pop("snapshot")
+        here = {Path(snapshot), Path(snapshot).resolve()}  # its export, and imports of ONNX files it ships
+        mine = [c for c in cached if c["source"] and here & {Path(c["source"]), *Path(c["source"]).parents}]
+        claimed.update(c["path"] for c in mine)
+        row["precisions"] = sorted({p for c in mine for p in c["precisions"]})
+        if mine:
+            row["path"], row["graph"] = mine[0]["path"], mine[0]["graph"]
         rows.append(row)
     rows.extend(c for c in cached if c["path"] not in claimed)
     return rows
@@ -613,7 +661,8 @@ def cmd_models(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
-        print(f"no models installed or cached (cache: {cache_root()}); e.g. {_install_hint(CATALOG[0])}")
+        print(f"no models installed or cached (cache: {cache_root()}); e.g. {_install_hint(CATALOG[0])}, or "
+              "`embfast pull org/name`")
     else:
         print(format_table(rows))
     return 0
@@ -621,7 +670,7 @@ def cmd_models(args) -> int:
 
 def register_cli(subparsers) -> None:
     """Add ``embfast models`` to the CLI."""
-    s = subparsers.add_parser("models", help="list installed and cached models (dim, pooling, max length, "
-                                             "precisions exported)")
+    s = subparsers.add_parser("models", help="list installed, Hugging Face-cached and exported models (dim, "
+                                             "pooling, max length, precisions exported)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=cmd_models)

@@ -1,4 +1,5 @@
-"""Ray Data: embed a ``ray.data.Dataset`` on many cores, GPUs or machines, one :class:`embfast.Embedder` per actor.
+"""Ray: embed a ``ray.data.Dataset`` (Ray Data, one :class:`embfast.Embedder` per actor), or serve the HTTP API
+on replicas across a cluster (Ray Serve, :func:`serve_app`).
 
 >>> import ray
 >>> from embfast.integrations.ray import EmbedBatch, embed_dataset
@@ -124,3 +125,112 @@ def embed_dataset(ds, model=None, *, concurrency: int = 1, num_cpus: float = 1, 
     pool = ray.data.ActorPoolStrategy(size=concurrency)
     return ds.map_batches(EmbedBatch, fn_constructor_kwargs=kwargs, compute=pool, batch_size=batch_size,
                           batch_format=batch_format, num_cpus=num_cpus, num_gpus=num_gpus or None)
+
+
+def _replica_app(models: list, model_args: dict, app_kwargs: dict):
+    """The FastAPI app one Ray Serve replica serves (runs inside the replica)."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as `embfast serve`: no pools fighting the worker
+    os.environ.setdefault("EMBFAST_ORT_SPIN", "0")
+    from embfast.cross_encoder import CrossEncoder
+    from embfast.server import create_app
+    from embfast.server_rerank import load_served_model
+
+    loaded = [load_served_model(m, **model_args) for m in models]
+    embedders = [m for m in loaded if not isinstance(m, CrossEncoder)]
+    rerankers = [m for m in loaded if isinstance(m, CrossEncoder)]
+    if len(embedders) > 1 or len(rerankers) > 1:
+        raise ValueError(f"one app serves one embedding model and one cross-encoder, got {len(embedders)} and "
+                         f"{len(rerankers)}: {models}")
+    app = create_app(embedders[0] if embedders else None, reranker=rerankers[0] if rerankers else None, **app_kwargs)
+    return _with_header(app, b"x-embfast-replica", f"{os.uname().nodename}:{os.getpid()}".encode())
+
+
+def _with_header(app, name: bytes, value: bytes):
+    """An ASGI app that adds one header to every HTTP answer of ``app`` (which replica answered)."""
+
+    async def asgi(scope, receive, send):
+        if scope["type"] != "http":  # lifespan: the app's own startup and shutdown
+            return await app(scope, receive, send)
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=[*message.get("headers", []), (name, value)])
+            await send(message)
+
+        return await app(scope, receive, send_with_header)
+
+    return asgi
+
+
+def serve_app(models=None, *, num_replicas: int = 1, ray_actor_options: dict | None = None, name: str = "embfast",
+              device: str = "cpu", precision: str = "auto", threads: int | None = None,
+              max_ongoing_requests: int = 256, **app_kwargs):
+    """A Ray Serve application of embfast's HTTP API (the routes of ``embfast serve``), on ``num_replicas`` replicas.
+
+    >>> from ray import serve
+    >>> from embfast.integrations.ray import serve_app
+    >>> serve.run(serve_app(["org/embedder", "org/reranker"], num_replicas=4, ray_actor_options={"num_cpus": 2}))
+
+    or from the command line: ``serve run embfast.integrations.ray:app`` (the bundled model; ``EMBFAST_MODEL``
+    and ``EMBFAST_REPLICAS`` choose others). Each replica loads the models once (exports are cached under
+    ``$EMBFAST_HOME`` on each node, built once under a file lock) and runs its own dynamic batcher; Ray
+    Serve's proxy spreads requests over the replicas and replaces a replica that dies. Every answer carries
+    an ``x-embfast-replica: <host>:<pid>`` header naming the replica that computed it.
+
+    Args:
+        models: what every replica serves, each a folder, Hub id (``org/name``), catalog name or None (the
+            bundled all-MiniLM-L6-v2), its kind read from the model: today at most one embedding model and one
+            cross-encoder. Default None: the bundled model.
+        num_replicas: replicas (>= 1, default 1).
+        ray_actor_options: Ray resources per replica (default ``{"num_cpus": 1}``).
+        name: the deployment's name (default ``"embfast"``).
+        device, precision: as :class:`embfast.Embedder` (defaults "cpu", "auto").
+        threads: ONNX Runtime threads per replica (default: the replica's ``num_cpus``, at least 1).
+        max_ongoing_requests: requests one replica accepts at once (Ray Serve queues the rest; default 256).
+        **app_kwargs: :func:`embfast.server.create_app` options (``max_batch_tokens``, ``max_wait_ms``,
+            ``api_key``, ``max_inputs``, ...).
+
+    Returns:
+        A ``ray.serve.Application`` for ``serve.run``.
+
+    Raises:
+        ValueError: ``num_replicas`` < 1. ImportError: no ``ray[serve]``.
+    """
+    try:
+        from ray import serve
+    except ImportError as exc:
+        raise ImportError(f"serve_app needs Ray Serve: pip install 'ray[serve]' ({exc})") from exc
+    if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
+        raise ValueError(f"num_replicas must be an int >= 1, got {num_replicas!r}")
+    actor_options = dict(ray_actor_options or {"num_cpus": 1})
+    if threads is None:
+        threads = max(1, int(actor_options.get("num_cpus") or 1))
+    models = [None] if models is None else [None if m is None else str(m) for m in
+                                            ([models] if isinstance(models, str) else models)]
+    model_args = {"device": device, "precision": precision, "threads": threads}
+
+    def build():  # evaluated in each replica, when it starts
+        return _replica_app(models, model_args, app_kwargs)
+
+    class EmbfastReplica:
+        """One replica: the app that :func:`build` returns (Ray Serve runs its startup and shutdown)."""
+
+    deployment = serve.deployment(serve.ingress(build)(EmbfastReplica), name=name, num_replicas=num_replicas,
+                                  ray_actor_options=actor_options, max_ongoing_requests=max_ongoing_requests)
+    return deployment.bind()
+
+
+def _app_from_env():
+    """``serve run embfast.integrations.ray:app``: EMBFAST_MODEL (comma-separated) and EMBFAST_REPLICAS."""
+    import os
+
+    models = [m for m in os.environ.get("EMBFAST_MODEL", "").split(",") if m] or None
+    return serve_app(models, num_replicas=int(os.environ.get("EMBFAST_REPLICAS", "1")))
+
+
+def __getattr__(name: str):
+    if name == "app":  # built on first use, so importing this module needs no Ray Serve
+        return _app_from_env()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
