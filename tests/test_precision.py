@@ -88,7 +88,8 @@ def test_variants_are_built_once_and_rebuilt_when_their_recipe_changes(tiny_dir)
     checks = read_manifest(folder)["variant_checks"]
     assert checks["int8"]["format"] == checks["fp32"]["format"] == VARIANT_FORMAT  # fp32 rebuilt first
     ops = _ops(rebuilt)
-    assert "SkipLayerNormalization" not in ops and {"MatMulInteger", "QAttention"} & ops
+    assert "SkipLayerNormalization" not in ops and {"MatMulIntegerToFloat", "MultiHeadAttention"} <= ops
+    assert not {"DynamicQuantizeLinear", "QAttention", "DynamicQuantizeMatMul"} & ops  # no per-tensor scales
 
 
 def test_fp16_variant_keeps_float32_io(tiny_dir):
