@@ -8,7 +8,11 @@ with embfast's batching: length-sorted, 32 texts and 1,024 padded tokens per bat
   dynamic           quantize_dynamic, per-channel QInt8 weights, one activation scale per tensor
                     (VARIANT_FORMAT 2's int8; QAttention)
   rows              embfast.rowquant: Attention split into MatMul + MultiHeadAttention, every MatMul
-                    u8s8 with one activation scale per row (per token) (VARIANT_FORMAT 3's int8)
+                    u8s8 with one activation scale per row (per token), SmoothQuant on LayerNorm-fed
+                    inputs, GELU rows with zero point 16 (VARIANT_FORMAT 3's int8)
+  rows-unsmoothed   the same without smoothing (no calibration)
+  rows-axis         rows with the other row-scaling form (rowquant.PER_AXIS flipped: a per-axis
+                    QuantizeLinear instead of Mul + QuantizeLinear, or back)
   nbits8            MatMulNBits, 8-bit weights (block 128, symmetric), accuracy_level 4 (MLAS int8
                     compute, activations per row and block), on the split-attention graph; needs onnx-ir
 Texts: the bench_encode.py sample (seed 0). Runs alternate between recipes; medians. Cosine: to the plain
@@ -27,7 +31,8 @@ p.add_argument("--sentences", type=int, default=1000)
 p.add_argument("--passages", type=int, default=100)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--repeat", type=int, default=3)
-p.add_argument("--recipes", nargs="*", default=["fused fp32", "dynamic", "rows", "nbits8"])
+p.add_argument("--recipes", nargs="*",
+               default=["fused fp32", "dynamic", "rows", "rows-axis", "rows-unsmoothed", "nbits8"])
 ARGS = p.parse_args()
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = str(ARGS.threads)
@@ -54,7 +59,7 @@ def main() -> None:
     from embfast.batching import plan_batches
     from embfast.export import default_model_path, ensure_exported, read_manifest
     from embfast.kernels import l2_normalize, pool
-    from embfast.rowquant import split_attention
+    from embfast.rowquant import build_rowquant, split_attention
     from embfast.session import CPU_DISABLED_OPTIMIZERS
     from embfast.tokenization import TextTokenizer
     from embfast.variants import _quantize_dynamic_int8, _quantize_int8, ensure_variant
@@ -101,6 +106,14 @@ def main() -> None:
             _quantize_dynamic_int8(fused, path)
         elif name == "rows":
             _quantize_int8(fused, path, "int8", folder, man)
+        elif name == "rows-unsmoothed":
+            build_rowquant(fused, path)
+        elif name == "rows-axis":
+            import embfast.rowquant
+
+            flag, embfast.rowquant.PER_AXIS = embfast.rowquant.PER_AXIS, not embfast.rowquant.PER_AXIS
+            _quantize_int8(fused, path, "int8", folder, man)
+            embfast.rowquant.PER_AXIS = flag
         elif name == "nbits8":
             try:
                 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
