@@ -27,7 +27,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--latency-calls", type=int, default=200)
     p.add_argument("--impls", nargs="*", default=None,
                    help="subset of: st-torch st-onnx st-onnx-int8 ort-plain embfast-fp32 embfast-int8 "
-                        "embfast-int8-dynamic (the per-tensor int8 recipe, EMBFAST_INT8_RECIPE=dynamic)")
+                        "embfast-int8-rows (the per-row int8 recipe, EMBFAST_INT8_RECIPE=rows)")
     return p.parse_args()
 
 
@@ -143,19 +143,18 @@ def build_impls(model_dir: Path, export_dir: Path, tmp: Path) -> dict:
     if "ort-plain" in wanted:
         plain = PlainOrt(export_dir, 256)
         impls["ort-plain"] = plain.encode
-    for prec in ("fp32", "int8", "int8-dynamic"):
+    for prec in ("fp32", "int8", "int8-rows"):
         if f"embfast-{prec}" in wanted:
             recipe = os.environ.get("EMBFAST_INT8_RECIPE")
-            if prec == "int8-dynamic":  # the recipe is read when the variant is chosen, at construction
-                os.environ["EMBFAST_INT8_RECIPE"] = "dynamic"
+            os.environ.pop("EMBFAST_INT8_RECIPE", None)  # the recipe is read at construction
+            if prec == "int8-rows":
+                os.environ["EMBFAST_INT8_RECIPE"] = "rows"
             try:
                 m = embfast.Embedder(model_dir, precision=prec.split("-")[0], threads=ARGS.threads)
             finally:
-                if prec == "int8-dynamic":
-                    if recipe is None:
-                        os.environ.pop("EMBFAST_INT8_RECIPE")
-                    else:
-                        os.environ["EMBFAST_INT8_RECIPE"] = recipe
+                os.environ.pop("EMBFAST_INT8_RECIPE", None)
+                if recipe is not None:
+                    os.environ["EMBFAST_INT8_RECIPE"] = recipe
             impls[f"embfast-{prec}"] = lambda t, m=m: m.encode(t, batch_size=ARGS.batch_size)
     return impls
 

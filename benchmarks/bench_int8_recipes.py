@@ -6,13 +6,11 @@ Recipes (each a graph built here from the cached fused fp32 graph, run through o
 with embfast's batching: length-sorted, 32 texts and 1,024 padded tokens per batch):
   fused fp32        the fp32 variant (reference for speed)
   dynamic           quantize_dynamic, per-channel QInt8 weights, one activation scale per tensor
-                    (VARIANT_FORMAT 2's int8; QAttention)
+                    (the default int8 variant; QAttention)
   rows              embfast.rowquant: Attention split into MatMul + MultiHeadAttention, every MatMul
                     u8s8 with one activation scale per row (per token), SmoothQuant on LayerNorm-fed
-                    inputs, GELU rows with zero point 16 (VARIANT_FORMAT 3's int8)
+                    inputs, GELU rows with zero point 16 (the int8-rows variant, EMBFAST_INT8_RECIPE=rows)
   rows-unsmoothed   the same without smoothing (no calibration)
-  rows-axis         rows with the other row-scaling form (rowquant.PER_AXIS flipped: a per-axis
-                    QuantizeLinear instead of Mul + QuantizeLinear, or back)
   nbits8            MatMulNBits, 8-bit weights (block 128, symmetric), accuracy_level 4 (MLAS int8
                     compute, activations per row and block), on the split-attention graph; needs onnx-ir
 Texts: the bench_encode.py sample (seed 0). Runs alternate between recipes; medians. Cosine: to the plain
@@ -32,7 +30,7 @@ p.add_argument("--passages", type=int, default=100)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--repeat", type=int, default=3)
 p.add_argument("--recipes", nargs="*",
-               default=["fused fp32", "dynamic", "rows", "rows-axis", "rows-unsmoothed", "nbits8"])
+               default=["fused fp32", "dynamic", "rows", "rows-unsmoothed", "nbits8"])
 ARGS = p.parse_args()
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = str(ARGS.threads)
@@ -105,15 +103,9 @@ def main() -> None:
         elif name == "dynamic":
             _quantize_dynamic_int8(fused, path)
         elif name == "rows":
-            _quantize_int8(fused, path, "int8", folder, man)
+            _quantize_int8(fused, path, "int8-rows", folder, man)
         elif name == "rows-unsmoothed":
             build_rowquant(fused, path)
-        elif name == "rows-axis":
-            import embfast.rowquant
-
-            flag, embfast.rowquant.PER_AXIS = embfast.rowquant.PER_AXIS, not embfast.rowquant.PER_AXIS
-            _quantize_int8(fused, path, "int8", folder, man)
-            embfast.rowquant.PER_AXIS = flag
         elif name == "nbits8":
             try:
                 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

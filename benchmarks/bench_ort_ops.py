@@ -51,7 +51,7 @@ def main() -> None:
     import embfast
     from embfast.batching import plan_batches
     from embfast.encoder import CPU_MAX_BATCH_TOKENS
-    from embfast.export import default_model_path, ensure_exported, read_manifest
+    from embfast.export import default_model_path, ensure_exported
     from embfast.session import CPU_DISABLED_OPTIMIZERS
     from embfast.variants import _quantize_int8, ensure_variant
 
@@ -74,7 +74,7 @@ def main() -> None:
     optimize_model(str(folder / "model.onnx"), model_type="bert", num_heads=0, hidden_size=0,
                    optimization_options=fo, opt_level=1, use_gpu=False).save_model_to_file(str(fused))
     fused_int8 = work / "skipln.int8.onnx"
-    _quantize_int8(fused, fused_int8, "int8", folder, read_manifest(folder))
+    _quantize_int8(fused, fused_int8)
     graphs = {"fp32 (shipped)": (ensure_variant(folder, "fp32"), CPU_DISABLED_OPTIMIZERS),
               "fp32 + SkipLayerNorm": (fused, []),
               "int8 (shipped)": (ensure_variant(folder, "int8"), CPU_DISABLED_OPTIMIZERS),

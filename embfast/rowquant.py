@@ -126,9 +126,6 @@ GELU_MIN = 0.17
 SHIFTED_ZP = 16
 
 
-# True: rows are scaled inside a per-axis QuantizeLinear (one scale per row); False: a Mul by each row's
-# 127 / max, then QuantizeLinear with scale 1. Same integers up to float rounding; chosen by speed.
-PER_AXIS = False
 
 
 def _quantizable(node, inits, exclude) -> bool:
@@ -163,7 +160,7 @@ def quantize_rows(model, exclude=(), smooth: dict | None = None, alpha: float = 
         "rq_tiny": np.array(1e-30, np.float32), "rq_one": np.array(1.0, np.float32),
         "rq_shifted_floor": np.array(GELU_MIN * (255 - SHIFTED_ZP) / SHIFTED_ZP, np.float32),
         "rq_zp": np.array(128, np.uint8), "rq_zp_shifted": np.array(SHIFTED_ZP, np.uint8),
-        "rq_axes": np.array([-1], np.int64), "rq_flat": np.array([-1], np.int64),
+        "rq_axes": np.array([-1], np.int64),
     }
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
 
@@ -183,7 +180,7 @@ def quantize_rows(model, exclude=(), smooth: dict | None = None, alpha: float = 
         s = np.power(np.maximum(smooth[x], 1e-5), alpha) / np.power(np.maximum(w_amax, 1e-5), 1 - alpha)
         factors[x] = np.clip(s, 1e-3, 1e3).astype(np.float32)
     target_names = {n.name for n in targets}
-    rows: dict[str, tuple[str, str, str]] = {}  # input -> (uint8 rows, per-row scale, zero point)
+    rows: dict[str, tuple] = {}  # input -> (uint8 rows, per-row scale, zero point, levels)
     new_nodes = []
     for node in graph.node:
         if node.name not in target_names:
@@ -216,30 +213,10 @@ def quantize_rows(model, exclude=(), smooth: dict | None = None, alpha: float = 
                     helper.make_node("Div", ["rq_127", f"{p}_amax"], [f"{p}_inv"], name=f"{p}_Div"),
                 ]
                 levels, zp = 127.0, "rq_zp"
-            if PER_AXIS:  # QuantizeLinear divides each row by its own scale: no separate scaling pass
-                k = weights[node.name].shape[0]
-                shape_k = f"rq_shape_{k}"
-                if shape_k not in inits:
-                    inits[shape_k] = numpy_helper.from_array(np.array([-1, k], np.int64), shape_k)
-                    graph.initializer.append(inits[shape_k])
-                levels_name = "rq_127" if levels == 127.0 else "rq_shifted_levels"
-                new_nodes += [
-                    helper.make_node("Div", [f"{p}_amax", levels_name], [f"{p}_step3"], name=f"{p}_Step"),
-                    helper.make_node("Reshape", [f"{p}_step3", "rq_flat"], [f"{p}_step"], name=f"{p}_StepFlat"),
-                    helper.make_node("Shape", [f"{p}_step"], [f"{p}_m"], name=f"{p}_M"),
-                    helper.make_node("Expand", [zp, f"{p}_m"], [f"{p}_zps"], name=f"{p}_ZeroPoints"),
-                    helper.make_node("Reshape", [src, shape_k], [f"{p}_2d"], name=f"{p}_Rows"),
-                    helper.make_node("QuantizeLinear", [f"{p}_2d", f"{p}_step", f"{p}_zps"], [f"{p}_u8_2d"],
-                                     name=f"{p}_Quantize", axis=0),
-                    helper.make_node("Shape", [src], [f"{p}_shape"], name=f"{p}_Shape"),
-                    helper.make_node("Reshape", [f"{p}_u8_2d", f"{p}_shape"], [f"{p}_u8"], name=f"{p}_Unflat"),
-                ]
-            else:
-                new_nodes += [
-                    helper.make_node("Mul", [src, f"{p}_inv"], [f"{p}_scaled"], name=f"{p}_Scale"),
-                    helper.make_node("QuantizeLinear", [f"{p}_scaled", "rq_one", zp], [f"{p}_u8"],
-                                     name=f"{p}_Quantize"),
-                ]
+            new_nodes += [
+                helper.make_node("Mul", [src, f"{p}_inv"], [f"{p}_scaled"], name=f"{p}_Scale"),
+                helper.make_node("QuantizeLinear", [f"{p}_scaled", "rq_one", zp], [f"{p}_u8"], name=f"{p}_Quantize"),
+            ]
             rows[x] = (f"{p}_u8", f"{p}_amax", zp, levels)
         x_q, amax, zp, levels = rows[x]
         w = weights[node.name]

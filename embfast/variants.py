@@ -5,14 +5,16 @@
   left unfused: ORT's CPU SkipLayerNormalization kernel is 5x slower than Add +
   LayerNormalization (3.0 vs 0.5 ns per element, benchmarks/bench_ort_ops.py), so CPU
   sessions also disable ORT's own SkipLayerNormFusion (:mod:`embfast.session`).
-- ``int8`` -> ``model.int8.onnx``: the optimized graph with int8 MatMuls whose activations
-  get **one scale per row** (per token) at run time and whose weights one scale per output
-  column (:mod:`embfast.rowquant`). A text's vector is then the same, bit for bit, alone or in
-  any batch, and closer to fp32 than with one scale per tensor (all-MiniLM-L6-v2, 2,000 texts:
-  benchmarks/README.md). ``EMBFAST_INT8_RECIPE=dynamic`` selects the previous recipe instead,
-  built as ``int8-dynamic`` -> ``model.int8-dynamic.onnx``: ONNX Runtime's dynamic quantization
-  with per-channel QInt8 weights and one activation scale per tensor, computed from the whole
-  batch (a text's vector moves with its batch-mates: cosine 0.98 between alone and batched).
+- ``int8`` -> ``model.int8.onnx``: dynamic int8 quantization of the optimized graph
+  with **per-channel** QInt8 weights (per-tensor loses too much: cosine to fp32 0.96
+  mean / 0.86 min on all-MiniLM-L6-v2); activations are quantized per batch at run time,
+  with one scale per tensor, so a text's vector moves slightly with its batch-mates.
+- ``int8-rows`` -> ``model.int8-rows.onnx``, run for ``precision="int8"`` when
+  ``EMBFAST_INT8_RECIPE=rows``: int8 MatMuls whose activations get **one scale per row**
+  (per token) from that row alone, and SmoothQuant-smoothed LayerNorm outputs
+  (:mod:`embfast.rowquant`): the same vector alone or in any batch, bit for bit, and closer to
+  fp32 (min cosine 0.995 against 0.95 on real text), but slower than ``int8`` with ONNX
+  Runtime's stock operators (benchmarks/README.md), so it is an opt-in.
 - ``fp16`` -> ``model.fp16.onnx``: the optimized graph with fp16 weights and math for
   the CUDA provider; inputs and outputs stay as in fp32 (int64 ids in, float32 out).
 
@@ -37,17 +39,17 @@ import numpy as np
 from embfast.export import MANIFEST, file_lock, read_manifest
 
 VARIANT_FILES = {"fp32": "model.opt.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx",
-                 "int8-dynamic": "model.int8-dynamic.onnx"}
+                 "int8-rows": "model.int8-rows.onnx"}
 # Bumped when the recipe of a variant changes: a variant recorded with another format is rebuilt.
-# 2: no SkipLayerNorm fusion in the CPU variants. 3: int8 with one activation scale per row (rowquant).
-VARIANT_FORMAT = 3
-# precision="int8" builds and runs one of these: "rows" (variant "int8") or "dynamic" (variant "int8-dynamic").
-INT8_RECIPES = {"rows": "int8", "dynamic": "int8-dynamic"}
-DEFAULT_INT8_RECIPE = "rows"
+# 2: no SkipLayerNorm fusion in the CPU variants.
+VARIANT_FORMAT = 2
+# precision="int8" builds and runs one of these: "dynamic" (variant "int8") or "rows" (variant "int8-rows").
+INT8_RECIPES = {"dynamic": "int8", "rows": "int8-rows"}
+DEFAULT_INT8_RECIPE = "dynamic"
 
 
 def int8_recipe() -> str:
-    """The int8 recipe in force: ``EMBFAST_INT8_RECIPE`` ("rows" or "dynamic"), default :data:`DEFAULT_INT8_RECIPE`."""
+    """The int8 recipe in force: ``EMBFAST_INT8_RECIPE`` ("dynamic" or "rows"), default :data:`DEFAULT_INT8_RECIPE`."""
     recipe = os.environ.get("EMBFAST_INT8_RECIPE", "").strip().lower() or DEFAULT_INT8_RECIPE
     if recipe not in INT8_RECIPES:
         raise ValueError(f"EMBFAST_INT8_RECIPE must be one of {', '.join(INT8_RECIPES)}, got {recipe!r}")
@@ -59,11 +61,11 @@ def variant_name(precision: str) -> str:
     return INT8_RECIPES[int8_recipe()] if precision == "int8" else precision
 # The probe check: pooled cosine to the plain export (mean and the model's pooling) must reach these.
 # int8 is a sanity floor against a broken quantization; its real accuracy is measured on STS-B and SciFact.
-MIN_COSINE = {"fp32": 0.99999, "int8": 0.90, "int8-dynamic": 0.90, "fp16": 0.999}
+MIN_COSINE = {"fp32": 0.99999, "int8": 0.90, "int8-rows": 0.90, "fp16": 0.999}
 # Cross-encoders: the logit agreement of _probe_logits. int8's floor only catches a broken quantization
 # (unrelated logits give about 0); tiny random test models reach 0.77-0.996, and int8's accuracy is
 # stated and tested in tests/test_cross_encoder.py.
-MIN_LOGIT_AGREEMENT = {"fp32": 0.99999, "int8": 0.5, "int8-dynamic": 0.5, "fp16": 0.999}
+MIN_LOGIT_AGREEMENT = {"fp32": 0.99999, "int8": 0.5, "int8-rows": 0.5, "fp16": 0.999}
 
 
 def _probe_floor(manifest: dict, precision: str) -> float:
@@ -121,10 +123,10 @@ def _quantize_int8(src: Path, dst: Path, variant: str = "int8", folder: Path | N
                    manifest: dict | None = None) -> dict:
     """Write the int8 graph of the float graph ``src`` by the recipe of ``variant``; returns what it did.
 
-    The per-row recipe calibrates its smoothing on :data:`embfast.rowquant.CALIBRATION_TEXTS`, tokenized
-    as the model in ``folder`` runs (without a tokenizer: no smoothing).
+    The per-row recipe (``int8-rows``) calibrates its smoothing on :data:`embfast.rowquant.CALIBRATION_TEXTS`,
+    tokenized as the model in ``folder`` runs (without a tokenizer: no smoothing).
     """
-    if variant == "int8":
+    if variant == "int8-rows":
         from embfast.rowquant import build_rowquant, calibration_feeds
 
         feeds = None
@@ -133,11 +135,11 @@ def _quantize_int8(src: Path, dst: Path, variant: str = "int8", folder: Path | N
                                       pairs=manifest.get("kind", "embedder") == "cross-encoder")
         return build_rowquant(src, dst, calibration=feeds)
     _quantize_dynamic_int8(src, dst)
-    return {"recipe": "dynamic-per-tensor"}
+    return {}
 
 
 def _quantize_dynamic_int8(src: Path, dst: Path) -> None:
-    """ONNX Runtime's dynamic quantization, per-channel QInt8 weights (the ``int8-dynamic`` variant)."""
+    """ONNX Runtime's dynamic quantization, per-channel QInt8 weights (the ``int8`` variant)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -351,8 +353,8 @@ def _record(folder: Path, precision: str, filename: str, check: dict) -> Path:
 def ensure_variant(folder: str | Path, precision: str) -> Path:
     """The variant file for ``precision``, built first if missing (under the folder's lock).
 
-    ``"int8"`` is the variant of the int8 recipe in force (:func:`variant_name`); ``"int8-dynamic"``
-    names the per-tensor recipe directly.
+    ``"int8"`` is the variant of the int8 recipe in force (:func:`variant_name`); ``"int8-rows"``
+    names the per-row recipe directly.
     """
     folder = Path(folder)
     if precision not in VARIANT_FILES:

@@ -1,5 +1,7 @@
 """A text's vector depends on its own text only: alone or in any batch, through encode, the DynamicBatcher and
-the server, for every CPU precision (fp32 and int8), encoders and left-padded decoders (issue 14).
+the server, for fp32 and the per-row int8 recipe (EMBFAST_INT8_RECIPE=rows, set for this whole module),
+encoders and left-padded decoders (issue 14). The default int8 recipe (one activation scale per batch) does
+not have the property: the last test shows the check catches it.
 
 Tolerance: max abs difference <= 1e-5 between a normalized vector embedded alone and in a batch. Neither a
 fraction nor a figure of one CPU: int8's integer products are exact on every kernel and each activation row
@@ -45,6 +47,11 @@ def drift(model: Embedder, texts: list[str], reference: np.ndarray | None = None
     return worst
 
 
+@pytest.fixture(autouse=True)
+def rows_recipe(monkeypatch):
+    monkeypatch.setenv("EMBFAST_INT8_RECIPE", "rows")
+
+
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
     return build_qwen3(tmp_path_factory.mktemp("inv") / "qwen3")
@@ -67,22 +74,22 @@ def test_encode_is_batch_invariant_for_a_left_padded_decoder(qwen_dir, precision
 
 
 def test_int8_is_per_row_and_batch_invariant_on_the_real_model(minilm_dir):
-    """all-MiniLM-L6-v2 int8: no per-tensor quantization left, and exact batch invariance where the per-tensor
-    recipe (EMBFAST_INT8_RECIPE=dynamic) moves a short text's vector by far more than the tolerance."""
+    """all-MiniLM-L6-v2, per-row int8: no per-tensor quantization left, and batch invariance where the default
+    per-tensor recipe moves a short text's vector by far more than the tolerance (next test)."""
     import onnx
 
     from embfast.variants import ensure_variant
 
     model = Embedder(minilm_dir, precision="int8")
-    graph = onnx.load(str(ensure_variant(model.model_dir, "int8")), load_external_data=False).graph
+    graph = onnx.load(str(ensure_variant(model.model_dir, "int8-rows")), load_external_data=False).graph
     ops = {n.op_type for n in graph.node}
     assert "MatMulIntegerToFloat" in ops and not {"DynamicQuantizeLinear", "QAttention", "DynamicQuantizeMatMul"} & ops
     assert drift(model, MIXED) <= TOL
 
 
 def test_per_tensor_int8_is_what_the_check_catches(minilm_dir, monkeypatch):
-    """The test above would fail on the previous recipe: its int8 vectors move with their batch-mates."""
-    monkeypatch.setenv("EMBFAST_INT8_RECIPE", "dynamic")
+    """The test above fails on the default per-tensor recipe: its int8 vectors move with their batch-mates."""
+    monkeypatch.delenv("EMBFAST_INT8_RECIPE")
     model = Embedder(minilm_dir, precision="int8")
     assert model.session.session.get_providers() == ["CPUExecutionProvider"]
     assert drift(model, MIXED) > 100 * TOL
