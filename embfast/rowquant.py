@@ -20,10 +20,13 @@ within 0.995 cosine of fp32 on real text (all-MiniLM-L6-v2; benchmarks/README.md
 - GELU outputs (>= -0.17) are quantized with zero point 16 instead of 128: 239 levels for the positive
   side instead of 127, the row scale floored so that -0.17 stays representable.
 
-Integer matrix
-products are exact and every other step is element-wise or per row, so a row's result is the
-same bits whatever else is in the batch, however long the batch is padded and however ONNX
-Runtime tiles or threads the product.
+Integer matrix products are exact and every other step is element-wise or per row, so a row's
+result is the same bits whatever else is in the batch, however long the batch is padded and however
+ONNX Runtime tiles or threads the product.
+
+Speed: 0.87x ONNX Runtime's per-tensor recipe on a 2-core AVX-512 VNNI CPU (the extra element-wise
+passes; benchmarks/README.md), which is why :mod:`embfast.variants` builds it only on request
+(``EMBFAST_INT8_RECIPE=rows``, variant ``int8-rows``).
 
 The fused ``Attention`` node (input projection inside, quantized by ``quantize_dynamic`` into
 ``QAttention`` with one input scale per tensor) is split first into its projection, a MatMul
@@ -36,7 +39,7 @@ or inputs, e.g. a cross-encoder's label layer) stay in float32.
 Why not ``MatMulNBits`` with 8-bit weights and ``accuracy_level=4`` (MLAS quantizes activations
 per row and block): its kernels take rows in tiles and round a row differently in a tile of one
 than in a tile of two, so a row's output moves by about 1e-6 with the batch's row count, and
-later per-row roundings turn that into up to 2e-3 on the final vector (benchmarks/README.md).
+later per-row roundings turn that into up to 4e-3 on the final vector (benchmarks/README.md).
 """
 
 from __future__ import annotations
