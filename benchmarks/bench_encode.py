@@ -26,7 +26,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--latency-calls", type=int, default=200)
     p.add_argument("--impls", nargs="*", default=None,
-                   help="subset of: st-torch st-onnx st-onnx-int8 ort-plain embfast-fp32 embfast-int8")
+                   help="subset of: st-torch st-onnx st-onnx-int8 ort-plain embfast-fp32 embfast-int8 "
+                        "embfast-int8-rows (the per-row int8 recipe, EMBFAST_INT8_RECIPE=rows)")
     return p.parse_args()
 
 
@@ -142,9 +143,18 @@ def build_impls(model_dir: Path, export_dir: Path, tmp: Path) -> dict:
     if "ort-plain" in wanted:
         plain = PlainOrt(export_dir, 256)
         impls["ort-plain"] = plain.encode
-    for prec in ("fp32", "int8"):
+    for prec in ("fp32", "int8", "int8-rows"):
         if f"embfast-{prec}" in wanted:
-            m = embfast.Embedder(model_dir, precision=prec, threads=ARGS.threads)
+            recipe = os.environ.get("EMBFAST_INT8_RECIPE")
+            os.environ.pop("EMBFAST_INT8_RECIPE", None)  # the recipe is read at construction
+            if prec == "int8-rows":
+                os.environ["EMBFAST_INT8_RECIPE"] = "rows"
+            try:
+                m = embfast.Embedder(model_dir, precision=prec.split("-")[0], threads=ARGS.threads)
+            finally:
+                os.environ.pop("EMBFAST_INT8_RECIPE", None)
+                if recipe is not None:
+                    os.environ["EMBFAST_INT8_RECIPE"] = recipe
             impls[f"embfast-{prec}"] = lambda t, m=m: m.encode(t, batch_size=ARGS.batch_size)
     return impls
 

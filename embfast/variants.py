@@ -7,7 +7,14 @@
   sessions also disable ORT's own SkipLayerNormFusion (:mod:`embfast.session`).
 - ``int8`` -> ``model.int8.onnx``: dynamic int8 quantization of the optimized graph
   with **per-channel** QInt8 weights (per-tensor loses too much: cosine to fp32 0.96
-  mean / 0.86 min on all-MiniLM-L6-v2); activations are quantized per batch at run time.
+  mean / 0.86 min on all-MiniLM-L6-v2); activations are quantized per batch at run time,
+  with one scale per tensor, so a text's vector moves slightly with its batch-mates.
+- ``int8-rows`` -> ``model.int8-rows.onnx``, run for ``precision="int8"`` when
+  ``EMBFAST_INT8_RECIPE=rows``: int8 MatMuls whose activations get **one scale per row**
+  (per token) from that row alone, and SmoothQuant-smoothed LayerNorm outputs
+  (:mod:`embfast.rowquant`): the same vector alone or in any batch, bit for bit, and closer to
+  fp32 (min cosine 0.995 against 0.95 on real text), but slower than ``int8`` with ONNX
+  Runtime's stock operators (benchmarks/README.md), so it is an opt-in.
 - ``fp16`` -> ``model.fp16.onnx``: the optimized graph with fp16 weights and math for
   the CUDA provider; inputs and outputs stay as in fp32 (int64 ids in, float32 out).
 
@@ -31,17 +38,34 @@ import numpy as np
 
 from embfast.export import MANIFEST, file_lock, read_manifest
 
-VARIANT_FILES = {"fp32": "model.opt.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+VARIANT_FILES = {"fp32": "model.opt.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx",
+                 "int8-rows": "model.int8-rows.onnx"}
 # Bumped when the recipe of a variant changes: a variant recorded with another format is rebuilt.
 # 2: no SkipLayerNorm fusion in the CPU variants.
 VARIANT_FORMAT = 2
+# precision="int8" builds and runs one of these: "dynamic" (variant "int8") or "rows" (variant "int8-rows").
+INT8_RECIPES = {"dynamic": "int8", "rows": "int8-rows"}
+DEFAULT_INT8_RECIPE = "dynamic"
+
+
+def int8_recipe() -> str:
+    """The int8 recipe in force: ``EMBFAST_INT8_RECIPE`` ("dynamic" or "rows"), default :data:`DEFAULT_INT8_RECIPE`."""
+    recipe = os.environ.get("EMBFAST_INT8_RECIPE", "").strip().lower() or DEFAULT_INT8_RECIPE
+    if recipe not in INT8_RECIPES:
+        raise ValueError(f"EMBFAST_INT8_RECIPE must be one of {', '.join(INT8_RECIPES)}, got {recipe!r}")
+    return recipe
+
+
+def variant_name(precision: str) -> str:
+    """The variant that runs ``precision``: "int8" follows :func:`int8_recipe`; others are themselves."""
+    return INT8_RECIPES[int8_recipe()] if precision == "int8" else precision
 # The probe check: pooled cosine to the plain export (mean and the model's pooling) must reach these.
 # int8 is a sanity floor against a broken quantization; its real accuracy is measured on STS-B and SciFact.
-MIN_COSINE = {"fp32": 0.99999, "int8": 0.90, "fp16": 0.999}
+MIN_COSINE = {"fp32": 0.99999, "int8": 0.90, "int8-rows": 0.90, "fp16": 0.999}
 # Cross-encoders: the logit agreement of _probe_logits. int8's floor only catches a broken quantization
 # (unrelated logits give about 0); tiny random test models reach 0.77-0.996, and int8's accuracy is
 # stated and tested in tests/test_cross_encoder.py.
-MIN_LOGIT_AGREEMENT = {"fp32": 0.99999, "int8": 0.5, "fp16": 0.999}
+MIN_LOGIT_AGREEMENT = {"fp32": 0.99999, "int8": 0.5, "int8-rows": 0.5, "fp16": 0.999}
 
 
 def _probe_floor(manifest: dict, precision: str) -> float:
@@ -95,7 +119,27 @@ def _optimize(src: Path, dst: Path, folder: Path, fp16: bool = False) -> None:
     model.save_model_to_file(str(dst))
 
 
-def _quantize_int8(src: Path, dst: Path) -> None:
+def _quantize_int8(src: Path, dst: Path, variant: str = "int8", folder: Path | None = None,
+                   manifest: dict | None = None) -> dict:
+    """Write the int8 graph of the float graph ``src`` by the recipe of ``variant``; returns what it did.
+
+    The per-row recipe (``int8-rows``) calibrates its smoothing on :data:`embfast.rowquant.CALIBRATION_TEXTS`,
+    tokenized as the model in ``folder`` runs (without a tokenizer: no smoothing).
+    """
+    if variant == "int8-rows":
+        from embfast.rowquant import build_rowquant, calibration_feeds
+
+        feeds = None
+        if folder is not None and manifest is not None and (folder / "tokenizer.json").is_file():
+            feeds = calibration_feeds(_probe_tokenizer(folder, manifest),
+                                      pairs=manifest.get("kind", "embedder") == "cross-encoder")
+        return build_rowquant(src, dst, calibration=feeds)
+    _quantize_dynamic_int8(src, dst)
+    return {}
+
+
+def _quantize_dynamic_int8(src: Path, dst: Path) -> None:
+    """ONNX Runtime's dynamic quantization, per-channel QInt8 weights (the ``int8`` variant)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -103,6 +147,17 @@ def _quantize_int8(src: Path, dst: Path) -> None:
         warnings.simplefilter("ignore")
         quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def _probe_tokenizer(folder: Path, manifest: dict):
+    """A tokenizer that tokenizes and pads as the model in ``folder`` runs (max length at most 128)."""
+    from embfast.config import CrossEncoderConfig, ModelConfig
+    from embfast.tokenization import TextTokenizer
+
+    kind = manifest.get("kind", "embedder")
+    cfg = (CrossEncoderConfig if kind == "cross-encoder" else ModelConfig).from_dict(manifest.get("config", {}))
+    return TextTokenizer(folder / "tokenizer.json", min(128, cfg.max_seq_length or 128), manifest["input_names"],
+                         padding_side=cfg.padding_side, do_lower_case=cfg.do_lower_case)
 
 
 def _probe_cosine(folder: Path, reference: Path, candidate: Path, manifest: dict) -> float | None:
@@ -188,6 +243,7 @@ def build_variant(folder: str | Path, precision: str) -> Path:
     folder = Path(folder)
     if precision not in VARIANT_FILES:
         raise ValueError(f"precision must be one of {', '.join(VARIANT_FILES)}, got {precision!r}")
+    precision = variant_name(precision)
     manifest = read_manifest(folder)
     if manifest.get("source_kind") == "onnx":
         return _build_imported(folder, precision, manifest)
@@ -197,11 +253,12 @@ def build_variant(folder: str | Path, precision: str) -> Path:
     tmp = Path(tmp_name)
     t0 = time.perf_counter()
     try:
-        if precision == "int8":
+        recipe = {}
+        if precision.startswith("int8"):
             opt = folder / VARIANT_FILES["fp32"]
             if not (opt.is_file() and is_current(manifest, "fp32")):  # we hold the lock: build it directly
                 opt = build_variant(folder, "fp32")
-            _quantize_int8(opt, tmp)
+            recipe = _quantize_int8(opt, tmp, precision, folder, manifest)
         else:
             try:
                 _optimize(folder / "model.onnx", tmp, folder, fp16=precision == "fp16")
@@ -221,7 +278,7 @@ def build_variant(folder: str | Path, precision: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return _record(folder, precision, out.name,
-                   {"probe_min_cosine": cosine, "build_seconds": round(time.perf_counter() - t0, 2)})
+                   {"probe_min_cosine": cosine, "build_seconds": round(time.perf_counter() - t0, 2), **recipe})
 
 
 _QUANTIZED_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
@@ -258,22 +315,22 @@ def _build_imported(folder: Path, precision: str, manifest: dict) -> Path:
     if precision == "fp16" or shipped != "fp32":
         raise VariantError(f"precision={precision!r} is not built for the imported ONNX in {folder} (its weights are "
                            f"{shipped}); load it with precision='fp32' to run the graph as shipped")
-    out = folder / VARIANT_FILES["int8"]
+    out = folder / VARIANT_FILES[precision]
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".tmp.onnx")
     os.close(fd)
     tmp = Path(tmp_name)
     t0 = time.perf_counter()
     try:
-        _quantize_int8(folder / "model.onnx", tmp)
+        recipe = _quantize_int8(folder / "model.onnx", tmp, precision, folder, manifest)
         cosine = _probe_cosine(folder, folder / "model.onnx", tmp, manifest)
-        if cosine is not None and cosine < MIN_COSINE["int8"]:
-            raise VariantError(f"int8 variant of {folder} failed its check: min probe cosine {cosine:.5f} "
-                               f"< {MIN_COSINE['int8']}")
+        if cosine is not None and cosine < MIN_COSINE[precision]:
+            raise VariantError(f"{precision} variant of {folder} failed its check: min probe cosine {cosine:.5f} "
+                               f"< {MIN_COSINE[precision]}")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return _record(folder, "int8", out.name,
-                   {"probe_min_cosine": cosine, "build_seconds": round(time.perf_counter() - t0, 2)})
+    return _record(folder, precision, out.name,
+                   {"probe_min_cosine": cosine, "build_seconds": round(time.perf_counter() - t0, 2), **recipe})
 
 
 def is_current(manifest: dict, precision: str) -> bool:
@@ -294,10 +351,15 @@ def _record(folder: Path, precision: str, filename: str, check: dict) -> Path:
 
 
 def ensure_variant(folder: str | Path, precision: str) -> Path:
-    """The variant file for ``precision``, built first if missing (under the folder's lock)."""
+    """The variant file for ``precision``, built first if missing (under the folder's lock).
+
+    ``"int8"`` is the variant of the int8 recipe in force (:func:`variant_name`); ``"int8-rows"``
+    names the per-row recipe directly.
+    """
     folder = Path(folder)
     if precision not in VARIANT_FILES:
         raise ValueError(f"precision must be one of {', '.join(VARIANT_FILES)}, got {precision!r}")
+    precision = variant_name(precision)
 
     def built() -> Path | None:
         manifest = read_manifest(folder)

@@ -91,6 +91,25 @@ def test_variants_are_built_once_and_rebuilt_when_their_recipe_changes(tiny_dir)
     assert "SkipLayerNormalization" not in ops and {"MatMulInteger", "QAttention"} & ops
 
 
+def test_int8_rows_variant_has_no_per_tensor_activation_scale(tiny_dir, monkeypatch):
+    """EMBFAST_INT8_RECIPE=rows: precision="int8" runs the int8-rows variant: attention split, every MatMul
+    per-row quantized, smoothing calibrated, nothing quantized per tensor; the default variant is untouched."""
+    folder = ensure_exported(tiny_dir)
+    default = ensure_variant(folder, "int8")
+    monkeypatch.setenv("EMBFAST_INT8_RECIPE", "rows")
+    path = ensure_variant(folder, "int8")
+    assert path.name == VARIANT_FILES["int8-rows"] and path != default and default.is_file()
+    ops = _ops(path)
+    assert {"MatMulIntegerToFloat", "MultiHeadAttention"} <= ops
+    assert not {"DynamicQuantizeLinear", "QAttention", "DynamicQuantizeMatMul", "MatMul", "Attention"} & ops
+    check = read_manifest(folder)["variant_checks"]["int8-rows"]
+    assert check["recipe"] == "rowquant-u8s8" and check["smoothed_inputs"] > 0 and check["format"] == VARIANT_FORMAT
+    assert Embedder(tiny_dir, precision="int8").encode(TEXTS[:3]).shape == (3, 32)
+    monkeypatch.setenv("EMBFAST_INT8_RECIPE", "nonsense")
+    with pytest.raises(ValueError, match="EMBFAST_INT8_RECIPE"):
+        ensure_variant(folder, "int8")
+
+
 def test_fp16_variant_keeps_float32_io(tiny_dir):
     folder = ensure_exported(tiny_dir)
     model = onnx.load(str(ensure_variant(folder, "fp16")))
