@@ -269,31 +269,26 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
             raise ApiError(424, "this server has no embedding model (it serves a cross-encoder): use /rerank, "
                            "/predict or /v1/rerank", code="model_not_embedder")
 
-    async def run_encode(texts: list[str], **kw):
+    async def run_batched(call, inputs: list, bad_input: tuple, **kw):
+        """``await call(inputs, return_info=True, **kw)`` on the batcher, its refusals mapped to HTTP ones."""
         try:
-            return await batcher.encode_async(texts, return_info=True, **kw)
+            return await call(inputs, return_info=True, **kw)
         except OverloadedError as exc:
             raise ApiError(429, str(exc), code="overloaded", type_="rate_limit_error",
                            headers={"retry-after": "1"}) from None
         except InputTooLongError as exc:
             raise ApiError(422, f"{exc} (send \"truncate\": true)", code="input_too_long", param="input") from None
-        except InvalidTextError as exc:  # validated above already; kept so that no text can ever reach a 500
+        except bad_input as exc:
             raise ApiError(422, str(exc), code="invalid_input", param="input") from None
         except BatcherClosedError:
             raise ApiError(503, "the server is shutting down", code="shutting_down", type_="server_error") from None
 
+    async def run_encode(texts: list[str], **kw):
+        # texts were validated already; InvalidTextError is kept so that no text can ever reach a 500
+        return await run_batched(batcher.encode_async, texts, (InvalidTextError,), **kw)
+
     async def run_encode_ids(ids: list, **kw):
-        try:
-            return await batcher.encode_ids_async(ids, return_info=True, **kw)
-        except OverloadedError as exc:
-            raise ApiError(429, str(exc), code="overloaded", type_="rate_limit_error",
-                           headers={"retry-after": "1"}) from None
-        except InputTooLongError as exc:
-            raise ApiError(422, f"{exc} (send \"truncate\": true)", code="input_too_long", param="input") from None
-        except (TypeError, ValueError) as exc:
-            raise ApiError(422, str(exc), code="invalid_input", param="input") from None
-        except BatcherClosedError:
-            raise ApiError(503, "the server is shutting down", code="shutting_down", type_="server_error") from None
+        return await run_batched(batcher.encode_ids_async, ids, (TypeError, ValueError), **kw)
 
     def count(info) -> int:
         tokens = int(info.token_counts.sum())
