@@ -304,11 +304,15 @@ def test_models_command_lists_installed_and_cached(arch_models, capsys):
     from embfast.cli import main
 
     assert main(["models", "--json"]) == 0
-    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    gemma = rows["gemma3-dense"]
+    listed = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in listed}
+    # The export cache is keyed by content: a folder with the same files built by another test may have named
+    # the shared export first, so the architectures are found by their export's path.
+    by_path = {r["path"]: r for r in listed if r.get("path")}
+    gemma = by_path[str(arch_models["gemma3-dense"][0].model_dir)]
     assert (gemma["dim"], gemma["pooling"], gemma["dense"], gemma["max_seq_length"]) == (64, "mean", 2, 128)
     assert "fp32" in gemma["precisions"] and gemma["path"]
-    assert rows["qwen3-last"]["pooling"] == "lasttoken"
+    assert by_path[str(arch_models["qwen3-last"][0].model_dir)]["pooling"] == "lasttoken"
     for entry in CATALOG:
         if installed(entry):
             assert entry.name in rows and rows[entry.name]["source"].startswith("package ")
