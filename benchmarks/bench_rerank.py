@@ -51,7 +51,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 warnings.filterwarnings("ignore")
-IMPLS = ("st-torch", "st-onnx", "embfast-fp32", "embfast-int8")
+IMPLS = ("st-torch", "st-onnx", "fastembed", "embfast-fp32", "embfast-int8")
 
 
 def load_work() -> list[tuple[str, list[str]]]:
@@ -90,6 +90,28 @@ def model_dir(tmp: Path) -> Path:
     return build_ce_minilm(tmp / "minilm-ce", max_length=ARGS.max_length)
 
 
+def fastembed_cross_encoder(folder: Path, out: Path):
+    """fastembed's TextCrossEncoder on ``folder``'s fp32 ONNX export (registered as a custom model, loaded from
+    a local path: nothing is downloaded)."""
+    import shutil
+
+    from fastembed.common.model_description import ModelSource
+    from fastembed.rerank.cross_encoder import TextCrossEncoder
+
+    from embfast import CrossEncoder
+
+    onnx_dir = CrossEncoder(folder, precision="fp32", threads=ARGS.threads).model_dir
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json", "vocab.txt"):
+        if (folder / f).exists():
+            shutil.copy(folder / f, out / f)
+    shutil.copy(onnx_dir / "model.onnx", out / "model.onnx")
+    TextCrossEncoder.add_custom_model("local/bench-cross-encoder", sources=ModelSource(hf="local/bench-cross-encoder"),
+                                      model_file="model.onnx")
+    return TextCrossEncoder("local/bench-cross-encoder", specific_model_path=str(out), threads=ARGS.threads,
+                            cuda=False)
+
+
 def main() -> int:
     import embfast
     from embfast import CrossEncoder
@@ -125,6 +147,16 @@ def main() -> int:
                 models["st-onnx"] = st_onnx
                 runners["st-onnx"] = lambda q, d: st_onnx.predict([(q, x) for x in d], batch_size=ARGS.batch_size,
                                                                   show_progress_bar=False)
+        if "fastembed" in impls:  # fastembed's TextCrossEncoder on a local folder holding the same ONNX graph
+            try:
+                fe = fastembed_cross_encoder(folder, Path(tmp) / "fastembed-ce")
+            except Exception as exc:  # noqa: BLE001 - reported, the others still run
+                print(f"fastembed skipped: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            else:
+                models["fastembed"] = fe
+                # fastembed returns logits; the sigmoid is what sentence-transformers applies for one label
+                runners["fastembed"] = lambda q, d: 1.0 / (1.0 + np.exp(-np.asarray(
+                    list(fe.rerank(q, d, batch_size=ARGS.batch_size)), dtype=np.float64)))
         for precision in ("fp32", "int8"):
             name = f"embfast-{precision}"
             if name in impls:
