@@ -59,7 +59,7 @@ ENCODING_FORMATS = ("float", "base64")
 _EMBEDDINGS_FIELDS = ("input", "model", "encoding_format", "dimensions", "user", "truncate")
 _SEARCH_FIELDS = ("query", "top_k", "model", "truncate", "positive", "negative")
 _ENDPOINTS = ("/v1/embeddings", "/v1/search", "/v1/models", "/health", "/info", "/metrics",
-              "/rerank", "/predict", "/v1/rerank", "/v2/rerank")
+              "/rerank", "/predict", "/v1/rerank", "/v2/rerank", "/embed_sparse")
 
 try:  # faster JSON for large float responses; the standard library otherwise
     import orjson as _orjson
@@ -399,7 +399,7 @@ class _Guard:
 def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wait_ms: float = 2.0,
                max_queue: int = 1024, dynamic_batching: bool = True, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                max_inputs: int = DEFAULT_MAX_INPUTS, api_key: str | None = None, corpus=None, corpus_texts=None,
-               model_name: str | None = None, reranker=None):
+               model_name: str | None = None, reranker=None, sparse=None):
     """Build the FastAPI app serving ``embedder``.
 
     Args:
@@ -421,6 +421,8 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
         model_name: the name answers carry (default: the model folder's name).
         reranker: a :class:`~embfast.CrossEncoder` for /rerank, /predict and /v1/rerank (default None: those
             answer 424). It gets a DynamicBatcher of its own, with the same settings, closed at shutdown.
+        sparse: a :class:`~embfast.SparseEncoder` for TEI's /embed_sparse (:mod:`embfast.server_sparse`), or
+            as ``embedder`` for a server that only serves it; a batcher of its own, as ``reranker``'s.
 
     Raises:
         ValueError / FileNotFoundError: a bad corpus or argument, before anything serves.
@@ -444,11 +446,17 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
         if reranker is not None:
             raise ValueError("give the cross-encoder once: as the model or as reranker=")
         embedder, reranker = None, embedder
-    if embedder is None and reranker is None:
+    from embfast.sparse_encoder import SparseEncoder
+
+    if isinstance(embedder, SparseEncoder):  # a server that only serves /embed_sparse
+        if sparse is not None:
+            raise ValueError("give the sparse encoder once: as the model or as sparse=")
+        embedder, sparse = None, embedder
+    if embedder is None and reranker is None and sparse is None:
         raise ValueError("nothing to serve: give an Embedder, a CrossEncoder, or both (reranker=)")
     if reranker is not None and not isinstance(reranker, CrossEncoder):
         raise TypeError(f"reranker must be an embfast.CrossEncoder or None, got {type(reranker).__name__}")
-    main_model = embedder if embedder is not None else reranker
+    main_model = next(m for m in (embedder, reranker, sparse) if m is not None)
     name = model_name or main_model.manifest.get("name") or Path(main_model.model_dir).name
     dim = embedder.dim if embedder is not None else 0
     if corpus is not None and embedder is None:
@@ -466,8 +474,11 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
     rerank_batcher = None if reranker is None else DynamicBatcher(
         reranker, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_queue=max_queue,
         merge_requests=dynamic_batching)
-    batchers = [b for b in (batcher, rerank_batcher) if b is not None]
-    owned = [b for b in (batcher if own else None, rerank_batcher) if b is not None]
+    sparse_batcher = None if sparse is None else DynamicBatcher(
+        sparse, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_queue=max_queue,
+        merge_requests=dynamic_batching)
+    batchers = [b for b in (batcher, rerank_batcher, sparse_batcher) if b is not None]
+    owned = [b for b in (batcher if own else None, rerank_batcher, sparse_batcher) if b is not None]
 
     from contextlib import asynccontextmanager
 
@@ -659,6 +670,10 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
     add_rerank_routes(route, reranker=reranker, batcher=rerank_batcher, error=ApiError, read_json=read_json,
                       dumps=_dumps, count=count, name=reranker.name if embedder is not None and reranker else name,
                       max_inputs=max_inputs)
+    from embfast.server_sparse import add_sparse_routes
+
+    add_sparse_routes(route, sparse=sparse, batcher=sparse_batcher, error=ApiError, read_json=read_json,
+                      dumps=_dumps, count=count, max_inputs=max_inputs)
     return app
 
 
@@ -686,6 +701,7 @@ def register_cli(subparsers) -> None:
                    "a cross-encoder folder serves only the reranking routes")
     p.add_argument("--reranker", default=_env("RERANKER"),
                    help="a cross-encoder folder for /rerank, /predict and /v1/rerank, next to --model")
+    p.add_argument("--sparse", default=_env("SPARSE"), help="a sparse encoder (SPLADE) folder for /embed_sparse")
     p.add_argument("--device", default=_env("DEVICE", "cpu"), choices=["cpu", "cuda", "auto"])
     p.add_argument("--precision", default=_env("PRECISION", "fp32"), choices=["fp32", "int8", "fp16", "auto"])
     p.add_argument("--threads", type=int, default=_env("THREADS"), help="ONNX Runtime threads (default: all cores)")
@@ -726,7 +742,7 @@ def cmd_serve(args) -> int:
         import uvicorn
     except ImportError as exc:
         raise ImportError(f"embfast serve needs the server extra: pip install 'embfast[server]' ({exc})") from exc
-    from embfast import CrossEncoder
+    from embfast import CrossEncoder, SparseEncoder
     from embfast.server_rerank import load_served_model
 
     if not 1 <= args.port <= 65535:
@@ -735,8 +751,9 @@ def cmd_serve(args) -> int:
     model_args = {"device": args.device, "precision": args.precision, "threads": args.threads}
     embedder = load_served_model(args.model, **model_args)
     reranker = CrossEncoder(args.reranker, **model_args) if args.reranker else None
-    app = create_app(embedder, reranker=reranker, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                     max_queue=args.max_queue, dynamic_batching=args.dynamic_batching,
+    sparse = SparseEncoder(args.sparse, **model_args) if args.sparse else None
+    app = create_app(embedder, reranker=reranker, sparse=sparse, max_batch_tokens=args.max_batch_tokens,
+                     max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, dynamic_batching=args.dynamic_batching,
                      max_request_bytes=args.max_request_bytes, api_key=args.api_key or None,
                      corpus=args.corpus, corpus_texts=args.corpus_texts, max_inputs=args.max_client_batch_size)
     route = "/rerank" if isinstance(embedder, CrossEncoder) else "/v1/embeddings"
