@@ -60,7 +60,7 @@ def resolve_sparse(model: str | Path) -> Path:
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is neither an embfast export (manifest.json + model.onnx) nor a Hugging Face "
                          "model folder (config.json)")
-    if is_sparse_folder(path) or is_masked_lm(path):
+    if is_sparse_folder(path) or (is_masked_lm(path) and not (path / "modules.json").is_file()):
         return ensure_exported(path, kind="sparse-encoder")
     from embfast.config import model_kind
     from embfast.export import _KIND_CLASSES, _KIND_NAMES

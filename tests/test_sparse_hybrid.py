@@ -87,7 +87,7 @@ def test_embed_sparse_over_http(splade, tiny):
         assert one == rows[:1]
         assert c.post("/v1/embeddings", json={"input": "still serves dense"}).status_code == 200
         for body, field in [({}, "inputs"), ({"inputs": []}, "inputs"), ({"inputs": 3}, "inputs"),
-                            ({"inputs": [""]}, "inputs"), ({"inputs": ["a"], "truncate": "yes"}, "truncate"),
+                            ({"inputs": [""]}, "inputs[0]"), ({"inputs": ["a"], "truncate": "yes"}, "truncate"),
                             ({"inputs": ["a"], "prompt_name": "nope"}, "prompt_name"),
                             ({"inputs": ["a"], "truncation_direction": "left"}, "truncation_direction"),
                             ({"inputs": ["a"], "extra": 1}, "extra"), ({"inputs": ["x\ud800"]}, "inputs[0]")]:
@@ -122,7 +122,7 @@ def test_index_sparse_and_hybrid_search(splade, tiny, tmp_path):
         by_id = {h["id"]: h for h in hyb[q]}
         np.testing.assert_allclose([by_id[i]["dense_score"] for i in range(len(DOCS))], d, atol=1e-5)
         fused = fuse_scores(d[None], np.array([by_id[i]["sparse_score"] for i in range(len(DOCS))])[None])[0]
-        np.testing.assert_allclose([by_id[i]["score"] for i in range(len(DOCS))], fused, atol=1e-5)
+        np.testing.assert_allclose([by_id[i]["score"] for i in range(len(DOCS))], fused, atol=1e-4)
         assert [h["score"] for h in hyb[q]] == sorted((h["score"] for h in hyb[q]), reverse=True)
     rrf = index.search(QUERIES[:1], top_k=2, mode="hybrid", fusion="rrf")
     assert len(rrf[0]) == 2 and rrf[0][0]["score"] <= 2 / 61
