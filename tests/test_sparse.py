@@ -97,11 +97,13 @@ def test_sentence_transformers_layout_matches(sparse_dirs, name):
         assert (ours.config.pooling, ours.config.activation) == (pooling, {"log1p": "log1p_relu"}.get(activation,
                                                                                                   activation))
     assert ours.vocab_size == st.get_embedding_dimension()
-    a, b = ours.encode(TEXTS), st.encode(TEXTS)
+    # XLM-R: torch holds (batch, seq_len, 250,002) logits: short texts keep that under 1 GB
+    texts = [t[:200] for t in TEXTS] if "xlmr" in name else TEXTS
+    a, b = ours.encode(texts), st.encode(texts)
     # sum pooling adds up to max_seq_length weights: relative float32 rounding of the sum
     assert_same_sparse(a, b, atol=1e-4, rtol=1e-5 if "sum" in name else 0.0)
     # max_active_dims keeps the same entries (ties need weights equal to float32 rounding: none here)
-    ka, kb = ours.encode(TEXTS, max_active_dims=7), st.encode(TEXTS, max_active_dims=7)
+    ka, kb = ours.encode(texts, max_active_dims=7), st.encode(texts, max_active_dims=7)
     assert (np.diff(ka.indptr) <= 7).all()
     assert_same_sparse(ka, kb, atol=1e-4, rtol=1e-5 if "sum" in name else 0.0)
 
