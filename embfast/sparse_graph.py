@@ -59,7 +59,9 @@ def append_splade_pooling(path: str | Path, pooling: str, activation: str, *, lo
 
     one = const("splade_one", np.array(1.0, np.float32))
     axis2 = const("splade_axis2", np.array([2], np.int64))
-    axis1 = const("splade_axis1", np.array([1], np.int64))
+    axis1 = "splade_axis1"
+    if pooling == "sum" or opset >= 18:  # ReduceSum (opset 13+) and ReduceMax (18+) take axes as an input
+        const(axis1, np.array([1], np.int64))
     nodes = [helper.make_node("Cast", ["attention_mask"], ["splade_mask_f"], to=TensorProto.FLOAT),
              helper.make_node("Unsqueeze", ["splade_mask_f", axis2], ["splade_mask3"]),
              helper.make_node("Mul", [logits, "splade_mask3"], ["splade_masked"])]
