@@ -148,6 +148,8 @@ class Index:
         if dim is not None and embedder is not None and dim != embedder.dim:
             raise ValueError(f"dim must be the embedder's dimension {embedder.dim}, got {dim}")
         self.dim: int | None = None if dim is None else int(dim)
+        if embedder is None and sparse_encoder is not None and dim is None:
+            self.dim = 0  # a sparse-only index: rows carry no dense vector
         self._vectors = _Rows(np.zeros((0, self.dim or 0), np.float32))
         self._codes: _Rows | None = None
         self._ranges: np.ndarray | None = None
@@ -281,6 +283,8 @@ class Index:
 
     def _encode(self, texts: list[str], batch_size: int, role: str) -> np.ndarray:
         """Embed texts: documents with the model's document prompt, queries with its query prompt (if any)."""
+        if self.embedder is None and self.dim == 0 and self.sparse_encoder is not None:
+            return np.zeros((len(texts), 0), np.float32)  # sparse-only: the sparse rows are made in add()
         if self.embedder is None:
             built = f" (this index was built with model {self.model['name']!r}: Index.load(path, " \
                     f"embedder=Embedder({self.model.get('source')!r})))" if self.model else ""
@@ -375,7 +379,7 @@ class Index:
 
     # ---- search -----------------------------------------------------------------------------------------------
     def search(self, queries, top_k: int = 10, *, rescore: bool = True, rescore_multiplier: int = 4,
-               batch_size: int = 32, rerank=None, rerank_candidates: int = 100, mode: str = "dense",
+               batch_size: int = 32, rerank=None, rerank_candidates: int = 100, mode: str | None = None,
                fusion: str = "weighted", sparse_weight: float = 0.3) -> list[list[dict]]:
         """Rank the index's rows for each query.
 
@@ -391,7 +395,8 @@ class Index:
                 rows are scored again with each query text and re-sorted (default None: no reranking).
                 Needs text queries and rows added with texts.
             rerank_candidates: rows per query given to ``rerank`` (default 100).
-            mode: "dense" (default), "sparse" (exact dot product of the sparse rows) or "hybrid" (the
+            mode: "dense" (default; "sparse" for a sparse-only index), "sparse" (exact dot product of the
+                sparse rows) or "hybrid" (the
                 dense cosine and the sparse dot product of every row fused; text queries only). See
                 :mod:`embfast.index_sparse` and :mod:`embfast.hybrid`.
             fusion: hybrid's fusion: "weighted" (default: z-scored scores, ``sparse_weight`` on the sparse
@@ -408,6 +413,8 @@ class Index:
             return rerank_search(self, queries, top_k, rerank, rerank_candidates, rescore=rescore,
                                  rescore_multiplier=rescore_multiplier, batch_size=batch_size)
         kernels._check_k(top_k)
+        if mode is None:
+            mode = "sparse" if self.dim == 0 and self._sparse is not None else "dense"
         if mode not in ("dense", "sparse", "hybrid"):
             raise ValueError(f"mode must be one of dense, sparse, hybrid, got {mode!r}")
         if mode != "dense":
@@ -580,7 +587,8 @@ class Index:
         secs = man["sections"]
         if verify:
             _verify_sections(path, secs)
-        index = cls(None, precision=man["precision"], dim=man["dim"])
+        index = cls(None, precision=man["precision"], dim=man["dim"] or None)
+        index.dim = man["dim"]
         index.model = man["model"]
         if embedder is not None:
             check_model(man, embedder, path)

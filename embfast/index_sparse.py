@@ -1,10 +1,11 @@
-"""Sparse vectors beside the dense ones in an :class:`embfast.Index`, and its sparse and hybrid search.
+"""Sparse vectors beside the dense ones (or alone) in an :class:`embfast.Index`; its sparse and hybrid search.
 
 An index created with ``sparse_encoder=`` (a :class:`~embfast.SparseEncoder`) encodes every text it adds
 with ``encode_document`` too and keeps the (n, vocab) CSR rows; ``Index.search(..., mode="sparse")`` ranks by
 exact dot product (:mod:`embfast.kernels.sparse`: posting lists built once, rebuilt after adds) and
 ``mode="hybrid"`` fuses the dense cosine and the sparse dot product of every row (:mod:`embfast.hybrid`;
 default: z-scored weighted fusion, 0.3 on the sparse side; ``fusion="rrf"`` for reciprocal rank fusion).
+``Index(sparse_encoder=...)`` without an embedder keeps sparse rows only (dim 0; search defaults to sparse).
 On disk: three more sections (``sparse.indptr`` int64, ``sparse.indices`` int32, ``sparse.data`` float32), each
 sha256-checked like the others, and ``"sparse": {"model", "width", "nnz"}`` in the manifest.
 """

@@ -150,6 +150,18 @@ def test_index_sparse_and_hybrid_search(splade, tiny, tmp_path):
     assert loaded._sparse is not None and len(loaded._sparse) == len(DOCS)
 
 
+def test_sparse_only_index(splade, tmp_path):
+    index = Index(sparse_encoder=splade)
+    index.add(DOCS, ids=[f"d{i}" for i in range(len(DOCS))])
+    hits = index.search(QUERIES, top_k=2)  # a sparse-only index searches its sparse rows
+    from embfast import sparse_search
+
+    ref = sparse_search(splade.encode_query(QUERIES), splade.encode_document(DOCS), top_k=2)
+    assert [[h["id"] for h in row] for row in hits] == [[f"d{h['corpus_id']}" for h in row] for row in ref]
+    back = Index.load(index.save(tmp_path / "s.embf"), sparse_encoder=splade)
+    assert back.search(QUERIES, top_k=2) == hits and back.dim == 0
+
+
 def _manifest_bytes(path) -> bytes:
     import struct
 
