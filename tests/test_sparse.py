@@ -96,7 +96,6 @@ def test_sentence_transformers_layout_matches(sparse_dirs, name):
     if name != "splade-tiny-st":
         assert (ours.config.pooling, ours.config.activation) == (pooling, {"log1p": "log1p_relu"}.get(activation,
                                                                                                   activation))
-    assert ours.vocab_size == st.get_embedding_dimension()
     # XLM-R: torch holds (batch, seq_len, 250,002) logits: short texts keep that under 1 GB
     texts = [t[:200] for t in TEXTS] if "xlmr" in name else TEXTS
     a, b = ours.encode(texts), st.encode(texts)
@@ -227,8 +226,9 @@ def test_topk_sparse_matches_reference(backend, n, width, nnz, k, kind):
 
 def test_sparse_search_shapes_and_errors():
     rng = np.random.default_rng(0)
-    corpus = _random_sparse(rng, 30, 20, 5)
-    corpus[[3], :] = 0  # an all-zero row
+    dense = _random_sparse(rng, 30, 20, 5).toarray()
+    dense[3] = 0  # an all-zero row
+    corpus = sp.csr_array(dense)
     index = InvertedIndex(corpus)
     hits = sparse_search(corpus[[0, 1]], index, top_k=4)
     assert len(hits) == 2 and all(len(h) == 4 for h in hits)
