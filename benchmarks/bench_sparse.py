@@ -199,7 +199,12 @@ def compare_topk(q, c, k: int) -> dict:
             "build_inverted_index_ms": round(time_it(lambda: InvertedIndex(c), 1) * 1e3, 1)}
 
 
-def synthetic(rng, n: int, nnz: int, vocab: int = 30522):
+def synthetic(rng, n: int, nnz: int, vocab: int = 30522, *, calibrate: bool = True):
+    """n rows of about ``nnz`` distinct Zipf(1.1) term ids (draws are oversampled so that, once repeated ids of a
+    row are merged, the mean is about ``nnz``), weights log1p(Exp(1))."""
+    if calibrate:
+        sample = synthetic(rng, min(n, 5000), nnz, vocab, calibrate=False)
+        nnz = int(round(nnz * nnz / max(sample.nnz / sample.shape[0], 1)))
     counts = np.maximum(1, rng.poisson(nnz, n))
     cols = (rng.zipf(1.1, int(counts.sum()) * 2) - 1)
     cols = cols[cols < vocab][: int(counts.sum())]
