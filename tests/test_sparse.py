@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from models_fixtures import build_mlm_bert, build_mlm_xlmr, splade_tiny_dir, st_sparse_layout
+from models_fixtures import build_mlm_bert, build_mlm_xlmr, require_splade_tiny, st_sparse_layout
 from tolerances import assert_same_ranking
 
 from embfast import Embedder, SparseEncoder, sparse_search
@@ -45,10 +45,7 @@ def assert_same_sparse(ours, ref, *, atol: float = 1e-4, rtol: float = 0.0) -> N
 
 @pytest.fixture(scope="session")
 def splade_dir():
-    try:
-        return splade_tiny_dir()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    return require_splade_tiny()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from models_fixtures import splade_tiny_dir
+from models_fixtures import require_splade_tiny
 from test_server import serve
 
 from embfast import DynamicBatcher, Index, SparseEncoder
@@ -30,10 +30,7 @@ QUERIES = ["capital of france", "brca1 cancer risk", "how do plants make energy"
 
 @pytest.fixture(scope="module")
 def splade():
-    try:
-        return SparseEncoder(splade_tiny_dir(), threads=1)
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    return SparseEncoder(require_splade_tiny(), threads=1)
 
 
 def same(a, b) -> bool:
@@ -259,10 +256,7 @@ def test_eval_retrieval_sparse_and_hybrid(splade, tiny, tmp_path):
 def test_eval_cli_sparse(tmp_path, capsys):
     from embfast.cli import main
 
-    try:
-        model = splade_tiny_dir()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    model = require_splade_tiny()
     folder = _beir(tmp_path / "mini")
     assert main(["eval", "retrieval", str(folder), "--sparse", str(model)]) == 0
     out = json.loads(capsys.readouterr().out)
