@@ -262,3 +262,9 @@ def test_eval_cli_sparse(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["ndcg_at_10"] == pytest.approx(1.0) and out["sparse_model"]
     assert main(["eval", "sts", str(folder), "--sparse", str(model)]) == 2
+
+
+def test_serve_loads_a_sparse_model_by_kind(splade):
+    from embfast.server_rerank import load_served_model
+
+    assert isinstance(load_served_model(str(splade.model_dir), threads=1), SparseEncoder)
