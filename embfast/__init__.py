@@ -15,12 +15,13 @@ from embfast.index import Index as Index
 from embfast.info import build_info
 from embfast.mining import community_detection, paraphrase_mining
 from embfast.quantization import quantize_embeddings
-from embfast.search import semantic_search
+from embfast.search import semantic_search, sparse_search
 from embfast.session import DeviceError
+from embfast.sparse_encoder import SparseEncoder
 from embfast.tokenization import InputTooLongError
 
 __version__ = "0.1.0"
 
-__all__ = ["CrossEncoder", "DynamicBatcher", "OverloadedError",
+__all__ = ["CrossEncoder", "DynamicBatcher", "OverloadedError", "SparseEncoder", "sparse_search",
            "DeviceError", "EncodeInfo", "Embedder", "InputTooLongError", "__version__", "build_info",
            "community_detection", "kmeans", "paraphrase_mining", "quantize_embeddings", "semantic_search"]

@@ -100,14 +100,27 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     from embfast.evaluation import evaluate_retrieval, evaluate_sts
 
-    m = _embedder(args)
+    if (args.sparse or args.hybrid) and args.task != "retrieval":
+        raise ValueError("--sparse and --hybrid apply to retrieval only")
+    if args.hybrid and not args.sparse:
+        raise ValueError("--hybrid needs --sparse MODEL (a SPLADE folder, or 'bm25')")
+    sparse_only = args.sparse and not args.hybrid
+    m = None if sparse_only else _embedder(args)
+    sparse = None
+    if args.sparse:
+        from embfast.bm25 import load_sparse_model
+
+        sparse = load_sparse_model(args.sparse, device=args.device, precision=args.precision, threads=args.threads)
     t0 = time.perf_counter()
     if args.task == "sts":
         res = evaluate_sts(m, args.path, batch_size=args.batch_size)
     else:
-        res = evaluate_retrieval(m, args.path, split=args.split, batch_size=args.batch_size)
-    res.update({"model": m.manifest.get("name"), "precision": m.precision, "device": m.device,
-                "seconds": round(time.perf_counter() - t0, 1)})
+        res = evaluate_retrieval(m, args.path, split=args.split, batch_size=args.batch_size, sparse=sparse,
+                                 hybrid=args.hybrid, sparse_weight=args.sparse_weight)
+    main = m if m is not None else sparse
+    res.update({"model": m.manifest.get("name") if m is not None else None,
+                "sparse_model": getattr(sparse, "name", None), "precision": getattr(main, "precision", None),
+                "device": getattr(main, "device", "cpu"), "seconds": round(time.perf_counter() - t0, 1)})
     print(json.dumps(res, indent=2))
     return 0
 
@@ -136,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("task", choices=["sts", "retrieval"])
     s.add_argument("path")
     s.add_argument("--split", default="test")
+    s.add_argument("--sparse", default=None, help="retrieval with a sparse model: a SPLADE folder, or 'bm25'")
+    s.add_argument("--hybrid", default=None, choices=["rrf", "weighted"],
+                   help="fuse --model (dense) and --sparse rankings (default fusion for Index: weighted)")
+    s.add_argument("--sparse-weight", type=float, default=None,
+                   help="weighted fusion: weight of the sparse scores (default 0.3; z-scored)")
     _model_args(s)
     s.set_defaults(func=cmd_eval)
     for module in _EXTENSIONS:

@@ -303,8 +303,10 @@ class CrossEncoderConfig:
 
 
 def model_kind(folder: str | Path) -> str:
-    """``"cross-encoder"`` for a sequence classifier (what sentence-transformers' CrossEncoder loads), else
-    ``"embedder"``.
+    """``"cross-encoder"`` for a sequence classifier (what sentence-transformers' CrossEncoder loads),
+    ``"sparse-encoder"`` for a sentence-transformers SparseEncoder folder
+    (:func:`embfast.sparse_config.is_sparse_folder`; a plain ``*ForMaskedLM`` folder stays an embedder
+    unless :class:`embfast.SparseEncoder` asks for it), else ``"embedder"``.
 
     A folder is a cross-encoder when its config.json names a ``*ForSequenceClassification`` architecture,
     its sentence_bert_config.json says ``transformer_task: sequence-classification``, or its
@@ -312,6 +314,10 @@ def model_kind(folder: str | Path) -> str:
     module always makes it an embedder.
     """
     folder = Path(folder)
+    from embfast.sparse_config import is_sparse_folder
+
+    if is_sparse_folder(folder):  # SpladePooling / MLMTransformer / fill-mask / model_type SparseEncoder
+        return "sparse-encoder"
     modules = _read_json(folder / "modules.json")
     if isinstance(modules, list) and any(
             module_kind(m.get("type", "") if isinstance(m, dict) else m) == "pooling" for m in modules):

@@ -32,8 +32,9 @@ Model kinds: the worker knows a model only through one small protocol:
 and ``postprocess``. An :class:`~embfast.Embedder` returns pooled vectors
 (``encode`` / ``encode_async``); a :class:`~embfast.CrossEncoder` returns logits
 (``predict`` / ``predict_async``: pairs are tokenized in the caller with their
-segment ids, the activation runs in the caller's thread). Queueing, budgets,
-cancellation and failure isolation are the same for both.
+segment ids, the activation runs in the caller's thread); a :class:`~embfast.SparseEncoder`
+returns (n, vocab) SPLADE weights (``encode_sparse`` / ``encode_sparse_async``: made CSR in the
+caller's thread). Queueing, budgets, cancellation and failure isolation are the same for all.
 
 Threads: one worker runs ORT with the embedder's intra-op threads (default: all
 cores); tokenizer threads are few (``min(4, cores // 2)``, at least 1) and only
@@ -62,6 +63,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from embfast.dynamic_sparse import SparseCalls
 from embfast.encoder import EncodeInfo, as_text_list
 from embfast.quantization import OUTPUT_PRECISIONS
 from embfast.tokenization import InputTooLongError, Tokenized
@@ -197,7 +199,7 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-class DynamicBatcher:
+class DynamicBatcher(SparseCalls):
     """Merge concurrent ``encode`` calls from threads and coroutines into token-budget batches.
 
     Args:
@@ -243,8 +245,10 @@ class DynamicBatcher:
             if not hasattr(embedder, attr):
                 raise TypeError(f"embedder must be an embfast.Embedder or CrossEncoder, got {type(embedder).__name__}")
         self.embedder = embedder
-        #: "embedder" (encode / encode_async) or "cross-encoder" (predict / predict_async)
-        self.kind = "cross-encoder" if hasattr(embedder, "format_scores") else "embedder"
+        #: "embedder" (encode / encode_async), "cross-encoder" (predict / predict_async) or "sparse-encoder"
+        #: (encode_sparse / encode_sparse_async)
+        self.kind = ("cross-encoder" if hasattr(embedder, "format_scores") else
+                     "sparse-encoder" if hasattr(embedder, "decode") else "embedder")
         self.max_batch_tokens = _check_int("max_batch_tokens", max_batch_tokens, 1)
         self.max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms <= 60_000:
@@ -596,12 +600,14 @@ class DynamicBatcher:
             raise TimeoutError(f"{what} did not finish within timeout={timeout} s; its texts were "
                                "dropped from the queue") from None
 
+    _KINDS = {"embedder": ("an Embedder", "encode / encode_async"),
+              "cross-encoder": ("a CrossEncoder", "predict / predict_async"),
+              "sparse-encoder": ("a SparseEncoder", "encode_sparse / encode_sparse_async")}
+
     def _require(self, kind: str, what: str) -> None:
         if self.kind != kind:
-            other = "predict / predict_async" if self.kind == "cross-encoder" else "encode / encode_async"
-            raise TypeError(f"{what} needs a batcher over {'an Embedder' if kind == 'embedder' else 'a CrossEncoder'}"
-                            f"; this one serves {'a CrossEncoder' if self.kind == 'cross-encoder' else 'an Embedder'}"
-                            f": use {other}")
+            raise TypeError(f"{what} needs a batcher over {self._KINDS[kind][0]}; this one serves "
+                            f"{self._KINDS[self.kind][0]}: use {self._KINDS[self.kind][1]}")
 
     # ---- cross-encoder callers ------------------------------------------------------------------
     def _prepare_pairs(self, inputs, activation_fn, truncate, timeout) -> tuple[list, bool]:

@@ -119,14 +119,7 @@ def ndcg_at_k(ranked: list[str], rels: dict[str, int], k: int) -> float:
     return dcg / idcg if idcg > 0 else 0.0
 
 
-def evaluate_retrieval(embedder, folder: str | Path, *, split: str = "test", batch_size: int = 32,
-                       top_k: int = 1000) -> dict:
-    """nDCG@10 and recall@100 of an embedder on a BEIR folder (queries with qrels only)."""
-    corpus_ids, docs, queries, qrels = load_beir(folder, split)
-    qids = [q for q in queries if q in qrels]
-    doc_emb = embedder.encode(docs, batch_size=batch_size, normalize_embeddings=True)
-    q_emb = embedder.encode([queries[q] for q in qids], batch_size=batch_size, normalize_embeddings=True)
-    _, idx = kernels.topk_cosine(q_emb, doc_emb, top_k, assume_normalized=True)
+def _scores(idx: np.ndarray, qids: list[str], corpus_ids: list[str], qrels: dict) -> dict:
     ndcg, recall = [], []
     for row, qid in enumerate(qids):
         ranked = [corpus_ids[i] for i in idx[row] if i >= 0]
@@ -134,5 +127,59 @@ def evaluate_retrieval(embedder, folder: str | Path, *, split: str = "test", bat
         ndcg.append(ndcg_at_k(ranked, rels, 10))
         relevant = {d for d, g in rels.items() if g > 0}
         recall.append(len(relevant & set(ranked[:100])) / max(len(relevant), 1))
-    return {"task": "retrieval", "queries": len(qids), "documents": len(docs),
-            "ndcg_at_10": float(np.mean(ndcg)), "recall_at_100": float(np.mean(recall))}
+    return {"ndcg_at_10": float(np.mean(ndcg)), "recall_at_100": float(np.mean(recall))}
+
+
+def evaluate_retrieval(embedder, folder: str | Path, *, split: str = "test", batch_size: int = 32,
+                       top_k: int = 1000, sparse=None, hybrid: str | None = None,
+                       sparse_weight: float | None = None) -> dict:
+    """nDCG@10 and recall@100 on a BEIR folder (queries with qrels only): dense, sparse or hybrid.
+
+    Args:
+        embedder: an :class:`~embfast.Embedder` (cosine, exact top-k), or None with ``sparse`` alone.
+        sparse: a :class:`~embfast.SparseEncoder` or :class:`~embfast.bm25.BM25Encoder` (anything with
+            ``encode_query`` / ``encode_document`` returning sparse rows): exact dot-product top-k
+            (:func:`embfast.sparse_search`). Without ``hybrid`` only the sparse model is scored.
+        hybrid: "rrf" or "weighted" (needs both models): the fused ranking is scored too, and dense and
+            sparse alone are reported beside it (:mod:`embfast.hybrid`).
+        sparse_weight: the weighted fusion's weight on the sparse side (default 0.3).
+
+    Returns:
+        ``{"task", "queries", "documents", "ndcg_at_10", "recall_at_100"}`` for the ranking asked for
+        (hybrid > sparse > dense), plus ``"dense"`` / ``"sparse"`` / ``"hybrid"`` sub-results when several
+        were computed.
+    """
+    from embfast.hybrid import DEFAULT_SPARSE_WEIGHT, fuse_scores, sparse_scores
+    from embfast.kernels.reference import _select_topk
+    from embfast.kernels.sparse import topk_sparse
+
+    corpus_ids, docs, queries, qrels = load_beir(folder, split)
+    qids = [q for q in queries if q in qrels]
+    qtexts = [queries[q] for q in qids]
+    out: dict = {"task": "retrieval", "queries": len(qids), "documents": len(docs)}
+    results = {}
+    if hybrid is not None and (embedder is None or sparse is None):
+        raise ValueError("hybrid evaluation needs a dense model and a sparse model")
+    if embedder is not None and (sparse is None or hybrid is not None):
+        doc_emb = embedder.encode(docs, batch_size=batch_size, normalize_embeddings=True)
+        q_emb = embedder.encode(qtexts, batch_size=batch_size, normalize_embeddings=True)
+        _, idx = kernels.topk_cosine(q_emb, doc_emb, top_k, assume_normalized=True)
+        results["dense"] = _scores(idx, qids, corpus_ids, qrels)
+    if sparse is not None:
+        doc_sp = sparse.encode_document(docs, batch_size=batch_size)
+        q_sp = sparse.encode_query(qtexts, batch_size=batch_size)
+        _, idx = topk_sparse(q_sp, doc_sp, top_k)
+        results["sparse"] = _scores(idx, qids, corpus_ids, qrels)
+        results["sparse"]["avg_nnz_document"] = round(doc_sp.nnz / max(doc_sp.shape[0], 1), 1)
+    if hybrid is not None:
+        dense = q_emb.astype(np.float64) @ doc_emb.astype(np.float64).T
+        w = DEFAULT_SPARSE_WEIGHT if sparse_weight is None else sparse_weight
+        fused = fuse_scores(dense, sparse_scores(q_sp, doc_sp), fusion=hybrid, sparse_weight=w)
+        _, idx = _select_topk(fused, top_k)
+        results["hybrid"] = {"fusion": hybrid, **({"sparse_weight": w} if hybrid == "weighted" else {}),
+                             **_scores(idx, qids, corpus_ids, qrels)}
+    main = results.get("hybrid") or results.get("sparse") or results["dense"]
+    out.update({"ndcg_at_10": main["ndcg_at_10"], "recall_at_100": main["recall_at_100"]})
+    if len(results) > 1:
+        out.update(results)
+    return out

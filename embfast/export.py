@@ -9,7 +9,11 @@ max_seq_length, dim, Dense layers, prompts, input names, source checksum).
 A sequence classifier (a cross-encoder / reranker, :func:`embfast.config.model_kind`)
 is exported the same way with optimum's ``text-classification`` task: ``model.onnx``
 then outputs ``logits`` (batch, num_labels) and the manifest says ``"kind":
-"cross-encoder"`` and holds a :class:`~embfast.config.CrossEncoderConfig`.
+"cross-encoder"`` and holds a :class:`~embfast.config.CrossEncoderConfig`. A sparse
+encoder (SPLADE, :mod:`embfast.sparse_config`) is exported with the ``fill-mask`` task and
+SPLADE pooling appended to the graph (:mod:`embfast.sparse_graph`): ``model.onnx`` outputs
+``sparse_embedding`` (batch, vocab), ``"kind": "sparse-encoder"``, into a folder of its own
+(``<name>-<key>-sparse-v2``: the same masked-LM folder may also be loaded as an embedder).
 ``key`` is derived from the source files' contents, so a changed source
 re-exports. Exports are built in a temporary folder and renamed
 into place under a file lock, so concurrent processes never see (or leave) a
@@ -168,7 +172,8 @@ def folder_name(src: Path) -> str:
     return src.name if src.name != "model" else src.parent.name
 
 
-def export_model(src: str | Path, out: str | Path, *, checksum: str | None = None, name: str | None = None) -> Path:
+def export_model(src: str | Path, out: str | Path, *, checksum: str | None = None, name: str | None = None,
+                 kind: str | None = None) -> Path:
     """Export the transformer of ``src`` to ``out/model.onnx`` and write the manifest.
 
     The pooling, normalization and truncation settings are read from ``src``
@@ -183,6 +188,8 @@ def export_model(src: str | Path, out: str | Path, *, checksum: str | None = Non
         out: the folder to write.
         checksum: :func:`source_checksum` of ``src`` when already known (default: computed).
         name: the manifest's model name (default: the folder's name; a hub id for a hub model).
+        kind: the model kind (default: :func:`~embfast.config.model_kind`); ``"sparse-encoder"`` for a plain
+            masked-LM folder.
 
     Raises:
         FileNotFoundError: ``src`` is missing. ImportError: no optimum / torch.
@@ -192,9 +199,14 @@ def export_model(src: str | Path, out: str | Path, *, checksum: str | None = Non
     if not src.is_dir():
         raise FileNotFoundError(f"model folder not found: {src}")
     model_name = name or folder_name(src)
-    kind = model_kind(src)
-    cfg = read_cross_encoder_config(src) if kind == "cross-encoder" else read_model_config(src)
-    task = "text-classification" if kind == "cross-encoder" else "feature-extraction"
+    kind = kind or model_kind(src)
+    if kind == "sparse-encoder":
+        from embfast.sparse_config import read_sparse_encoder_config
+
+        cfg = read_sparse_encoder_config(src)
+    else:
+        cfg = read_cross_encoder_config(src) if kind == "cross-encoder" else read_model_config(src)
+    task = {"cross-encoder": "text-classification", "sparse-encoder": "fill-mask"}.get(kind, "feature-extraction")
     try:
         from optimum.exporters.onnx import main_export
     except ImportError as exc:
@@ -214,7 +226,12 @@ def export_model(src: str | Path, out: str | Path, *, checksum: str | None = Non
                 shutil.copy2(src / name, tmp / name)
         if kind == "embedder" and cfg.dense:
             export_dense(src, cfg.dense, tmp)
-        input_names, output_name = _onnx_io(tmp / "model.onnx", "logits" if kind == "cross-encoder" else None)
+        if kind == "sparse-encoder":
+            from embfast.sparse_graph import append_splade_pooling
+
+            append_splade_pooling(tmp / "model.onnx", cfg.pooling, cfg.activation)
+        input_names, output_name = _onnx_io(tmp / "model.onnx", {"cross-encoder": "logits",
+                                                                 "sparse-encoder": "sparse_embedding"}.get(kind))
         manifest = {
             "format": EXPORT_FORMAT,
             "kind": kind,
@@ -313,7 +330,7 @@ def _onnx_io(path: Path, output_name: str | None = None) -> tuple[list[str], str
                                shape=list(o.type.tensor_type.shape.dim) if o.type.tensor_type.HasField("shape")
                                else None)
                for o in model.graph.output]
-    if output_name == "logits" and any(o.name == "logits" for o in outputs):
+    if output_name in ("logits", "sparse_embedding") and any(o.name == output_name for o in outputs):
         return inputs, output_name
     return inputs, find_token_output(outputs, output_name, where=str(path))
 
@@ -323,7 +340,7 @@ def safe_name(name: str) -> str:
     return name.replace("/", "--")
 
 
-def ensure_exported(src: str | Path, *, name: str | None = None) -> Path:
+def ensure_exported(src: str | Path, kind: str | None = None, *, name: str | None = None) -> Path:
     """The cached export of ``src``, exporting it first if it is missing or the source changed.
 
     The cache is keyed by content (:func:`source_checksum`): an export of the same files made
@@ -331,17 +348,21 @@ def ensure_exported(src: str | Path, *, name: str | None = None) -> Path:
 
     Args:
         src: a Hugging Face / sentence-transformers folder.
+        kind: "sparse-encoder" exports a masked-LM folder as a SPLADE encoder, into a folder of its own
+            (default: :func:`~embfast.config.model_kind`).
         name: the model's name (default: the folder's); a hub id for a hub snapshot.
 
     Returns:
-        ``$EMBFAST_HOME/models/<name>-<key>-v<format>`` (or the same key under another name).
+        ``$EMBFAST_HOME/models/<name>-<key>[-sparse]-v<format>`` (or the same key under another name).
     """
     src = Path(src).resolve()
     if not src.is_dir():
         raise FileNotFoundError(f"model folder not found: {src}")
     checksum = source_checksum(src)
     name = name or folder_name(src)
-    suffix = f"-{checksum[:16]}-v{EXPORT_FORMAT}"
+    if kind is None:
+        kind = model_kind(src)
+    suffix = f"-{checksum[:16]}{'-sparse' if kind == 'sparse-encoder' else ''}-v{EXPORT_FORMAT}"
     out = cache_root() / "models" / f"{safe_name(name)}{suffix}"
     if is_exported(out):
         return out
@@ -349,10 +370,11 @@ def ensure_exported(src: str | Path, *, name: str | None = None) -> Path:
         if is_exported(other):  # the same files exported under another name
             return other
     # before the lock: a model that cannot be exported leaves nothing in the cache, not even a lock file
-    check_exportable(src, "text-classification" if model_kind(src) == "cross-encoder" else "feature-extraction")
+    check_exportable(src, {"cross-encoder": "text-classification", "sparse-encoder": "fill-mask"}.get(
+        kind, "feature-extraction"))
     with file_lock(out.with_name(out.name + ".lock")):
         if not is_exported(out):  # another process may have finished while we waited
-            export_model(src, out, checksum=checksum, name=name)
+            export_model(src, out, checksum=checksum, name=name, kind=kind)
     return out
 
 
@@ -377,8 +399,10 @@ def resolve_model(model: str | Path | None) -> Path:
     return ensure_exported(path)
 
 
-_KIND_NAMES = {"embedder": "an embedding model", "cross-encoder": "a cross-encoder (sequence classifier)"}
-_KIND_CLASSES = {"embedder": "embfast.Embedder", "cross-encoder": "embfast.CrossEncoder"}
+_KIND_NAMES = {"embedder": "an embedding model", "cross-encoder": "a cross-encoder (sequence classifier)",
+               "sparse-encoder": "a sparse encoder (SPLADE)"}
+_KIND_CLASSES = {"embedder": "embfast.Embedder", "cross-encoder": "embfast.CrossEncoder",
+                 "sparse-encoder": "embfast.SparseEncoder"}
 
 
 class ModelKindError(ModelConfigError):
@@ -386,7 +410,7 @@ class ModelKindError(ModelConfigError):
 
 
 def manifest_kind(manifest: dict) -> str:
-    """``"embedder"`` or ``"cross-encoder"`` (manifests written before cross-encoders are embedders)."""
+    """``"embedder"``, ``"cross-encoder"`` or ``"sparse-encoder"`` (older manifests: embedders)."""
     return manifest.get("kind", "embedder")
 
 

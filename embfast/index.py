@@ -131,9 +131,11 @@ class Index:
             None: a vectors-only index (add and search vectors; texts need an embedder).
         precision: "fp32" (exact), "int8" or "binary" (quantized codes, rescored with the fp32 vectors).
         dim: vector dimension; default the embedder's, or that of the first vectors added.
+        sparse_encoder: a :class:`~embfast.SparseEncoder`: texts added are also encoded into sparse rows,
+            and ``search(mode="sparse" | "hybrid")`` works (:mod:`embfast.index_sparse`). Default None.
     """
 
-    def __init__(self, embedder=None, *, precision: str = "fp32", dim: int | None = None):
+    def __init__(self, embedder=None, *, precision: str = "fp32", dim: int | None = None, sparse_encoder=None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.embedder = embedder
@@ -146,6 +148,8 @@ class Index:
         if dim is not None and embedder is not None and dim != embedder.dim:
             raise ValueError(f"dim must be the embedder's dimension {embedder.dim}, got {dim}")
         self.dim: int | None = None if dim is None else int(dim)
+        if embedder is None and sparse_encoder is not None and dim is None:
+            self.dim = 0  # a sparse-only index: rows carry no dense vector
         self._vectors = _Rows(np.zeros((0, self.dim or 0), np.float32))
         self._codes: _Rows | None = None
         self._ranges: np.ndarray | None = None
@@ -157,6 +161,11 @@ class Index:
         self._texts = _Strings()
         self._meta = _Strings()
         self.path: Path | None = None
+        from embfast.index_sparse import SparseRows, sparse_model_info
+
+        self.sparse_encoder = sparse_encoder
+        self.sparse_model = None if sparse_encoder is None else sparse_model_info(sparse_encoder)
+        self._sparse = None if sparse_encoder is None else SparseRows(sparse_encoder.vocab_size)
 
     # ---- basics --------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -182,7 +191,7 @@ class Index:
         return None if raw is None else json.loads(raw)
 
     # ---- add ----------------------------------------------------------------------------------------------------
-    def add(self, items, ids=None, metadata=None, *, texts=None, batch_size: int = 32) -> None:
+    def add(self, items, ids=None, metadata=None, *, texts=None, batch_size: int = 32, sparse=None) -> None:
         """Add texts (embedded with the index's embedder) or vectors.
 
         Args:
@@ -194,6 +203,8 @@ class Index:
             metadata: one JSON-serializable dict (or None) per row.
             texts: with vectors, the text to store for each row (None entries allowed).
             batch_size: texts per ONNX Runtime call when embedding.
+            sparse: for an index with sparse rows: their (n, vocab) sparse vectors (default: the sparse
+                encoder's ``encode_document`` of the texts; vectors added without texts need them).
 
         Adding to a memory-mapped index keeps the new rows in memory; the next search copies the
         mapped vectors into memory once (saving streams both to the file and needs no copy).
@@ -216,6 +227,18 @@ class Index:
                     check_text(t, f"texts[{i}]", index=i)
         meta = self._check_metadata(metadata, n)
         kind, new_ids = self._check_ids(ids, n)
+        if self._sparse is not None:
+            if sparse is None and (texts is None or any(t is None for t in texts)):
+                raise ValueError("this index keeps sparse rows: add texts, or vectors with texts= or sparse=")
+            if sparse is None:
+                if self.sparse_encoder is None:
+                    raise TypeError("this index keeps sparse rows: load it with sparse_encoder= to add texts")
+                sparse = self.sparse_encoder.encode_document(texts, batch_size=batch_size)
+            if sparse.shape[0] != n:
+                raise ValueError(f"sparse must have one row per item ({n}), got {sparse.shape[0]}")
+            self._sparse.append(sparse)
+        elif sparse is not None:
+            raise ValueError("sparse= needs an index with sparse rows: Index(embedder, sparse_encoder=...)")
         if self.dim is None:
             self.dim = int(vecs.shape[1])
             self._vectors = _Rows(np.zeros((0, self.dim), np.float32))
@@ -260,6 +283,8 @@ class Index:
 
     def _encode(self, texts: list[str], batch_size: int, role: str) -> np.ndarray:
         """Embed texts: documents with the model's document prompt, queries with its query prompt (if any)."""
+        if self.embedder is None and self.dim == 0 and self.sparse_encoder is not None:
+            return np.zeros((len(texts), 0), np.float32)  # sparse-only: the sparse rows are made in add()
         if self.embedder is None:
             built = f" (this index was built with model {self.model['name']!r}: Index.load(path, " \
                     f"embedder=Embedder({self.model.get('source')!r})))" if self.model else ""
@@ -354,7 +379,8 @@ class Index:
 
     # ---- search -----------------------------------------------------------------------------------------------
     def search(self, queries, top_k: int = 10, *, rescore: bool = True, rescore_multiplier: int = 4,
-               batch_size: int = 32, rerank=None, rerank_candidates: int = 100) -> list[list[dict]]:
+               batch_size: int = 32, rerank=None, rerank_candidates: int = 100, mode: str | None = None,
+               fusion: str = "weighted", sparse_weight: float = 0.3) -> list[list[dict]]:
         """Rank the index's rows for each query.
 
         Args:
@@ -369,6 +395,12 @@ class Index:
                 rows are scored again with each query text and re-sorted (default None: no reranking).
                 Needs text queries and rows added with texts.
             rerank_candidates: rows per query given to ``rerank`` (default 100).
+            mode: "dense" (default; "sparse" for a sparse-only index), "sparse" (exact dot product of the
+                sparse rows) or "hybrid" (the
+                dense cosine and the sparse dot product of every row fused; text queries only). See
+                :mod:`embfast.index_sparse` and :mod:`embfast.hybrid`.
+            fusion: hybrid's fusion: "weighted" (default: z-scored scores, ``sparse_weight`` on the sparse
+                side) or "rrf" (reciprocal rank fusion, k = 60). sparse_weight: default 0.3.
 
         Returns:
             One list per query, best first, of ``{"id", "score", "text", "metadata"}``; scores are
@@ -381,6 +413,17 @@ class Index:
             return rerank_search(self, queries, top_k, rerank, rerank_candidates, rescore=rescore,
                                  rescore_multiplier=rescore_multiplier, batch_size=batch_size)
         kernels._check_k(top_k)
+        if mode is None:
+            mode = "sparse" if self.dim == 0 and self._sparse is not None else "dense"
+        if mode not in ("dense", "sparse", "hybrid"):
+            raise ValueError(f"mode must be one of dense, sparse, hybrid, got {mode!r}")
+        if mode != "dense":
+            from embfast import index_sparse
+
+            if isinstance(queries, (list, tuple)) and not queries:
+                return []
+            return index_sparse.search(self, queries, top_k, mode=mode, fusion=fusion, sparse_weight=sparse_weight,
+                                       batch_size=batch_size)
         if isinstance(rescore_multiplier, bool) or not isinstance(rescore_multiplier, int) or rescore_multiplier < 1:
             raise ValueError(f"rescore_multiplier must be an int >= 1, got {rescore_multiplier!r}")
         if isinstance(queries, (list, tuple)) and not queries:
@@ -493,11 +536,12 @@ class Index:
                     section("ids", self._int_ids.blocks(), np.int64, (n,))
                 self._write_strings(section, "texts", self._texts)
                 self._write_strings(section, "metadata", self._meta)
+                sparse = None if self._sparse is None else {"model": self.sparse_model, **self._sparse.write(section)}
                 manifest = {"format": INDEX_FORMAT, "embfast": _version(),
                             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": self.model,
                             "precision": self.precision, "dim": self.dim, "count": n,
                             "id_kind": self._id_kind or "int", "int8_ranges_count": self._ranges_n,
-                            "sections": sections}
+                            "sections": sections, **({"sparse": sparse} if sparse else {})}
                 head = json.dumps(manifest, indent=1).encode("utf-8")
                 fh.write(head)
                 fh.write(_TRAILER.pack(len(head), hashlib.sha256(head).digest(), MAGIC))
@@ -520,7 +564,8 @@ class Index:
         section(f"{name}.offsets", [offsets], np.int64, (len(offsets),))
 
     @classmethod
-    def load(cls, path: str | Path, embedder=None, *, mmap: bool = True, verify: bool = True) -> Index:
+    def load(cls, path: str | Path, embedder=None, *, mmap: bool = True, verify: bool = True,
+             sparse_encoder=None) -> Index:
         """Open an index file.
 
         Args:
@@ -530,6 +575,8 @@ class Index:
             mmap: map the arrays from the file (read lazily, shared between processes) instead of reading them.
             verify: check every section's sha256 (one sequential read of the file); the end marker, the
                 manifest's checksum and the file size are always checked.
+            sparse_encoder: for an index with sparse rows: the :class:`~embfast.SparseEncoder` they were built
+                with (checked like ``embedder``); needed to add texts or search with mode sparse / hybrid.
 
         Raises:
             FileNotFoundError; IndexCorruptError (a ValueError) for a truncated, damaged or foreign file;
@@ -540,7 +587,8 @@ class Index:
         secs = man["sections"]
         if verify:
             _verify_sections(path, secs)
-        index = cls(None, precision=man["precision"], dim=man["dim"])
+        index = cls(None, precision=man["precision"], dim=man["dim"] or None)
+        index.dim = man["dim"]
         index.model = man["model"]
         if embedder is not None:
             check_model(man, embedder, path)
@@ -570,6 +618,16 @@ class Index:
             index._int_ids = _Rows(arr("ids"))
         index._texts = _Strings(arr("texts.blob"), np.array(arr("texts.offsets")))
         index._meta = _Strings(arr("metadata.blob"), np.array(arr("metadata.offsets")))
+        if "sparse" in man:
+            from embfast.index_sparse import SparseRows, check_sparse_model
+
+            index._sparse = SparseRows.read(arr, man["sparse"], man["count"])
+            index.sparse_model = man["sparse"].get("model")
+            if sparse_encoder is not None:
+                check_sparse_model(index.sparse_model, sparse_encoder, path)
+                index.sparse_encoder = sparse_encoder
+        elif sparse_encoder is not None:
+            raise ValueError(f"{path} holds no sparse rows; build it with Index(embedder, sparse_encoder=...)")
         index.path = path
         return index
 

@@ -21,7 +21,8 @@
 Every variant is checked when built: its output on a probe batch must stay close to
 the plain export (a failed fusion or quantization never ships silently); the figures
 are written into the manifest under ``variants``. Cross-encoders (manifest ``kind``)
-are probed on query/passage pairs and compared by their logits (:func:`_probe_logits`). Builds happen under the export
+are probed on query/passage pairs and compared by their logits (:func:`_probe_logits`), sparse
+encoders by the cosine of their SPLADE vectors (:func:`_probe_sparse`). Builds happen under the export
 lock and are written atomically (temp file + rename).
 """
 
@@ -172,6 +173,8 @@ def _probe_cosine(folder: Path, reference: Path, candidate: Path, manifest: dict
     """
     if manifest.get("kind", "embedder") == "cross-encoder":
         return _probe_logits(folder, reference, candidate, manifest)
+    if manifest.get("kind", "embedder") == "sparse-encoder":
+        return _probe_sparse(folder, reference, candidate, manifest)
     import onnxruntime as ort
 
     from embfast.config import ModelConfig
@@ -236,6 +239,32 @@ def _probe_logits(folder: Path, reference: Path, candidate: Path, manifest: dict
     a, b = a - mean, b - mean  # both centred on the reference: an offset error counts, a common scale does not
     cos = (a * b).sum(0) / (np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0) + 1e-30)
     return float(cos.min())
+
+
+def _probe_sparse(folder: Path, reference: Path, candidate: Path, manifest: dict) -> float | None:
+    """Minimum cosine between two SPLADE graphs' (n, vocab) vectors on the probe texts (None: cannot run)."""
+    import onnxruntime as ort
+
+    from embfast.sparse_config import SparseEncoderConfig
+    from embfast.tokenization import TextTokenizer
+
+    cfg = SparseEncoderConfig.from_dict(manifest.get("config", {}))
+    tok = TextTokenizer(folder / "tokenizer.json", min(128, cfg.max_seq_length or 128), manifest["input_names"],
+                        padding_side=cfg.padding_side, do_lower_case=cfg.do_lower_case)
+    t = tok.tokenize(PROBE_TEXTS)
+    feeds = tok.pad(t.ids, np.arange(len(PROBE_TEXTS)))
+    outs = []
+    for path in (reference, candidate):
+        try:
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - fp16 graphs may not run on the CPU provider
+            return None
+        names = [i.name for i in sess.get_inputs()]
+        outs.append(sess.run([manifest["output_name"]], {n: feeds[n] for n in names})[0].astype(np.float64))
+    a, b = outs
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+    both_zero = (np.abs(a).sum(1) == 0) & (np.abs(b).sum(1) == 0)
+    return float(np.nan_to_num(np.where(both_zero, 1.0, cos), nan=-1.0).min())
 
 
 def build_variant(folder: str | Path, precision: str) -> Path:

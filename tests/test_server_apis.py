@@ -309,13 +309,13 @@ def test_malformed_bodies_never_get_a_5xx(url, path):
 def test_openapi_documents_every_route_with_fields_it_accepts(tiny):
     from fastapi.testclient import TestClient
 
-    from embfast.server import cohere, common, rerank, schemas, tei
+    from embfast.server import cohere, common, rerank, schemas, sparse, tei
 
     accepted = {"/v1/embeddings": common._EMBEDDINGS_FIELDS, "/v1/search": common._SEARCH_FIELDS,
                 "/embed": tei._EMBED_FIELDS, "/similarity": tei._SIMILARITY_FIELDS, "/tokenize": tei._TOKENIZE_FIELDS,
                 "/decode": tei._DECODE_FIELDS, "/rerank": rerank._TEI_RERANK_FIELDS,
                 "/predict": rerank._TEI_PREDICT_FIELDS, "/v2/embed": cohere._FIELDS,
-                "/v1/rerank": rerank._COHERE_FIELDS}
+                "/v1/rerank": rerank._COHERE_FIELDS, "/embed_sparse": sparse._FIELDS}
     for path, fields in accepted.items():
         model = schemas.ROUTES[path][0]
         assert set(model.model_fields) <= set(fields), (path, set(model.model_fields) - set(fields))

@@ -99,7 +99,7 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
                max_queue: int = 1024, dynamic_batching: bool = True, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                max_inputs: int = DEFAULT_MAX_INPUTS, api_key: str | None = None, corpus=None, corpus_texts=None,
                model_name: str | None = None, reranker=None, strict_requests: bool = False,
-               token_ids: str | None = None):
+               token_ids: str | None = None, sparse=None):
     """Build the FastAPI app serving ``embedder``.
 
     Args:
@@ -121,6 +121,8 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
         model_name: the name answers carry (default: the model folder's name).
         reranker: a :class:`~embfast.CrossEncoder` for /rerank, /predict and /v1/rerank (default None: those
             answer 424). It gets a DynamicBatcher of its own, with the same settings, closed at shutdown.
+        sparse: a :class:`~embfast.SparseEncoder` for TEI's /embed_sparse (:mod:`embfast.server.sparse`), or
+            as ``embedder`` for a server that only serves it; a batcher of its own, as ``reranker``'s.
         strict_requests: refuse (422) request fields the route does not know; default False ignores them (logged
             once per name), as TEI and vLLM do with what proxies and SDKs add.
         token_ids: what ``input`` given as token ids means on /v1/embeddings and /embed: None (default) answers
@@ -150,11 +152,17 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
         if reranker is not None:
             raise ValueError("give the cross-encoder once: as the model or as reranker=")
         embedder, reranker = None, embedder
-    if embedder is None and reranker is None:
-        raise ValueError("nothing to serve: give an Embedder, a CrossEncoder, or both (reranker=)")
+    from embfast.sparse_encoder import SparseEncoder
+
+    if isinstance(embedder, SparseEncoder):  # a server that only serves /embed_sparse
+        if sparse is not None:
+            raise ValueError("give the sparse encoder once: as the model or as sparse=")
+        embedder, sparse = None, embedder
+    if embedder is None and reranker is None and sparse is None:
+        raise ValueError("nothing to serve: give an Embedder, a CrossEncoder, a SparseEncoder, or several")
     if reranker is not None and not isinstance(reranker, CrossEncoder):
         raise TypeError(f"reranker must be an embfast.CrossEncoder or None, got {type(reranker).__name__}")
-    main_model = embedder if embedder is not None else reranker
+    main_model = next(m for m in (embedder, reranker, sparse) if m is not None)
     name = model_name or main_model.manifest.get("name") or Path(main_model.model_dir).name
     dim = embedder.dim if embedder is not None else 0
     if corpus is not None and embedder is None:
@@ -175,8 +183,11 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
     rerank_batcher = None if reranker is None else DynamicBatcher(
         reranker, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_queue=max_queue,
         merge_requests=dynamic_batching)
-    batchers = [b for b in (batcher, rerank_batcher) if b is not None]
-    owned = [b for b in (batcher if own else None, rerank_batcher) if b is not None]
+    sparse_batcher = None if sparse is None else DynamicBatcher(
+        sparse, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_queue=max_queue,
+        merge_requests=dynamic_batching)
+    batchers = [b for b in (batcher, rerank_batcher, sparse_batcher) if b is not None]
+    owned = [b for b in (batcher if own else None, rerank_batcher, sparse_batcher) if b is not None]
 
     from contextlib import asynccontextmanager
 
@@ -189,6 +200,8 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
             embedder.encode(["warm-up"])
         if reranker is not None:
             reranker.predict([("warm-up", "warm-up")])
+        if sparse is not None:
+            sparse.encode(["warm-up"])
 
     @asynccontextmanager
     async def lifespan(app):
@@ -209,6 +222,7 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
     app.state.metrics = metrics
     app.state.batcher = batcher
     app.state.rerank_batcher = rerank_batcher
+    app.state.sparse_batcher = sparse_batcher
     app.add_middleware(_Guard, api_key=api_key, metrics=metrics, max_request_bytes=max_request_bytes)
 
     from embfast.server.schemas import ROUTES, request_body
@@ -321,7 +335,8 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
             "version": __version__, "build": build_info()}
 
     ctx = SimpleNamespace(
-        embedder=embedder, reranker=reranker, batcher=batcher, rerank_batcher=rerank_batcher, batchers=batchers,
+        embedder=embedder, reranker=reranker, sparse=sparse, batcher=batcher, rerank_batcher=rerank_batcher,
+        batchers=batchers,
         name=name, dim=dim, max_inputs=max_inputs, strict=strict_requests, search_corpus=search_corpus,
         prompts=dict(embedder.config.prompts) if embedder is not None else {}, metrics=metrics, state=state,
         need_embedder=need_embedder, run_encode=run_encode, run_encode_ids=run_encode_ids, count=count,
@@ -344,4 +359,8 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
     add_rerank_routes(route, reranker=reranker, batcher=rerank_batcher, error=ApiError, read_json=read_json,
                       dumps=_dumps, count=count, name=reranker.name if embedder is not None and reranker else name,
                       max_inputs=max_inputs, strict=strict_requests)
+    from embfast.server.sparse import add_sparse_routes
+
+    add_sparse_routes(route, sparse=sparse, batcher=sparse_batcher, error=ApiError, read_json=read_json,
+                      dumps=_dumps, count=count, max_inputs=max_inputs, strict=strict_requests)
     return app

@@ -35,6 +35,7 @@ def register_cli(subparsers) -> None:
                    "a cross-encoder folder serves only the reranking routes")
     p.add_argument("--reranker", default=_env("RERANKER"),
                    help="a cross-encoder folder for /rerank, /predict and /v1/rerank, next to --model")
+    p.add_argument("--sparse", default=_env("SPARSE"), help="a sparse encoder (SPLADE) folder for /embed_sparse")
     p.add_argument("--device", default=_env("DEVICE", "cpu"), choices=["cpu", "cuda", "auto"])
     p.add_argument("--precision", default=_env("PRECISION", "fp32"), choices=["fp32", "int8", "fp16", "auto"])
     p.add_argument("--threads", type=int, default=_env("THREADS"), help="ONNX Runtime threads (default: all cores)")
@@ -83,7 +84,7 @@ def cmd_serve(args) -> int:
         import uvicorn
     except ImportError as exc:
         raise ImportError(f"embfast serve needs the server extra: pip install 'embfast[server]' ({exc})") from exc
-    from embfast import CrossEncoder
+    from embfast import CrossEncoder, SparseEncoder
     from embfast.server.rerank import load_served_model
 
     if not 1 <= args.port <= 65535:
@@ -92,8 +93,9 @@ def cmd_serve(args) -> int:
     model_args = {"device": args.device, "precision": args.precision, "threads": args.threads}
     embedder = load_served_model(args.model, **model_args)
     reranker = CrossEncoder(args.reranker, **model_args) if args.reranker else None
-    app = create_app(embedder, reranker=reranker, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                     max_queue=args.max_queue, dynamic_batching=args.dynamic_batching,
+    sparse = SparseEncoder(args.sparse, **model_args) if args.sparse else None
+    app = create_app(embedder, reranker=reranker, sparse=sparse, max_batch_tokens=args.max_batch_tokens,
+                     max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, dynamic_batching=args.dynamic_batching,
                      max_request_bytes=args.max_request_bytes, api_key=args.api_key or None,
                      corpus=args.corpus, corpus_texts=args.corpus_texts, max_inputs=args.max_client_batch_size,
                      strict_requests=args.strict_requests, token_ids=args.token_ids)

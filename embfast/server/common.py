@@ -18,7 +18,8 @@ _EMBEDDINGS_FIELDS = ("input", "model", "encoding_format", "dimensions", "user",
 _SEARCH_FIELDS = ("query", "top_k", "model", "truncate", "positive", "negative")
 _ENDPOINTS = ("/v1/embeddings", "/embeddings", "/v1/search", "/v1/models", "/health", "/health/live",
               "/health/ready", "/ping", "/info", "/metrics", "/", "/embed", "/embed_all", "/similarity", "/tokenize",
-              "/decode", "/invocations", "/v1/embed", "/v2/embed", "/rerank", "/predict", "/v1/rerank", "/v2/rerank")
+              "/decode", "/invocations", "/v1/embed", "/v2/embed", "/rerank", "/predict", "/v1/rerank", "/v2/rerank",
+              "/embed_sparse")
 # input_type (Cohere's, NVIDIA's and Voyage's word for asymmetric models) -> the prompt names it selects, first
 # found wins; a model with none of them embeds the text as it is.
 INPUT_TYPES = {

@@ -274,12 +274,15 @@ def add_rerank_routes(route: Callable, *, reranker, batcher, error: type, read_j
 
 
 def load_served_model(model, **kwargs):
-    """An :class:`~embfast.Embedder` or :class:`~embfast.CrossEncoder` for ``model``, by the folder's kind
-    (what ``embfast serve --model`` calls)."""
-    from embfast import CrossEncoder, Embedder
+    """An :class:`~embfast.Embedder`, :class:`~embfast.CrossEncoder` or :class:`~embfast.SparseEncoder` for
+    ``model``, by the folder's kind (what ``embfast serve --model`` calls)."""
+    from embfast import CrossEncoder, Embedder, SparseEncoder
     from embfast.export import ModelKindError
 
     try:
         return Embedder(model, **kwargs)
     except ModelKindError:
-        return CrossEncoder(model, **kwargs)
+        try:
+            return CrossEncoder(model, **kwargs)
+        except ModelKindError:
+            return SparseEncoder(model, **kwargs)

@@ -75,6 +75,20 @@ class EmbedRequest(BaseModel):
     dimensions: int | None = Field(None, ge=1)
 
 
+class EmbedSparseRequest(BaseModel):
+    """POST /embed_sparse (TEI): a SPLADE model's non-zero entries per input."""
+
+    inputs: Texts
+    truncate: bool = True
+    truncation_direction: Literal["right", "Right"] = "right"
+    prompt_name: str | None = None
+
+
+class SparseValue(BaseModel):
+    index: int
+    value: float
+
+
 class SimilarityInput(BaseModel):
     source_sentence: str
     sentences: list[str]
@@ -191,6 +205,7 @@ ROUTES: dict[str, tuple[type[BaseModel] | None, object]] = {
     "/": (EmbedRequest, list[list[float]]),
     "/invocations": (EmbedRequest, list[list[float]]),
     "/embed_all": (EmbedRequest, list[list[list[float]]]),
+    "/embed_sparse": (EmbedSparseRequest, list[list[SparseValue]]),
     "/similarity": (SimilarityRequest, list[float]),
     "/tokenize": (TokenizeRequest, list[list[SimpleToken]]),
     "/decode": (DecodeRequest, list[str]),

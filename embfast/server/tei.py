@@ -173,7 +173,7 @@ def add_tei_routes(route, ctx) -> None:
     @route("/tokenize", "POST")
     async def tokenize(request: Request):
         body = _body(await ctx.read_json(request), _TOKENIZE_FIELDS, ctx, "/tokenize")
-        model = ctx.embedder if ctx.embedder is not None else ctx.reranker
+        model = next(m for m in (ctx.embedder, ctx.reranker, ctx.sparse) if m is not None)
         texts, _ = _inputs(body, ctx.max_inputs)
         special = _optional(body, "add_special_tokens", (bool,), "true or false", True)
         prompt_name = resolve_prompt(ctx.prompts, prompt_name=body.get("prompt_name"))
@@ -194,7 +194,7 @@ def add_tei_routes(route, ctx) -> None:
     @route("/decode", "POST")
     async def decode(request: Request):
         body = _body(await ctx.read_json(request), _DECODE_FIELDS, ctx, "/decode")
-        model = ctx.embedder if ctx.embedder is not None else ctx.reranker
+        model = next(m for m in (ctx.embedder, ctx.reranker, ctx.sparse) if m is not None)
         ids = body.get("ids")
         vocab = model.tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
         batch = ids if isinstance(ids, list) and ids and isinstance(ids[0], list) else [ids]
@@ -217,9 +217,11 @@ def add_tei_routes(route, ctx) -> None:
     @route("/info", "GET")
     async def info(request: Request):
         ours = ctx.info_payload()
-        m = ctx.embedder if ctx.embedder is not None else ctx.reranker
+        m = next(m for m in (ctx.embedder, ctx.reranker, ctx.sparse) if m is not None)
         if ctx.embedder is not None:
             model_type = {"embedding": {"pooling": ctx.embedder.config.pooling}}
+        elif ctx.reranker is None:
+            model_type = {"embedding": {"pooling": "splade"}}  # TEI's name for a SPLADE model
         else:
             labels = {str(i): n for i, n in enumerate(ctx.reranker.config.labels)}
             model_type = {"reranker" if ctx.reranker.num_labels == 1 else "classifier": {"id2label": labels}}
