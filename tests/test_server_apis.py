@@ -4,8 +4,10 @@ prompt_name, lenient fields), readiness, and the real client libraries that spea
 
 from __future__ import annotations
 
+import gc
 import json
 import re
+import warnings
 
 import httpx
 import numpy as np
@@ -17,6 +19,16 @@ from embfast.server import create_app
 from tests_helpers import copy_model
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _collect_client_sockets():
+    """Client libraries (cohere's, huggingface_hub's) keep HTTP clients open until collected: collect them after
+    each test, where their ResourceWarning is expected, not in a later test (warnings are errors)."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 DOCS = ["The cat sat on the mat.", "Stock markets fell sharply today.", "Photosynthesis turns light into sugar.",
         "The recipe needs two eggs and flour.", "Rain is expected over the weekend."]
@@ -189,8 +201,8 @@ def test_input_type_and_prompt_name_select_prompts(prompted, tiny, url):
         assert r.status_code == 422 and "input_type must be one of" in r.json()["error"]["message"]
         r = c.post("/v1/embeddings", json={"input": "a", "prompt_name": "doc"})
         assert r.status_code == 422 and "'passage', 'query'" in r.json()["error"]["message"]
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
-        got = client.embeddings.create(input=DOCS[:2], model="m", extra_body={"input_type": "query"})
+        with openai.OpenAI(base_url=f"{base}/v1", api_key="unused") as client:
+            got = client.embeddings.create(input=DOCS[:2], model="m", extra_body={"input_type": "query"})
         rows_close([d.embedding for d in got.data], query)
     with httpx.Client(base_url=url, timeout=60) as c:  # a model without prompts embeds the text as it is
         r = c.post("/v1/embeddings", json={"input": DOCS[:2], "input_type": "query"})
