@@ -26,6 +26,9 @@ def _collect_client_sockets():
     """Several of these libraries never close the HTTP clients they create (chromadb's embedding functions,
     llama-index's and langchain's OpenAI wrappers): collect them here, where their ResourceWarning is expected,
     instead of letting a later test's garbage collection turn it into an error."""
+    with warnings.catch_warnings():  # what earlier tests left, then what this one leaves
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
     yield
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)

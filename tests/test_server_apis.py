@@ -25,6 +25,9 @@ pytestmark = pytest.mark.slow
 def _collect_client_sockets():
     """Client libraries (cohere's, huggingface_hub's) keep HTTP clients open until collected: collect them after
     each test, where their ResourceWarning is expected, not in a later test (warnings are errors)."""
+    with warnings.catch_warnings():  # what earlier tests left, then what this one leaves
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
     yield
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
