@@ -16,6 +16,13 @@ never asserts; timings are only meaningful on a quiet machine.
     python benchmarks/bench_server.py                          # embfast on vs off, 1/8/32/128 clients
     python benchmarks/bench_server.py --infinity /tmp/infinity-venv/bin/infinity_emb
     python benchmarks/bench_server.py --model /tmp/tiny --concurrency 1,8 --duration-s 1 --warmup-s 0.5  # smoke
+    python benchmarks/bench_server.py --modes on,two-models,two-processes --concurrency 8,32,128
+
+``--modes two-models`` serves the model twice in one ``embfast serve`` (``--model M --model M``, names a and
+b; the two share the cores through one run lock), clients alternating between the names; ``two-processes``
+runs two ``embfast serve`` processes, one model each with all the cores' threads (what three separate engines
+for an embedder, a reranker and a sparse model do today), clients alternating between them. Both are compared
+with ``on`` (one model, one process) at the same load: total texts/s.
 
 infinity must live in its own environment (``python -m venv /tmp/infinity-venv &&
 /tmp/infinity-venv/bin/pip install -c constraints.txt "infinity-emb[torch,server]"``):
@@ -58,7 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=_ints, default=[1, 8, 32, 128], help="clients (default 1,8,32,128)")
     p.add_argument("--texts-per-request", type=_ints, default=[1, 8],
                    help="sentences per request: 1 sends a string, k > 1 a list (default 1,8)")
-    p.add_argument("--modes", default="on,off", help="embfast dynamic batching: on, off or on,off (default)")
+    p.add_argument("--modes", default="on,off",
+                   help="embfast servers: on (dynamic batching), off, two-models (two models in one process), "
+                        "two-processes (one model each); comma-separated (default on,off)")
     p.add_argument("--duration-s", type=float, default=15.0, help="measured seconds per point (default 15)")
     p.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each point (default 3)")
     p.add_argument("--threads", type=int, default=None, help="embfast ONNX Runtime threads (default: all cores)")
@@ -81,8 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--startup-timeout-s", type=float, default=300.0, help="wait this long for a server to start")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not set(modes) <= {"on", "off"}:
-        p.error(f"--modes must be on, off or on,off, got {args.modes!r}")
+    if not set(modes) <= {"on", "off", "two-models", "two-processes"}:
+        p.error(f"--modes must be a comma-separated list of on, off, two-models, two-processes, got {args.modes!r}")
     args.modes = modes
     if args.duration_s <= 0 or args.warmup_s < 0:
         p.error("--duration-s must be > 0 and --warmup-s >= 0")
@@ -110,6 +119,11 @@ class Server:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def targets(self) -> list[tuple[str, str]]:
+        """(base url, model name) pairs; client c sends to ``targets[c % len(targets)]``."""
+        return [(self.url, name) for name in self.extra.get("served_names", [self.model_name])]
 
     def start(self, timeout: float) -> None:
         import httpx
@@ -139,19 +153,55 @@ class Server:
                 self.proc.wait()
 
 
-def embfast_server(args, batching: bool) -> Server:
+def embfast_server(args, batching: bool, models: int = 1) -> Server:
+    """``embfast serve``; ``models`` 2 serves the model twice in the process, as "a" and "b"."""
     port = free_port()
     cmd = [sys.executable, "-m", "embfast.cli", "serve", "--port", str(port), "--log-level", "warning",
            "--max-wait-ms", str(args.max_wait_ms), "--max-batch-tokens", str(args.max_batch_tokens),
            "--max-queue", "100000", "--precision", args.precision,
            "--dynamic-batching" if batching else "--no-dynamic-batching"]
-    if args.model:
+    names = ["a", "b"][:models] if models > 1 else []
+    for name in names:
+        cmd += ["--model", args.model or str(_default_model()), "--served-model-name", name]
+    if args.model and not names:
         cmd += ["--model", args.model]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    return Server(f"embfast-{'on' if batching else 'off'}", cmd, port, "/v1/embeddings", "embfast",
-                  extra={"dynamic_batching": batching, "max_wait_ms": args.max_wait_ms,
-                         "max_batch_tokens": args.max_batch_tokens, "precision": args.precision})
+    extra = {"dynamic_batching": batching, "max_wait_ms": args.max_wait_ms,
+             "max_batch_tokens": args.max_batch_tokens, "precision": args.precision}
+    if names:
+        extra.update(served_names=names, layout="two models, one process")
+    return Server(f"embfast-{'on' if batching else 'off'}", cmd, port, "/v1/embeddings", names[0] if names else
+                  "embfast", extra=extra)
+
+
+def _default_model():
+    from embfast.export import default_model_path
+
+    return default_model_path()
+
+
+class ServerGroup:
+    """Several single-model servers measured as one: clients alternate between them."""
+
+    def __init__(self, servers: list[Server], layout: str):
+        self.servers = servers
+        self.name = servers[0].name
+        self.path = servers[0].path
+        self.model_name = servers[0].model_name
+        self.extra = {**servers[0].extra, "layout": layout}
+
+    @property
+    def targets(self) -> list[tuple[str, str]]:
+        return [t for s in self.servers for t in s.targets]
+
+    def start(self, timeout: float) -> None:
+        for s in self.servers:
+            s.start(timeout)
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
 
 
 def infinity_server(args, model_dir: str) -> Server:
@@ -211,23 +261,24 @@ async def run_load(server: Server, sentences: list[str], clients: int, k: int, s
     stop_at = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
-    async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=120) as http:
+    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
         async def client(c: int) -> None:
             nonlocal errors, texts_done
             i = c * 997
+            url, model_name = server.targets[c % len(server.targets)]
             while time.perf_counter() < stop_at:
                 chunk = [sentences[(i + j) % len(sentences)] for j in range(k)]
                 i += k * clients
                 if api == "openai":
-                    path, body = server.path, {"input": chunk[0] if k == 1 else chunk, "model": server.model_name,
+                    path, body = server.path, {"input": chunk[0] if k == 1 else chunk, "model": model_name,
                                                "encoding_format": "float"}
                     vectors = APIS["openai"][2]
                 else:
                     path, make, vectors = APIS[api]
-                    body = make(chunk, server.model_name)
+                    body = make(chunk, model_name)
                 t0 = time.perf_counter()
                 try:
-                    r = await http.post(path, json=body)
+                    r = await http.post(url + path, json=body)
                     ok = r.status_code == 200 and vectors(r.json()) == k
                 except (httpx.HTTPError, ValueError, KeyError):
                     ok = False
@@ -247,7 +298,7 @@ def measure(server, sentences: list[str], clients: int, k: int, args, api: str =
     """One point: ``server`` a Server (HTTP, through ``api``) or a DynamicBatcher (in-process)."""
     import numpy as np
 
-    if isinstance(server, Server):
+    if isinstance(server, (Server, ServerGroup)):
         def load(seconds):
             return run_load(server, sentences, clients, k, seconds, api)
         name, extra = server.name.split("-")[0], {**server.extra, "api": api}
@@ -287,11 +338,18 @@ def machine() -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| server | API | batching | clients | texts/req | req/s | texts/s | p50 ms | p99 ms | errors |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| server | API | batching | models | clients | texts/req | req/s | texts/s | p50 ms | p99 ms | errors |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    one = {(r["concurrency"], r["texts_per_request"]): r["texts_per_s"] for r in rows
+           if r["server"] == "embfast" and r.get("dynamic_batching") and "layout" not in r
+           and r.get("api", "openai") == "openai"}
     for r in rows:
         batching = {True: "on", False: "off"}.get(r.get("dynamic_batching"), f"batch {r.get('batch_size', '-')}")
-        out.append(f"| {r['server']} | {r.get('api', 'openai')} | {batching} | {r['concurrency']} | "
+        layout = r.get("layout", "one")
+        base = one.get((r["concurrency"], r["texts_per_request"]))
+        if "layout" in r and base:
+            layout += f" ({r['texts_per_s'] / base:.0%} of one)"
+        out.append(f"| {r['server']} | {r.get('api', 'openai')} | {batching} | {layout} | {r['concurrency']} | "
                    f"{r['texts_per_request']} | {r['requests_per_s']} | {r['texts_per_s']} | {r['p50_ms']} | "
                    f"{r['p99_ms']} | {r['errors']} |")
     base = {(r["concurrency"], r["texts_per_request"]): r["p50_ms"] for r in rows if r["server"] == "in-process"}
@@ -319,7 +377,15 @@ def main(argv=None) -> int:
               "sentences": str(path), "n_sentences": len(sentences), "duration_s": args.duration_s,
               "warmup_s": args.warmup_s, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     print(json.dumps(header), flush=True)
-    servers = [embfast_server(args, mode == "on") for mode in args.modes]
+    servers: list = []
+    for mode in args.modes:
+        if mode in ("on", "off"):
+            servers.append(embfast_server(args, mode == "on"))
+        elif mode == "two-models":
+            servers.append(embfast_server(args, True, models=2))
+        else:
+            servers.append(ServerGroup([embfast_server(args, True), embfast_server(args, True)],
+                                       "two processes"))
     if args.infinity:
         if Path(args.infinity).is_file():
             servers.append(infinity_server(args, model_dir))
@@ -336,7 +402,8 @@ def main(argv=None) -> int:
             except RuntimeError as exc:
                 print(json.dumps({"bench": "server", "skipped": server.name, "why": str(exc)}), flush=True)
                 continue
-            apis = args.apis.split(",") if server.extra.get("dynamic_batching") else ["openai"]
+            apis = args.apis.split(",") if server.extra.get("dynamic_batching") and "layout" not in server.extra \
+                else ["openai"]
             try:
                 for api in apis:
                     for k in args.texts_per_request:

@@ -70,7 +70,7 @@ from embfast.tokenization import InputTooLongError, Tokenized
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BatchStats", "BatcherClosedError", "DynamicBatcher", "OverloadedError", "plan_by_cost"]
+__all__ = ["BatchStats", "BatcherClosedError", "DynamicBatcher", "OverloadedError", "RunLock", "plan_by_cost"]
 
 
 class OverloadedError(RuntimeError):
@@ -102,6 +102,45 @@ class BatchStats:
     seconds: float
     queued_texts: int
     failed_requests: int
+
+
+class RunLock:
+    """A first-come, first-served lock for ONNX Runtime calls shared by several batchers (one server, several
+    models): one model runs at a time, each with all its intra-op threads, so the models' thread pools never
+    oversubscribe the cores, and no worker can take the lock twice while another waits (a plain
+    ``threading.Lock`` lets the thread that releases it take it again at once).
+
+    Use as a context manager (``with lock: ...``). ``waits`` counts acquisitions that had to wait.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0  # the ticket handed to the next caller
+        self._serving = 0  # the ticket that may run now
+        self.waits = 0
+
+    def __enter__(self) -> RunLock:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            if ticket != self._serving:
+                self.waits += 1
+                while ticket != self._serving:
+                    self._cond.wait()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 class _Request:
@@ -229,6 +268,9 @@ class DynamicBatcher(SparseCalls):
             (all-MiniLM-L6-v2 on 2 cores: one call costs about as much as 20-40
             tokens), 2048 on CUDA (padding is nearly free on a GPU; a guess, not
             measured here).
+        run_lock: a :class:`RunLock` shared with the batchers of other models in the same process (what
+            ``embfast serve`` with several models does): each ONNX Runtime call holds it, so one model runs at
+            a time with all its threads. Default None: this batcher's calls take no lock.
 
     The worker thread starts with the first request. Use as a context manager,
     or call :meth:`close`, which finishes what was admitted; a closed batcher
@@ -240,7 +282,8 @@ class DynamicBatcher(SparseCalls):
 
     def __init__(self, embedder, *, max_batch_tokens: int = 16384, max_batch_size: int = 256,
                  max_wait_ms: float = 2.0, max_queue: int = 1024, merge_requests: bool = True,
-                 tokenizer_threads: int | None = None, call_cost_tokens: float | None = None):
+                 tokenizer_threads: int | None = None, call_cost_tokens: float | None = None,
+                 run_lock: RunLock | None = None):
         for attr in ("tokenizer", "embed_token_ids", "postprocess", "config"):
             if not hasattr(embedder, attr):
                 raise TypeError(f"embedder must be an embfast.Embedder or CrossEncoder, got {type(embedder).__name__}")
@@ -264,6 +307,10 @@ class DynamicBatcher(SparseCalls):
                 or not call_cost_tokens >= 0:
             raise ValueError(f"call_cost_tokens must be a number >= 0, got {call_cost_tokens!r}")
         self.call_cost_tokens = float(call_cost_tokens)
+        if run_lock is not None and not isinstance(run_lock, RunLock):
+            raise TypeError(f"run_lock must be an embfast.dynamic.RunLock or None, got {type(run_lock).__name__}")
+        self.run_lock = run_lock
+        self._run_guard = run_lock if run_lock is not None else _NoLock()
         self._pool_texts = max(self.max_batch_size, 256)
         self._hidden = int(embedder.config.dim)
 
@@ -772,6 +819,10 @@ class DynamicBatcher(SparseCalls):
         return batch
 
     def _run_rows(self, groups: list[tuple[_Request, np.ndarray]]) -> np.ndarray:
+        with self._run_guard:
+            return self._run_rows_unlocked(groups)
+
+    def _run_rows_unlocked(self, groups: list[tuple[_Request, np.ndarray]]) -> np.ndarray:
         ids = [req.ids[r] for req, take in groups for r in take]
         if any(req.type_ids is not None for req, _ in groups):  # pairs: segment ids travel with the ids
             type_ids = [req.type_ids[r] if req.type_ids is not None else [0] * len(req.ids[r])

@@ -268,7 +268,7 @@ def export_snapshot(snap: HubSnapshot, *, kind: str = "embedder", onnx_file: str
 
     Args:
         snap: from :func:`download`.
-        kind: ``"embedder"`` or ``"cross-encoder"`` (``onnx_file`` is for embedders).
+        kind: ``"embedder"``, ``"cross-encoder"`` or ``"sparse-encoder"`` (``onnx_file`` is for embedders).
         onnx_file: a path inside the repo (``onnx/model.onnx``): run it with the base install (no torch);
             its token-embedding output is detected (or ``output_name``); pooling and the rest come from the
             repo's sentence-transformers config.
@@ -294,7 +294,8 @@ def export_snapshot(snap: HubSnapshot, *, kind: str = "embedder", onnx_file: str
         raise ValueError("tokenizer= and output_name= apply with onnx_file=, not to a repo's weights")
     check_snapshot(snap)
     try:
-        return ensure_exported(snap.path, name=snap.repo_id)
+        # a SPLADE repo may be a plain *ForMaskedLM folder, which only the asking class can tell from a masked LM
+        return ensure_exported(snap.path, "sparse-encoder" if kind == "sparse-encoder" else None, name=snap.repo_id)
     except ImportError as exc:
         onnx = sorted(f for f in set(snap.files) | set(snap.repo_files) if f.endswith(".onnx"))
         hint = (f"; or run an ONNX file the repo ships, without torch: onnx_file={onnx[0]!r}" if onnx else
@@ -308,7 +309,8 @@ def resolve_hub(repo_id: str, *, kind: str = "embedder", revision: str | None = 
                 output_name: str | None = None) -> Path:
     """A ready-to-run exported folder for a Hub repo id: :func:`download` then :func:`export_snapshot`.
 
-    What :func:`embfast.models.resolve` calls for ``Embedder("org/name")`` and ``CrossEncoder("org/name")``;
+    What :func:`embfast.models.resolve` calls for ``Embedder("org/name")`` and ``CrossEncoder("org/name")``, and
+    :func:`embfast.sparse_encoder.resolve_sparse` for ``SparseEncoder("org/name")``;
     every argument is documented there. Nothing is written to ``$EMBFAST_HOME`` unless the whole
     snapshot is there and the export succeeds (exports are staged and renamed into place).
     """

@@ -144,6 +144,7 @@ class OnnxSession:
                  output_name: str | None = None, allow_spinning: bool | None = None, token_output: bool = True):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        self.path = Path(path)
         self.threads = default_threads() if threads is None else int(threads)
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")

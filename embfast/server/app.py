@@ -95,34 +95,41 @@ class _Guard:
                 return
 
 
-def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wait_ms: float = 2.0,
+def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, max_wait_ms: float = 2.0,
                max_queue: int = 1024, dynamic_batching: bool = True, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                max_inputs: int = DEFAULT_MAX_INPUTS, api_key: str | None = None, corpus=None, corpus_texts=None,
                model_name: str | None = None, reranker=None, strict_requests: bool = False,
-               token_ids: str | None = None, sparse=None):
-    """Build the FastAPI app serving ``embedder``.
+               token_ids: str | None = None, sparse=None, models: list | None = None):
+    """Build the FastAPI app serving ``embedder`` (and any other models).
 
     Args:
         embedder: an :class:`~embfast.Embedder`, or a :class:`~embfast.CrossEncoder` for a server that
-            only reranks (its embedding routes then answer 424), or None with ``reranker``.
-        batcher: a :class:`~embfast.dynamic.DynamicBatcher` to use (the caller
+            only reranks (its embedding routes then answer 424), or None with ``reranker`` / ``sparse`` / ``models``.
+        batcher: a :class:`~embfast.dynamic.DynamicBatcher` for ``embedder`` (the caller
             closes it); default: the app makes one from the arguments below
             (``app.state.batcher``) and closes it at shutdown, after in-flight
             requests, so such an app serves once.
-        max_batch_tokens / max_wait_ms / max_queue: the batcher's (see DynamicBatcher).
+        max_batch_tokens / max_wait_ms / max_queue: the batcher's (see DynamicBatcher), for every model.
         dynamic_batching: False runs each request in ONNX Runtime calls of its own (for comparison).
         max_request_bytes: largest request body, in bytes (default 2 MB); larger: 413.
         max_inputs: most strings per request (default 2048, as OpenAI).
         api_key: when set, every endpoint but /health needs ``Authorization: Bearer <api_key>``.
         corpus: for /v1/search: an .npy file of (n, dim) embeddings (dim at most the model's;
             queries are cut to it), an (n, dim) array, an embfast index file (``embfast.Index``,
-            built with this model) or an :class:`embfast.Index`.
+            built with this model) or an :class:`embfast.Index`. Searched with the first embedder.
         corpus_texts: for vectors: a file with one text per line (or a list of str), one per row.
-        model_name: the name answers carry (default: the model folder's name).
+        model_name: the name answers carry for the first model (default: its folder's name); a str, or a list
+            of aliases (the first is what answers carry).
         reranker: a :class:`~embfast.CrossEncoder` for /rerank, /predict and /v1/rerank (default None: those
             answer 424). It gets a DynamicBatcher of its own, with the same settings, closed at shutdown.
         sparse: a :class:`~embfast.SparseEncoder` for TEI's /embed_sparse (:mod:`embfast.server.sparse`), or
             as ``embedder`` for a server that only serves it; a batcher of its own, as ``reranker``'s.
+        models: more models to serve, each a model or a ``(model, names)`` pair (``names`` a str or a list of
+            aliases), after the ones above; any kind, several of a kind (``embfast serve --model A --model B``).
+            Requests choose one by name (:mod:`embfast.server.registry`); the first of a kind is the default. With
+            more than one model, every model's ONNX Runtime calls share one :class:`~embfast.dynamic.RunLock`:
+            one model runs at a time with all its threads, so the models' thread pools never oversubscribe the
+            cores.
         strict_requests: refuse (422) request fields the route does not know; default False ignores them (logged
             once per name), as TEI and vLLM do with what proxies and SDKs add.
         token_ids: what ``input`` given as token ids means on /v1/embeddings and /embed: None (default) answers
@@ -132,14 +139,16 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
             default) decoded with tiktoken to their text, then embedded as text.
 
     Raises:
-        ValueError / FileNotFoundError: a bad corpus or argument, before anything serves.
+        ValueError / FileNotFoundError: a bad corpus or argument (two models under one name), before anything
+        serves. TypeError: a model that is not an embfast model.
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import PlainTextResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from embfast import __version__, build_info
-    from embfast.dynamic import BatcherClosedError, DynamicBatcher, OverloadedError
+    from embfast.dynamic import BatcherClosedError, DynamicBatcher, OverloadedError, RunLock
+    from embfast.server.registry import ModelRegistry, ServedModel, model_kind_of
     from embfast.tokenization import InputTooLongError
 
     if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
@@ -158,12 +167,49 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
         if sparse is not None:
             raise ValueError("give the sparse encoder once: as the model or as sparse=")
         embedder, sparse = None, embedder
-    if embedder is None and reranker is None and sparse is None:
-        raise ValueError("nothing to serve: give an Embedder, a CrossEncoder, a SparseEncoder, or several")
     if reranker is not None and not isinstance(reranker, CrossEncoder):
         raise TypeError(f"reranker must be an embfast.CrossEncoder or None, got {type(reranker).__name__}")
-    main_model = next(m for m in (embedder, reranker, sparse) if m is not None)
-    name = model_name or main_model.manifest.get("name") or Path(main_model.model_dir).name
+    given: list[tuple[object, object]] = [(m, None) for m in (embedder, reranker, sparse) if m is not None]
+    for item in models or []:
+        given.append(item if isinstance(item, tuple) and len(item) == 2 else (item, None))
+    if not given:
+        raise ValueError("nothing to serve: give an Embedder, a CrossEncoder, a SparseEncoder, or several")
+    if given[0][1] is None and model_name is not None:
+        given[0] = (given[0][0], model_name)
+    kinds = [model_kind_of(m) for m, _ in given]
+    if batcher is not None and not isinstance(batcher, DynamicBatcher):
+        raise TypeError(f"batcher must be a DynamicBatcher or None, got {type(batcher).__name__}")
+    if batcher is not None and (embedder is None or batcher.embedder is not embedder):
+        raise ValueError("batcher= must be a DynamicBatcher of the embedder given as the first argument")
+    run_lock = RunLock() if len(given) > 1 else None
+    entries = []
+    for (model, names), kind in zip(given, kinds, strict=True):
+        if names is None:
+            names = [model.manifest.get("name") or Path(model.model_dir).name]
+        elif isinstance(names, str):
+            names = [n.strip() for n in names.split(",") if n.strip()]
+        names = tuple(names)
+        if batcher is not None and model is embedder:
+            entries.append(ServedModel(names, kind, model, batcher, owned=False))
+            continue
+        # its worker thread starts with the first request; closed at shutdown
+        b = DynamicBatcher(model, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                           merge_requests=dynamic_batching, run_lock=run_lock)
+        entries.append(ServedModel(names, kind, model, b, owned=True,
+                                   rss_load_bytes=getattr(model, "load_rss_bytes", None)))
+    registry = ModelRegistry(entries)
+    main = registry.entries[0]
+    default_embedder = registry.default("embedder")
+    embedder = None if default_embedder is None else default_embedder.model
+    batcher = None if default_embedder is None else default_embedder.batcher
+    default_reranker = registry.default("cross-encoder")
+    reranker = None if default_reranker is None else default_reranker.model
+    rerank_batcher = None if default_reranker is None else default_reranker.batcher
+    default_sparse = registry.default("sparse-encoder")
+    sparse = None if default_sparse is None else default_sparse.model
+    sparse_batcher = None if default_sparse is None else default_sparse.batcher
+    main_model = main.model
+    name = main.name
     dim = embedder.dim if embedder is not None else 0
     if corpus is not None and embedder is None:
         raise ValueError("a search corpus needs an embedding model to embed queries")
@@ -174,20 +220,8 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
     if token_ids is not None and token_ids != "model":
         token_decoder = TokenIdDecoder(token_ids)  # ValueError / ImportError before anything serves
     metrics = Metrics()
-    own = batcher is None
-    if own and embedder is not None:  # its worker thread starts with the first request; closed at shutdown
-        batcher = DynamicBatcher(embedder, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
-                                 max_queue=max_queue, merge_requests=dynamic_batching)
-    elif not own and not isinstance(batcher, DynamicBatcher):
-        raise TypeError(f"batcher must be a DynamicBatcher or None, got {type(batcher).__name__}")
-    rerank_batcher = None if reranker is None else DynamicBatcher(
-        reranker, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_queue=max_queue,
-        merge_requests=dynamic_batching)
-    sparse_batcher = None if sparse is None else DynamicBatcher(
-        sparse, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_queue=max_queue,
-        merge_requests=dynamic_batching)
-    batchers = [b for b in (batcher, rerank_batcher, sparse_batcher) if b is not None]
-    owned = [b for b in (batcher if own else None, rerank_batcher, sparse_batcher) if b is not None]
+    batchers = [e.batcher for e in registry]
+    owned = [e.batcher for e in registry if e.owned]
 
     from contextlib import asynccontextmanager
 
@@ -196,12 +230,13 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
     def warm_up() -> None:
         """One request through each model before /health/ready says ready (the first ONNX Runtime run
         allocates its arenas; a load balancer should not send traffic before that)."""
-        if embedder is not None:
-            embedder.encode(["warm-up"])
-        if reranker is not None:
-            reranker.predict([("warm-up", "warm-up")])
-        if sparse is not None:
-            sparse.encode(["warm-up"])
+        for e in registry:
+            if e.kind == "embedder":
+                e.model.encode(["warm-up"])
+            elif e.kind == "cross-encoder":
+                e.model.predict([("warm-up", "warm-up")])
+            else:
+                e.model.encode(["warm-up"])
 
     @asynccontextmanager
     async def lifespan(app):
@@ -223,6 +258,7 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
     app.state.batcher = batcher
     app.state.rerank_batcher = rerank_batcher
     app.state.sparse_batcher = sparse_batcher
+    app.state.registry = registry
     app.add_middleware(_Guard, api_key=api_key, metrics=metrics, max_request_bytes=max_request_bytes)
 
     from embfast.server.schemas import ROUTES, request_body
@@ -278,10 +314,31 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
         return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal",
                                        type_="server_error"), request.url.path)
 
-    def need_embedder() -> None:
-        if embedder is None:
-            raise ApiError(424, "this server has no embedding model (it serves a cross-encoder): use /rerank, "
-                           "/predict or /v1/rerank", code="model_not_embedder")
+    def requested_model(request, body) -> str | None:
+        """The model a request names: the body's ``model`` (OpenAI, Cohere, TEI rerank), else ``?model=``."""
+        if isinstance(body, dict) and body.get("model") is not None:
+            return body["model"]
+        return request.query_params.get("model") if request is not None else None
+
+    def pick(kind: str, request=None, body=None) -> ServedModel:
+        """The served model of ``kind`` for this request (see :meth:`ModelRegistry.pick`)."""
+        return registry.pick(kind, requested_model(request, body))
+
+    def pick_any(request=None, body=None) -> ServedModel:
+        """The model a kind-neutral route (/tokenize, /decode, /info) uses: the one named, else the first."""
+        requested = requested_model(request, body)
+        if requested is None:
+            return main
+        found = registry.find(requested) if isinstance(requested, str) else None
+        if found is not None:
+            return found
+        if len(registry) == 1:
+            return main
+        raise ApiError(404, f"model {requested!r} is not served here; served: {', '.join(registry.names())}",
+                       code="model_not_found", param="model")
+
+    def need_embedder(request=None, body=None) -> ServedModel:
+        return pick("embedder", request, body)
 
     async def run_batched(call, inputs: list, bad_input: tuple, **kw):
         """``await call(inputs, return_info=True, **kw)`` on the batcher, its refusals mapped to HTTP ones."""
@@ -297,12 +354,14 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
         except BatcherClosedError:
             raise ApiError(503, "the server is shutting down", code="shutting_down", type_="server_error") from None
 
-    async def run_encode(texts: list[str], **kw):
+    async def run_encode(texts: list[str], *, served: ServedModel | None = None, **kw):
         # texts were validated already; InvalidTextError is kept so that no text can ever reach a 500
-        return await run_batched(batcher.encode_async, texts, (InvalidTextError,), **kw)
+        b = batcher if served is None else served.batcher
+        return await run_batched(b.encode_async, texts, (InvalidTextError,), **kw)
 
-    async def run_encode_ids(ids: list, **kw):
-        return await run_batched(batcher.encode_ids_async, ids, (TypeError, ValueError), **kw)
+    async def run_encode_ids(ids: list, *, served: ServedModel | None = None, **kw):
+        b = batcher if served is None else served.batcher
+        return await run_batched(b.encode_ids_async, ids, (TypeError, ValueError), **kw)
 
     def count(info) -> int:
         tokens = int(info.token_counts.sum())
@@ -332,6 +391,7 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
             "limits": {"max_request_bytes": max_request_bytes, "max_inputs": max_inputs},
             "auth": api_key is not None,
             "corpus": None if search_corpus is None else search_corpus.info(),
+            "models": [e.describe() for e in registry],
             "version": __version__, "build": build_info()}
 
     ctx = SimpleNamespace(
@@ -339,6 +399,7 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
         batchers=batchers,
         name=name, dim=dim, max_inputs=max_inputs, strict=strict_requests, search_corpus=search_corpus,
         prompts=dict(embedder.config.prompts) if embedder is not None else {}, metrics=metrics, state=state,
+        registry=registry, pick=pick, pick_any=pick_any,
         need_embedder=need_embedder, run_encode=run_encode, run_encode_ids=run_encode_ids, count=count,
         read_json=read_json, token_ids=token_ids, token_decoder=token_decoder,
         info_payload=info_payload, version=__version__)
@@ -356,11 +417,10 @@ def create_app(embedder, *, batcher=None, max_batch_tokens: int = 16384, max_wai
     add_openai_routes(route, ctx)
     add_tei_routes(route, ctx)
     add_cohere_routes(route, ctx)
-    add_rerank_routes(route, reranker=reranker, batcher=rerank_batcher, error=ApiError, read_json=read_json,
-                      dumps=_dumps, count=count, name=reranker.name if embedder is not None and reranker else name,
-                      max_inputs=max_inputs, strict=strict_requests)
+    add_rerank_routes(route, pick=lambda request, body: pick("cross-encoder", request, body), error=ApiError,
+                      read_json=read_json, dumps=_dumps, count=count, max_inputs=max_inputs, strict=strict_requests)
     from embfast.server.sparse import add_sparse_routes
 
-    add_sparse_routes(route, sparse=sparse, batcher=sparse_batcher, error=ApiError, read_json=read_json,
-                      dumps=_dumps, count=count, max_inputs=max_inputs, strict=strict_requests)
+    add_sparse_routes(route, pick=lambda request, body: pick("sparse-encoder", request, body), error=ApiError,
+                      read_json=read_json, dumps=_dumps, count=count, max_inputs=max_inputs, strict=strict_requests)
     return app

@@ -31,8 +31,14 @@ def register_cli(subparsers) -> None:
                                           "EMBFAST_MAX_WAIT_MS).")
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=_env("PORT", 8080), help="port (default 8080)")
-    p.add_argument("--model", default=_env("MODEL"), help="model folder (default: bundled all-MiniLM-L6-v2); "
-                   "a cross-encoder folder serves only the reranking routes")
+    p.add_argument("--model", action="append", default=None,
+                   help="a model to serve: a folder, an embfast export or a Hugging Face Hub id (org/name); repeat it "
+                        "to serve several in one process (embedders, cross-encoders and sparse encoders, the kind read "
+                        "from each folder; requests choose by their 'model' field or ?model=). Default: the bundled "
+                        "all-MiniLM-L6-v2 (EMBFAST_MODEL: one, or several separated by commas)")
+    p.add_argument("--served-model-name", action="append", default=None, metavar="NAME[,ALIAS...]",
+                   help="the name(s) the i-th --model answers to, comma-separated (the first is what answers carry); "
+                        "default: the model's own name (EMBFAST_SERVED_MODEL_NAME: for the first model)")
     p.add_argument("--reranker", default=_env("RERANKER"),
                    help="a cross-encoder folder for /rerank, /predict and /v1/rerank, next to --model")
     p.add_argument("--sparse", default=_env("SPARSE"), help="a sparse encoder (SPLADE) folder for /embed_sparse")
@@ -74,6 +80,25 @@ def register_cli(subparsers) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _rss_bytes() -> int | None:
+    """This process's resident memory (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def measured_load(load, spec, **kwargs):
+    """``load(spec, **kwargs)`` with ``load_rss_bytes`` set on the model: the process RSS growth while it loaded
+    (its ONNX Runtime session and weights; an export run on the way counts too), what /v1/models reports."""
+    before = _rss_bytes()
+    model = load(spec, **kwargs)
+    after = _rss_bytes()
+    model.load_rss_bytes = None if before is None or after is None else max(after - before, 0)
+    return model
+
+
 def cmd_serve(args) -> int:
     """Load the model, build the app, run uvicorn until SIGINT/SIGTERM (in-flight requests finish)."""
     # A server tokenizes many small inputs at once: the tokenizers' own thread pool and ORT's spinning
@@ -91,17 +116,26 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
     t0 = time.perf_counter()
     model_args = {"device": args.device, "precision": args.precision, "threads": args.threads}
-    embedder = load_served_model(args.model, **model_args)
-    reranker = CrossEncoder(args.reranker, **model_args) if args.reranker else None
-    sparse = SparseEncoder(args.sparse, **model_args) if args.sparse else None
-    app = create_app(embedder, reranker=reranker, sparse=sparse, max_batch_tokens=args.max_batch_tokens,
+    specs = args.model if args.model else [m.strip() for m in (_env("MODEL") or "").split(",") if m.strip()] or [None]
+    names = list(args.served_model_name or ([_env("SERVED_MODEL_NAME")] if _env("SERVED_MODEL_NAME") else []))
+    if len(names) > len(specs):
+        raise ValueError(f"{len(names)} --served-model-name for {len(specs)} --model: give at most one per model")
+    names += [None] * (len(specs) - len(names))
+    loaded = [(measured_load(load_served_model, spec, **model_args), n) for spec, n in zip(specs, names, strict=True)]
+    if args.reranker:
+        loaded.append((measured_load(CrossEncoder, args.reranker, **model_args), None))
+    if args.sparse:
+        loaded.append((measured_load(SparseEncoder, args.sparse, **model_args), None))
+    embedder = loaded[0][0]
+    app = create_app(models=loaded, max_batch_tokens=args.max_batch_tokens,
                      max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, dynamic_batching=args.dynamic_batching,
                      max_request_bytes=args.max_request_bytes, api_key=args.api_key or None,
                      corpus=args.corpus, corpus_texts=args.corpus_texts, max_inputs=args.max_client_batch_size,
                      strict_requests=args.strict_requests, token_ids=args.token_ids)
     route = "/rerank" if isinstance(embedder, CrossEncoder) else "/v1/embeddings"
-    print(f"embfast serve: {embedder}{f' + {reranker}' if reranker else ''} ready in "
-          f"{time.perf_counter() - t0:.1f} s; http://{args.host}:{args.port}{route}", flush=True)
+    served = " + ".join(f"{e.model!r} as {', '.join(map(repr, e.names))}" for e in app.state.registry)
+    print(f"embfast serve: {served} ready in {time.perf_counter() - t0:.1f} s; "
+          f"http://{args.host}:{args.port}{route}", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"embfast serve: warning: listening on {args.host} without --api-key", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,

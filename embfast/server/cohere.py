@@ -38,12 +38,12 @@ def add_cohere_routes(route, ctx) -> None:
     from fastapi import Request
     from fastapi.responses import Response
 
-    async def embed(body, version: str):
+    async def embed(request, body, version: str):
         path = f"/{version}/embed"
         if not isinstance(body, dict):
             raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}", code="invalid_json")
         _check_fields(body, _FIELDS, ctx.strict, path)
-        ctx.need_embedder()
+        m = ctx.need_embedder(request, body)
         for field in ("images", "inputs"):
             if body.get(field):
                 raise ApiError(422, f"{field} is not supported: this server embeds text; send \"texts\"",
@@ -54,7 +54,7 @@ def add_cohere_routes(route, ctx) -> None:
         if isinstance(input_type, str) and input_type.lower() == "image":
             raise ApiError(422, "input_type 'image' is not supported: this server embeds text", code="invalid_input",
                            param="input_type")
-        prompt = resolve_prompt(ctx.prompts, input_type=input_type)
+        prompt = resolve_prompt(m.prompts, input_type=input_type)
         types = body.get("embedding_types")
         if types is not None and (not isinstance(types, list) or not types
                                   or not all(isinstance(t, str) and t in EMBEDDING_TYPES for t in types)):
@@ -65,15 +65,15 @@ def add_cohere_routes(route, ctx) -> None:
             raise ApiError(422, f"truncate must be 'NONE', 'START' or 'END', got {truncate!r}",
                            code="invalid_parameter", param="truncate")
         side = _TRUNCATE[truncate.upper()]
-        dims = _optional(body, "output_dimension", (int,), f"an integer in [1, {ctx.dim}]")
-        if dims is not None and not 1 <= dims <= ctx.dim:
-            raise ApiError(422, f"output_dimension must be an integer in [1, {ctx.dim}], got {dims}",
+        dims = _optional(body, "output_dimension", (int,), f"an integer in [1, {m.dim}]")
+        if dims is not None and not 1 <= dims <= m.dim:
+            raise ApiError(422, f"output_dimension must be an integer in [1, {m.dim}], got {dims}",
                            code="invalid_parameter", param="output_dimension")
         max_tokens = _optional(body, "max_tokens", (int,), "an integer >= 1")
         if max_tokens is not None and max_tokens < 1:
             raise ApiError(422, f"max_tokens must be an integer >= 1, got {max_tokens}", code="invalid_parameter",
                            param="max_tokens")
-        emb, info = await ctx.run_encode(texts, truncate=side is not None, truncation_side=side or "right",
+        emb, info = await ctx.run_encode(texts, served=m, truncate=side is not None, truncation_side=side or "right",
                                          truncate_dim=dims, normalize_embeddings=True if dims else None,
                                          prompt_name=prompt)
         tokens = ctx.count(info)
@@ -91,8 +91,8 @@ def add_cohere_routes(route, ctx) -> None:
 
     @route("/v2/embed", "POST")
     async def embed_v2(request: Request):
-        return await embed(await ctx.read_json(request), "v2")
+        return await embed(request, await ctx.read_json(request), "v2")
 
     @route("/v1/embed", "POST")
     async def embed_v1(request: Request):
-        return await embed(await ctx.read_json(request), "v1")
+        return await embed(request, await ctx.read_json(request), "v1")

@@ -40,18 +40,18 @@ def add_openai_routes(route, ctx) -> None:
     @route("/embeddings", "POST")
     async def embeddings(request: Request):
         body = await ctx.read_json(request)
-        ctx.need_embedder()
-        p = parse_embeddings_request(body, dim=ctx.dim, max_inputs=ctx.max_inputs, prompts=ctx.prompts,
+        m = ctx.need_embedder(request, body)
+        p = parse_embeddings_request(body, dim=m.dim, max_inputs=ctx.max_inputs, prompts=m.prompts,
                                      strict=ctx.strict, token_ids=ctx.token_ids is not None)
         dims = p["dimensions"]
         opts = {"truncate": p["truncate"], "truncate_dim": dims, "normalize_embeddings": True if dims else None}
         texts = p["texts"]
         if p["token_ids"] is not None and ctx.token_ids == "model":
-            emb, info = await ctx.run_encode_ids(p["token_ids"], **opts)
+            emb, info = await ctx.run_encode_ids(p["token_ids"], served=m, **opts)
         else:
             if p["token_ids"] is not None:  # tiktoken ids: decoded to the text they came from
                 texts = ctx.token_decoder.decode(p["token_ids"], "input")
-            emb, info = await ctx.run_encode(texts, prompt_name=p["prompt_name"],
+            emb, info = await ctx.run_encode(texts, served=m, prompt_name=p["prompt_name"],
                                              truncation_side=p["truncation_side"], **opts)
         tokens = ctx.count(info)
         if p["encoding_format"] == "base64":
@@ -59,7 +59,7 @@ def add_openai_routes(route, ctx) -> None:
         else:
             rows = list(emb) if _orjson is not None else emb.tolist()
         data = [{"object": "embedding", "index": i, "embedding": r} for i, r in enumerate(rows)]
-        out = {"object": "list", "data": data, "model": ctx.name,
+        out = {"object": "list", "data": data, "model": m.name,
                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         payload = _dumps(out) if emb.size <= 65536 else await run_in_threadpool(_dumps, out)
         return Response(payload, media_type="application/json",
@@ -68,7 +68,7 @@ def add_openai_routes(route, ctx) -> None:
     @route("/v1/search", "POST")
     async def search(request: Request):
         body = await ctx.read_json(request)
-        ctx.need_embedder()
+        m = ctx.need_embedder(request, body)
         if not isinstance(body, dict):
             raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}",
                            code="invalid_json")
@@ -78,24 +78,28 @@ def add_openai_routes(route, ctx) -> None:
             raise ApiError(422, f"top_k must be an integer in [1, 10000], got {top_k}", code="invalid_parameter",
                            param="top_k")
         if "positive" in body or "negative" in body:
-            return await recommend(body, top_k)
+            return await recommend(body, top_k, m.name)
         queries, _ = _text_input(body, "query", ctx.max_inputs)
         truncate = _optional(body, "truncate", (bool,), "true or false", True)
         _optional(body, "model", (str,), "a string")
         if ctx.search_corpus is None:
             raise ApiError(404, "no corpus is loaded: start the server with --corpus FILE (.npy or an embfast "
                            "index)", code="no_corpus")
+        if m.model is not ctx.embedder:
+            raise ApiError(422, f"the corpus was embedded with {ctx.registry.default('embedder').name!r}, the first "
+                           f"embedder; model {m.name!r} "
+                           "cannot search it", code="invalid_parameter", param="model")
         cdim = ctx.search_corpus.dim
         q, info = await ctx.run_encode(queries, truncate=truncate, normalize_embeddings=True,
                                    truncate_dim=cdim if cdim < ctx.dim else None)
         hits = await run_in_threadpool(ctx.search_corpus.search, q, top_k)
         tokens = ctx.count(info)
         data = [{"object": "search_result", "index": i, "hits": row} for i, row in enumerate(hits)]
-        return Response(_dumps({"object": "list", "data": data, "model": ctx.name,
+        return Response(_dumps({"object": "list", "data": data, "model": m.name,
                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}),
                         media_type="application/json")
 
-    async def recommend(body: dict, top_k: int):
+    async def recommend(body: dict, top_k: int, model_name: str):
         """/v1/search by example: {"positive": [ids], "negative": [ids], "top_k"} (no "query")."""
         if "query" in body:
             raise ApiError(422, "give either query or positive/negative ids, not both", code="invalid_input",
@@ -111,13 +115,19 @@ def add_openai_routes(route, ctx) -> None:
         except KeyError as exc:
             field = "negative" if str(exc.args[0]).startswith("negative") else "positive"
             raise ApiError(422, str(exc.args[0]), code="unknown_id", param=field) from None
-        return Response(_dumps({"object": "list", "model": ctx.name, "usage": {"prompt_tokens": 0, "total_tokens": 0},
+        return Response(_dumps({"object": "list", "model": model_name, "usage": {"prompt_tokens": 0, "total_tokens": 0},
                                 "data": [{"object": "search_result", "index": 0, "hits": hits}]}),
                         media_type="application/json")
 
     @route("/v1/models", "GET")
     async def models(request: Request):
-        return Response(_dumps({"object": "list", "data": [{"id": ctx.name, "object": "model", "created": 0,
-                                                            "owned_by": "embfast"}]}),
-                        media_type="application/json")
+        """Every served name (aliases too, each as its own id, as vLLM lists them; ``root`` is the model's first
+        name), with its kind, dimension, max length, precision, threads and memory."""
+        data = []
+        for e in ctx.registry:
+            d = e.describe()
+            for n in e.names:
+                data.append({"id": n, "object": "model", "created": 0, "owned_by": "embfast", "root": e.name,
+                             **{k: v for k, v in d.items() if k not in ("id", "aliases")}})
+        return Response(_dumps({"object": "list", "data": data}), media_type="application/json")
 

@@ -148,18 +148,20 @@ class _Parser:
         return items, False
 
 
-def add_rerank_routes(route: Callable, *, reranker, batcher, error: type, read_json: Callable, dumps: Callable,
-                      count: Callable, name: str, max_inputs: int, strict: bool = True) -> None:
+def add_rerank_routes(route: Callable, *, pick: Callable, error: type, read_json: Callable, dumps: Callable,
+                      count: Callable, max_inputs: int, strict: bool = True) -> None:
     """Register ``/rerank``, ``/predict``, ``/v1/rerank`` and ``/v2/rerank`` with ``route(path, method)``.
 
     Args:
         route: the app's decorator factory (``route(path, "POST")(fn)``).
-        reranker: the :class:`~embfast.CrossEncoder`, or None (every route answers 424).
-        batcher: the reranker's :class:`~embfast.DynamicBatcher` (None without a reranker).
+        pick: ``pick(request, body)`` -> the served cross-encoder for this request
+            (:class:`embfast.server.registry.ServedModel`: ``.model`` the :class:`~embfast.CrossEncoder`,
+            ``.batcher`` its :class:`~embfast.DynamicBatcher`, ``.name`` what answers carry); it raises the
+            server's 424 when no cross-encoder is served, 404 for a model name nobody serves.
         error: the server's ApiError class ``(status, message, *, code, param, type_, headers)``.
         read_json: ``await read_json(request)`` -> the decoded body (400 / 413 raised there).
         dumps: JSON encoder to bytes. count: ``count(info) -> tokens`` (updates the server's metrics).
-        name: the model name answers carry. max_inputs: most texts per request.
+        max_inputs: most texts per request.
         strict: refuse unknown fields (422); False ignores them (logged once per name).
     """
     from fastapi import Request
@@ -170,18 +172,17 @@ def add_rerank_routes(route: Callable, *, reranker, batcher, error: type, read_j
 
     parse = _Parser(error, max_inputs, strict)
 
-    def require(ranking: bool) -> None:
-        if reranker is None:
-            raise error(424, "this server has no reranker: start it with a cross-encoder (--model CROSS_ENCODER_DIR "
-                        "or --reranker CROSS_ENCODER_DIR)", code="model_not_reranker")
-        if ranking and reranker.num_labels != 1:
-            raise error(424, f"the served cross-encoder has {reranker.num_labels} labels, not one score per pair: "
-                        "it is a classifier, not a reranker; use /predict", code="model_not_reranker")
+    def require(request, body, ranking: bool):
+        served = pick(request, body)
+        if ranking and served.model.num_labels != 1:
+            raise error(424, f"the served cross-encoder {served.name!r} has {served.model.num_labels} labels, not one "
+                        "score per pair: it is a classifier, not a reranker; use /predict", code="model_not_reranker")
+        return served
 
-    async def score(items: list, truncate: bool, *, raw: bool, softmax: bool = False):
+    async def score(served, items: list, truncate: bool, *, raw: bool, softmax: bool = False):
         """(n, num_labels) scores and the call's info; batcher errors mapped to HTTP ones."""
         try:
-            logits, info = await batcher.predict_async(items, activation_fn="identity", truncate=truncate,
+            logits, info = await served.batcher.predict_async(items, activation_fn="identity", truncate=truncate,
                                                        return_info=True)
         except OverloadedError as exc:
             raise error(429, str(exc), code="overloaded", type_="rate_limit_error",
@@ -193,7 +194,7 @@ def add_rerank_routes(route: Callable, *, reranker, batcher, error: type, read_j
         except (TypeError, ValueError) as exc:  # what the fields' checks let through (none expected)
             raise error(422, str(exc), code="invalid_input") from None
         logits = np.asarray(logits, dtype=np.float32).reshape(len(items), -1)
-        scores = logits if raw else reranker.postprocess(logits, apply_softmax=softmax)
+        scores = logits if raw else served.model.postprocess(logits, apply_softmax=softmax)
         return scores, info
 
     def json_response(obj, tokens: int | None = None, truncated: int | None = None):
@@ -203,7 +204,7 @@ def add_rerank_routes(route: Callable, *, reranker, batcher, error: type, read_j
     @route("/rerank", "POST")
     async def tei_rerank(request: Request):
         body = parse.body(await read_json(request), _TEI_RERANK_FIELDS, "/rerank")
-        require(ranking=True)
+        served = require(request, body, ranking=True)
         query = parse.required_text(body, "query")
         texts = parse.texts(body, "texts")
         raw = parse.option(body, "raw_scores", (bool,), "true or false", False)
@@ -211,7 +212,7 @@ def add_rerank_routes(route: Callable, *, reranker, batcher, error: type, read_j
         truncate = parse.option(body, "truncate", (bool,), "true or false", True)
         parse.truncation_direction(body)
         parse.option(body, "model", (str,), "a string")
-        scores, info = await score([(query, t) for t in texts], truncate, raw=raw)
+        scores, info = await score(served, [(query, t) for t in texts], truncate, raw=raw)
         count(info)
         from embfast.cross_encoder import rank_results
 
@@ -223,13 +224,14 @@ def add_rerank_routes(route: Callable, *, reranker, batcher, error: type, read_j
     @route("/predict", "POST")
     async def tei_predict(request: Request):
         body = parse.body(await read_json(request), _TEI_PREDICT_FIELDS, "/predict")
-        require(ranking=False)
+        served = require(request, body, ranking=False)
+        reranker = served.model
         items, single = parse.predict_inputs(body)
         raw = parse.option(body, "raw_scores", (bool,), "true or false", False)
         truncate = parse.option(body, "truncate", (bool,), "true or false", True)
         parse.truncation_direction(body)
         parse.option(body, "model", (str,), "a string")
-        scores, info = await score(items, truncate, raw=raw, softmax=reranker.num_labels > 1)
+        scores, info = await score(served, items, truncate, raw=raw, softmax=reranker.num_labels > 1)
         count(info)
         labels = reranker.config.labels or [f"LABEL_{i}" for i in range(reranker.num_labels)]
         rows = [sorted(({"label": lab, "score": float(s)} for lab, s in zip(labels, row, strict=True)),
@@ -238,7 +240,7 @@ def add_rerank_routes(route: Callable, *, reranker, batcher, error: type, read_j
 
     async def cohere_rerank(request: Request, version: str):
         body = parse.body(await read_json(request), _COHERE_FIELDS, "/v1/rerank")
-        require(ranking=True)
+        served = require(request, body, ranking=True)
         query = parse.required_text(body, "query")
         documents = parse.texts(body, "documents", documents=True)
         top_n = parse.option(body, "top_n", (int,), "an integer >= 1")
@@ -253,14 +255,14 @@ def add_rerank_routes(route: Callable, *, reranker, batcher, error: type, read_j
             parse.option(body, field, (int,), "an integer")
         parse.option(body, "model", (str,), "a string")
         truncate = parse.option(body, "truncate", (bool,), "true or false", True)
-        scores, info = await score([(query, d) for d in documents], truncate, raw=False)
+        scores, info = await score(served, [(query, d) for d in documents], truncate, raw=False)
         tokens = count(info)
         from embfast.cross_encoder import rank_results
 
         hits = rank_results(scores[:, 0], documents if return_documents else None, top_n)
         results = [{"index": h["corpus_id"], "relevance_score": h["score"],
                     **({"document": {"text": h["text"]}} if return_documents else {})} for h in hits]
-        return json_response({"id": str(uuid.uuid4()), "model": name, "results": results,
+        return json_response({"id": str(uuid.uuid4()), "model": served.name, "results": results,
                               "meta": {"api_version": {"version": version}, "billed_units": {"search_units": 1}},
                               "usage": {"total_tokens": tokens}}, truncated=int(info.truncated.sum()))
 

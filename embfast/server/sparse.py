@@ -35,14 +35,16 @@ def sparse_rows(csr) -> list[list[dict]]:
     return out
 
 
-def add_sparse_routes(route: Callable, *, sparse, batcher, error: type, read_json: Callable, dumps: Callable,
+def add_sparse_routes(route: Callable, *, pick: Callable, error: type, read_json: Callable, dumps: Callable,
                       count: Callable, max_inputs: int, strict: bool = True) -> None:
     """Register ``/embed_sparse`` with ``route(path, method)``.
 
     Args:
         route: the app's decorator factory (``route(path, "POST")(fn)``).
-        sparse: the :class:`~embfast.SparseEncoder`, or None (the route answers 424).
-        batcher: its :class:`~embfast.DynamicBatcher` (None without a sparse model).
+        pick: ``pick(request, body)`` -> the served sparse encoder for this request
+            (:class:`embfast.server.registry.ServedModel`: ``.model`` the :class:`~embfast.SparseEncoder`,
+            ``.batcher`` its :class:`~embfast.DynamicBatcher`); it raises the server's 424 when none is served,
+            404 for a model name nobody serves.
         error: the server's ApiError class ``(status, message, *, code, param, type_, headers)``.
         read_json: ``await read_json(request)`` -> the decoded body. dumps: JSON encoder to bytes.
         count: ``count(info) -> tokens`` (the server's metrics). max_inputs: most texts per request.
@@ -59,9 +61,8 @@ def add_sparse_routes(route: Callable, *, sparse, batcher, error: type, read_jso
     @route("/embed_sparse", "POST")
     async def embed_sparse(request: Request):
         body = parse.body(await read_json(request), _FIELDS, "/embed_sparse")
-        if sparse is None:
-            raise error(424, "this server has no sparse (SPLADE) model: start it with --sparse SPARSE_ENCODER_DIR "
-                        "or a sparse encoder as --model", code="model_not_sparse")
+        served = pick(request, body)
+        sparse, batcher = served.model, served.batcher
         value = body.get("inputs")
         if isinstance(value, str):
             texts = [parse.text(value, "inputs")]

@@ -23,6 +23,7 @@ Routes (POST unless said; errors are TEI's ``{"error", "error_type"}``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -77,9 +78,9 @@ def add_tei_routes(route, ctx) -> None:
         headers = {} if truncated is None else {"x-embfast-truncated-inputs": str(truncated)}
         return Response(_dumps(obj), status_code=status, media_type="application/json", headers=headers)
 
-    async def embed_body(body: dict, route_name: str):
+    async def embed_body(request, body: dict, route_name: str):
         _body(body, _EMBED_FIELDS, ctx, route_name)
-        ctx.need_embedder()
+        m = ctx.need_embedder(request, body)
         ids = token_id_input(body.get("inputs")) if ctx.token_ids is not None else None
         if ids is not None and len(ids) > ctx.max_inputs:
             raise ApiError(422, f"inputs must hold at most {ctx.max_inputs} inputs, got {len(ids)}",
@@ -87,28 +88,28 @@ def add_tei_routes(route, ctx) -> None:
         texts = _inputs(body, ctx.max_inputs)[0] if ids is None else None
         normalize = _optional(body, "normalize", (bool,), "true or false", True)
         truncate = _optional(body, "truncate", (bool,), "true or false", True)
-        dims = _optional(body, "dimensions", (int,), f"an integer in [1, {ctx.dim}]")
-        if dims is not None and not 1 <= dims <= ctx.dim:
-            raise ApiError(422, f"dimensions must be an integer in [1, {ctx.dim}], got {dims}",
+        dims = _optional(body, "dimensions", (int,), f"an integer in [1, {m.dim}]")
+        if dims is not None and not 1 <= dims <= m.dim:
+            raise ApiError(422, f"dimensions must be an integer in [1, {m.dim}], got {dims}",
                            code="invalid_parameter", param="dimensions")
-        prompt = resolve_prompt(ctx.prompts, prompt_name=body.get("prompt_name"))
+        prompt = resolve_prompt(m.prompts, prompt_name=body.get("prompt_name"))
         side = truncation_side(body.get("truncation_direction"))
         opts = {"truncate": truncate, "truncate_dim": dims, "normalize_embeddings": normalize}
         if ids is not None and ctx.token_ids == "model":
-            emb, info = await ctx.run_encode_ids(ids, **opts)
+            emb, info = await ctx.run_encode_ids(ids, served=m, **opts)
         else:
             if ids is not None:
                 texts = ctx.token_decoder.decode(ids, "inputs")
-            emb, info = await ctx.run_encode(texts, prompt_name=prompt, truncation_side=side, **opts)
+            emb, info = await ctx.run_encode(texts, served=m, prompt_name=prompt, truncation_side=side, **opts)
         ctx.count(info)
         rows = list(emb) if _orjson is not None else emb.tolist()
         payload = _dumps(rows) if emb.size <= 65536 else await run_in_threadpool(_dumps, rows)
         return Response(payload, media_type="application/json",
                         headers={"x-embfast-truncated-inputs": str(int(info.truncated.sum()))})
 
-    async def similarity_body(body: dict, route_name: str):
+    async def similarity_body(request, body: dict, route_name: str):
         _body(body, _SIMILARITY_FIELDS, ctx, route_name)
-        ctx.need_embedder()
+        m = ctx.need_embedder(request, body)
         inputs = body.get("inputs")
         if not isinstance(inputs, dict):
             raise ApiError(422, f"inputs must be an object {{\"source_sentence\": str, \"sentences\": [str]}}, got "
@@ -125,9 +126,9 @@ def add_tei_routes(route, ctx) -> None:
                            param="parameters")
         _check_fields(params, _SIMILARITY_PARAMETERS, ctx.strict, route_name)
         truncate = _optional(params, "truncate", (bool,), "true or false", True)
-        prompt = resolve_prompt(ctx.prompts, prompt_name=params.get("prompt_name"))
+        prompt = resolve_prompt(m.prompts, prompt_name=params.get("prompt_name"))
         side = truncation_side(params.get("truncation_direction"), "parameters.truncation_direction")
-        emb, info = await ctx.run_encode(source + sentences, truncate=truncate, normalize_embeddings=True,
+        emb, info = await ctx.run_encode(source + sentences, served=m, truncate=truncate, normalize_embeddings=True,
                                          prompt_name=prompt, truncation_side=side)
         ctx.count(info)
         scores = (emb[1:].astype(np.float64) @ emb[0].astype(np.float64)).astype(np.float32)
@@ -135,7 +136,7 @@ def add_tei_routes(route, ctx) -> None:
 
     @route("/embed", "POST")
     async def embed(request: Request):
-        return await embed_body(await ctx.read_json(request), "/embed")
+        return await embed_body(request, await ctx.read_json(request), "/embed")
 
     @route("/", "POST")
     @route("/invocations", "POST")
@@ -143,25 +144,26 @@ def add_tei_routes(route, ctx) -> None:
         body = await ctx.read_json(request)
         path = request.url.path
         if isinstance(body, dict) and isinstance(body.get("inputs"), dict):  # huggingface_hub's sentence_similarity
-            return await similarity_body(body, path)
-        return await embed_body(body, path)
+            return await similarity_body(request, body, path)
+        return await embed_body(request, body, path)
 
     @route("/similarity", "POST")
     async def similarity(request: Request):
-        return await similarity_body(await ctx.read_json(request), "/similarity")
+        return await similarity_body(request, await ctx.read_json(request), "/similarity")
 
     @route("/embed_all", "POST")
     async def embed_all(request: Request):
         body = _body(await ctx.read_json(request), _EMBED_FIELDS, ctx, "/embed_all")
-        ctx.need_embedder()
+        m = ctx.need_embedder(request, body)
         texts, _ = _inputs(body, ctx.max_inputs)
         truncate = _optional(body, "truncate", (bool,), "true or false", True)
-        prompt = resolve_prompt(ctx.prompts, prompt_name=body.get("prompt_name"))
+        prompt = resolve_prompt(m.prompts, prompt_name=body.get("prompt_name"))
         side = truncation_side(body.get("truncation_direction"))
 
-        def run():  # token vectors are not pooled, so they do not go through the batcher
-            return ctx.embedder.encode(texts, output_value="token_embeddings", truncate=truncate, prompt_name=prompt,
-                                       truncation_side=side, return_info=True)
+        def run():  # token vectors are not pooled, so they do not go through the batcher (but take its run lock)
+            with m.batcher.run_lock or contextlib.nullcontext():
+                return m.model.encode(texts, output_value="token_embeddings", truncate=truncate, prompt_name=prompt,
+                                      truncation_side=side, return_info=True)
 
         try:
             tokens, info = await run_in_threadpool(run)
@@ -173,11 +175,13 @@ def add_tei_routes(route, ctx) -> None:
     @route("/tokenize", "POST")
     async def tokenize(request: Request):
         body = _body(await ctx.read_json(request), _TOKENIZE_FIELDS, ctx, "/tokenize")
-        model = next(m for m in (ctx.embedder, ctx.reranker, ctx.sparse) if m is not None)
+        served = ctx.pick_any(request, body)
+        model = served.model
         texts, _ = _inputs(body, ctx.max_inputs)
         special = _optional(body, "add_special_tokens", (bool,), "true or false", True)
-        prompt_name = resolve_prompt(ctx.prompts, prompt_name=body.get("prompt_name"))
-        prefix = ctx.prompts.get(prompt_name, "") if prompt_name else ""
+        prompts = served.prompts if served.kind == "embedder" else {}
+        prompt_name = resolve_prompt(prompts, prompt_name=body.get("prompt_name"))
+        prefix = prompts.get(prompt_name, "") if prompt_name else ""
         texts = [prefix + t for t in texts]
         tok = model.tokenizer
         encodings = tok.tokenizer.encode_batch(texts, add_special_tokens=special)
@@ -194,7 +198,7 @@ def add_tei_routes(route, ctx) -> None:
     @route("/decode", "POST")
     async def decode(request: Request):
         body = _body(await ctx.read_json(request), _DECODE_FIELDS, ctx, "/decode")
-        model = next(m for m in (ctx.embedder, ctx.reranker, ctx.sparse) if m is not None)
+        model = ctx.pick_any(request, body).model
         ids = body.get("ids")
         vocab = model.tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
         batch = ids if isinstance(ids, list) and ids and isinstance(ids[0], list) else [ids]
@@ -217,21 +221,26 @@ def add_tei_routes(route, ctx) -> None:
     @route("/info", "GET")
     async def info(request: Request):
         ours = ctx.info_payload()
-        m = next(m for m in (ctx.embedder, ctx.reranker, ctx.sparse) if m is not None)
-        if ctx.embedder is not None:
-            model_type = {"embedding": {"pooling": ctx.embedder.config.pooling}}
-        elif ctx.reranker is None:
+        # TEI's keys describe one model: the one ?model= names, else the first embedder (else the first model)
+        if request.query_params.get("model") is not None:
+            served = ctx.pick_any(request)
+        else:
+            served = ctx.registry.default("embedder") or ctx.registry.entries[0]
+        m = served.model
+        if served.kind == "embedder":
+            model_type = {"embedding": {"pooling": m.config.pooling}}
+        elif served.kind == "sparse-encoder":
             model_type = {"embedding": {"pooling": "splade"}}  # TEI's name for a SPLADE model
         else:
-            labels = {str(i): n for i, n in enumerate(ctx.reranker.config.labels)}
-            model_type = {"reranker" if ctx.reranker.num_labels == 1 else "classifier": {"id2label": labels}}
-        b = ctx.batchers[0]
-        tei = {"model_id": ctx.name, "model_sha": None, "model_dtype": _DTYPES.get(m.precision, m.precision),
+            labels = {str(i): n for i, n in enumerate(m.config.labels)}
+            model_type = {"reranker" if m.num_labels == 1 else "classifier": {"id2label": labels}}
+        b = served.batcher
+        tei = {"model_id": served.name, "model_sha": None, "model_dtype": _DTYPES.get(m.precision, m.precision),
                "model_type": model_type, "max_concurrent_requests": b.max_queue,
                "max_input_length": m.config.max_seq_length, "max_batch_tokens": b.max_batch_tokens,
                "max_batch_requests": b.max_batch_size, "max_client_batch_size": ctx.max_inputs,
                "auto_truncate": True, "tokenization_workers": b.tokenizer_threads, "version": ctx.version,
-               "sha": None, "docker_label": None, "prompts": ctx.prompts or None}
+               "sha": None, "docker_label": None, "prompts": served.prompts or None}
         return json_response({**tei, **ours})
 
     def healthy() -> bool:
