@@ -128,22 +128,17 @@ def embed_dataset(ds, model=None, *, concurrency: int = 1, num_cpus: float = 1, 
 
 
 def _replica_app(models: list, model_args: dict, app_kwargs: dict):
-    """The FastAPI app one Ray Serve replica serves (runs inside the replica)."""
+    """The ASGI app one Ray Serve replica serves (runs inside the replica): every model, as ``embfast serve``
+    with several ``--model`` does."""
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as `embfast serve`: no pools fighting the worker
     os.environ.setdefault("EMBFAST_ORT_SPIN", "0")
-    from embfast.cross_encoder import CrossEncoder
     from embfast.server import create_app
-    from embfast.server_rerank import load_served_model
+    from embfast.server.rerank import load_served_model
 
     loaded = [load_served_model(m, **model_args) for m in models]
-    embedders = [m for m in loaded if not isinstance(m, CrossEncoder)]
-    rerankers = [m for m in loaded if isinstance(m, CrossEncoder)]
-    if len(embedders) > 1 or len(rerankers) > 1:
-        raise ValueError(f"one app serves one embedding model and one cross-encoder, got {len(embedders)} and "
-                         f"{len(rerankers)}: {models}")
-    app = create_app(embedders[0] if embedders else None, reranker=rerankers[0] if rerankers else None, **app_kwargs)
+    app = create_app(models=loaded, **app_kwargs)
     return _with_header(app, b"x-embfast-replica", f"{os.uname().nodename}:{os.getpid()}".encode())
 
 
@@ -164,9 +159,96 @@ def _with_header(app, name: bytes, value: bytes):
     return asgi
 
 
+class _AsgiHost:
+    """Runs an ASGI app inside a replica without a server: its lifespan (startup on first use, shutdown on
+    :meth:`close`) and one buffered HTTP exchange per :meth:`request` call."""
+
+    def __init__(self, app):
+        import asyncio
+
+        self.app = app
+        self._started: asyncio.Event | None = None
+        self._lock = asyncio.Lock()
+        self._lifespan_in = None
+        self._lifespan_task = None
+        self._failed: str | None = None
+
+    async def _start(self) -> None:
+        import asyncio
+
+        async with self._lock:
+            if self._started is not None:
+                return
+            self._started = asyncio.Event()
+            self._lifespan_in = asyncio.Queue()
+            done = asyncio.Event()
+
+            async def receive():
+                return await self._lifespan_in.get()
+
+            async def send(message):
+                if message["type"] == "lifespan.startup.failed":
+                    self._failed = message.get("message", "startup failed")
+                if message["type"] in ("lifespan.startup.complete", "lifespan.startup.failed"):
+                    self._started.set()
+                if message["type"].startswith("lifespan.shutdown."):
+                    done.set()
+
+            self._shutdown_done = done
+            self._lifespan_task = asyncio.ensure_future(self.app({"type": "lifespan", "asgi": {"version": "3.0"}},
+                                                                 receive, send))
+            await self._lifespan_in.put({"type": "lifespan.startup"})
+            await self._started.wait()
+        if self._failed:
+            raise RuntimeError(f"the embfast app failed to start: {self._failed}")
+
+    async def request(self, method: str, path: str, query_string: bytes, headers: list, body: bytes):
+        """One HTTP request through the app: ``(status, headers, body)``."""
+        import asyncio
+
+        if self._started is None or not self._started.is_set():
+            await self._start()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+                 "query_string": query_string, "headers": [(bytes(k), bytes(v)) for k, v in headers],
+                 "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
+        sent = False
+        disconnected = asyncio.Event()
+
+        async def receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        status, out_headers, chunks = 500, [], []
+
+        async def send(message):
+            nonlocal status, out_headers
+            if message["type"] == "http.response.start":
+                status, out_headers = message["status"], list(message.get("headers", []))
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            disconnected.set()
+        return status, out_headers, b"".join(chunks)
+
+    async def close(self) -> None:
+        if self._lifespan_task is None:
+            return
+        await self._lifespan_in.put({"type": "lifespan.shutdown"})
+        await self._shutdown_done.wait()
+        await self._lifespan_task
+
+
 def serve_app(models=None, *, num_replicas: int = 1, ray_actor_options: dict | None = None, name: str = "embfast",
               device: str = "cpu", precision: str = "auto", threads: int | None = None,
-              max_ongoing_requests: int = 256, **app_kwargs):
+              max_ongoing_requests: int = 256, retries: int = 3, router_replicas: int = 1, **app_kwargs):
     """A Ray Serve application of embfast's HTTP API (the routes of ``embfast serve``), on ``num_replicas`` replicas.
 
     >>> from ray import serve
@@ -175,20 +257,30 @@ def serve_app(models=None, *, num_replicas: int = 1, ray_actor_options: dict | N
 
     or from the command line: ``serve run embfast.integrations.ray:app`` (the bundled model; ``EMBFAST_MODEL``
     and ``EMBFAST_REPLICAS`` choose others). Each replica loads the models once (exports are cached under
-    ``$EMBFAST_HOME`` on each node, built once under a file lock) and runs its own dynamic batcher; Ray
-    Serve's proxy spreads requests over the replicas and replaces a replica that dies. Every answer carries
-    an ``x-embfast-replica: <host>:<pid>`` header naming the replica that computed it.
+    ``$EMBFAST_HOME`` on each node, built once under a file lock) and runs its own dynamic batchers; Ray
+    Serve's controller replaces a replica that dies. Every answer carries an ``x-embfast-replica: <host>:<pid>``
+    header naming the replica that computed it.
+
+    Two deployments: ``name`` (the replicas, which run the models) and ``name + "-router"`` (the ingress, a light
+    async actor taking no CPU). The router hands each HTTP request to a replica through a Serve handle and, when
+    that replica dies with the request (a crash, an OOM kill, ``ray.kill``), sends it again to another, up to
+    ``retries`` times: every route of the API is a pure function of its request (idempotent), so a client never
+    sees a replica's death. A replica stopped gracefully (scaling down, a redeploy) finishes its requests first.
 
     Args:
         models: what every replica serves, each a folder, Hub id (``org/name``), catalog name or None (the
-            bundled all-MiniLM-L6-v2), its kind read from the model: today at most one embedding model and one
-            cross-encoder. Default None: the bundled model.
+            bundled all-MiniLM-L6-v2), its kind read from the model: embedders, cross-encoders and sparse
+            encoders, any number (requests choose by name, see :mod:`embfast.server.registry`). Default None: the
+            bundled model.
         num_replicas: replicas (>= 1, default 1).
         ray_actor_options: Ray resources per replica (default ``{"num_cpus": 1}``).
         name: the deployment's name (default ``"embfast"``).
         device, precision: as :class:`embfast.Embedder` (defaults "cpu", "auto").
         threads: ONNX Runtime threads per replica (default: the replica's ``num_cpus``, at least 1).
         max_ongoing_requests: requests one replica accepts at once (Ray Serve queues the rest; default 256).
+        retries: times the router resends a request whose replica died (default 3; 0 = never); after that
+            the client gets a 503 with ``retry-after``.
+        router_replicas: router replicas (default 1; each is one async actor with ``num_cpus=0``).
         **app_kwargs: :func:`embfast.server.create_app` options (``max_batch_tokens``, ``max_wait_ms``,
             ``api_key``, ``max_inputs``, ...).
 
@@ -196,14 +288,17 @@ def serve_app(models=None, *, num_replicas: int = 1, ray_actor_options: dict | N
         A ``ray.serve.Application`` for ``serve.run``.
 
     Raises:
-        ValueError: ``num_replicas`` < 1. ImportError: no ``ray[serve]``.
+        ValueError: ``num_replicas`` < 1, ``retries`` < 0 or ``router_replicas`` < 1. ImportError: no
+        ``ray[serve]``.
     """
     try:
         from ray import serve
     except ImportError as exc:
         raise ImportError(f"serve_app needs Ray Serve: pip install 'ray[serve]' ({exc})") from exc
-    if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
-        raise ValueError(f"num_replicas must be an int >= 1, got {num_replicas!r}")
+    for arg, value, low in (("num_replicas", num_replicas, 1), ("retries", retries, 0),
+                            ("router_replicas", router_replicas, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
     actor_options = dict(ray_actor_options or {"num_cpus": 1})
     if threads is None:
         threads = max(1, int(actor_options.get("num_cpus") or 1))
@@ -211,15 +306,56 @@ def serve_app(models=None, *, num_replicas: int = 1, ray_actor_options: dict | N
                                             ([models] if isinstance(models, str) else models)]
     model_args = {"device": device, "precision": precision, "threads": threads}
 
-    def build():  # evaluated in each replica, when it starts
-        return _replica_app(models, model_args, app_kwargs)
-
     class EmbfastReplica:
-        """One replica: the app that :func:`build` returns (Ray Serve runs its startup and shutdown)."""
+        """One replica: the embfast app, run in-process (:class:`_AsgiHost`), one HTTP exchange per call."""
 
-    deployment = serve.deployment(serve.ingress(build)(EmbfastReplica), name=name, num_replicas=num_replicas,
-                                  ray_actor_options=actor_options, max_ongoing_requests=max_ongoing_requests)
-    return deployment.bind()
+        def __init__(self):
+            self.host = _AsgiHost(_replica_app(models, model_args, app_kwargs))
+
+        async def handle(self, method: str, path: str, query_string: bytes, headers: list, body: bytes):
+            return await self.host.request(method, path, query_string, headers, body)
+
+        async def __del__(self):  # Serve calls it when the replica stops, after its requests finished
+            await self.host.close()
+
+    class EmbfastRouter:
+        """The ingress: forwards each HTTP request to a replica; resends it when that replica dies with it."""
+
+        def __init__(self, replicas):
+            self.replicas = replicas
+
+        async def __call__(self, request):
+            import asyncio
+
+            from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+            from starlette.responses import Response
+
+            body = await request.body()
+            args = (request.method, request.url.path, request.scope.get("query_string", b""),
+                    list(request.scope.get("headers", [])), body)
+            last: Exception | None = None
+            for attempt in range(retries + 1):
+                try:
+                    status, headers, content = await self.replicas.handle.remote(*args)
+                except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:  # the replica died with it
+                    last = exc
+                    await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
+                    continue
+                response = Response(content, status_code=status)
+                response.raw_headers = [(bytes(k), bytes(v)) for k, v in headers]
+                if attempt:
+                    response.raw_headers.append((b"x-embfast-retries", str(attempt).encode()))
+                return response
+            return Response(f'{{"error": {{"message": "no replica could answer: {type(last).__name__}", '
+                            f'"type": "server_error", "code": "replica_unavailable", "param": null}}}}',
+                            status_code=503, media_type="application/json", headers={"retry-after": "1"})
+
+    replica = serve.deployment(EmbfastReplica, name=name, num_replicas=num_replicas,
+                               ray_actor_options=actor_options, max_ongoing_requests=max_ongoing_requests)
+    router = serve.deployment(EmbfastRouter, name=f"{name}-router", num_replicas=router_replicas,
+                              ray_actor_options={"num_cpus": 0},
+                              max_ongoing_requests=max(1000, max_ongoing_requests * num_replicas))
+    return router.bind(replica.bind())
 
 
 def _app_from_env():
