@@ -86,6 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--in-process", action="store_true",
                    help="also run the same load on a DynamicBatcher in this process (no HTTP): the HTTP layer's cost "
                         "per request is each API's p50 minus this p50")
+    p.add_argument("--profile", action="store_true",
+                   help="also say where the time goes for embfast servers: CPU seconds per request of each server "
+                        "thread group (event loop, batcher worker, ONNX Runtime's pool, tokenizer pool) and of "
+                        "the load generator, from /proc; batches, texts per batch, queue wait and planning time "
+                        "from /metrics")
     p.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--startup-timeout-s", type=float, default=300.0, help="wait this long for a server to start")
     args = p.parse_args(argv)
@@ -294,6 +299,66 @@ async def run_load(server: Server, sentences: list[str], clients: int, k: int, s
     return {"latencies": latencies, "errors": errors, "texts": texts_done, "seconds": elapsed}
 
 
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of ``pid``'s threads, by group: the main thread (the event loop), embfast's
+    named threads (batcher worker, tokenizer pool) and the rest (ONNX Runtime's intra-op pool, mostly)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        group = ("event loop" if task.name == str(pid) else "batcher worker" if comm.startswith("embfast-batch")
+                 else "tokenizer pool" if comm.startswith("embfast-tok") else "ORT pool + other")
+        out[group] = out.get(group, 0.0) + seconds
+    return out
+
+
+def _metric_sums(url: str) -> dict[str, float]:
+    """Totals from embfast's /metrics: batches, texts, batch seconds, queue wait, planning, request seconds."""
+    import httpx
+
+    want = {"embfast_batch_texts_count": "batches", "embfast_batch_texts_sum": "texts",
+            "embfast_batch_duration_seconds_sum": "batch_s", "embfast_queue_wait_seconds_sum": "wait_s",
+            "embfast_batch_planning_seconds_total": "plan_s"}
+    out = dict.fromkeys(want.values(), 0.0) | {"server_request_s": 0.0, "server_requests": 0.0}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        if name in want:
+            out[want[name]] += float(value)
+        elif name.startswith("embfast_request_duration_seconds_sum") and "/v1/embeddings" in name:
+            out["server_request_s"] += float(value)
+        elif name.startswith("embfast_request_duration_seconds_count") and "/v1/embeddings" in name:
+            out["server_requests"] += float(value)
+    return out
+
+
+def _profile(server, before: dict, after: dict, requests: int) -> dict:
+    """Per-request CPU milliseconds by thread group, and batch figures, between two snapshots."""
+    n = max(requests, 1)
+    cpu = {g: round((after["cpu"].get(g, 0.0) - before["cpu"].get(g, 0.0)) * 1000 / n, 3) for g in after["cpu"]}
+    cpu["load generator"] = round((after["self"] - before["self"]) * 1000 / n, 3)
+    m = {k: after["metrics"][k] - before["metrics"][k] for k in after["metrics"]}
+    batches = max(m["batches"], 1)
+    return {"cpu_ms_per_request": cpu,
+            "batches": int(m["batches"]), "texts_per_batch": round(m["texts"] / batches, 1),
+            "batch_ms": round(m["batch_s"] * 1000 / batches, 2), "queue_wait_ms": round(m["wait_s"] * 1000 / batches, 1),
+            "plan_ms": round(m["plan_s"] * 1000 / batches, 3),
+            "server_ms_per_request": round(m["server_request_s"] * 1000 / max(m["server_requests"], 1), 1),
+            "ort_busy": round(m["batch_s"] / max(after["wall"] - before["wall"], 1e-9), 3)}
+
+
+def _snapshot(server) -> dict:
+    t = os.times()
+    return {"cpu": _thread_cpu(server.proc.pid), "self": t.user + t.system, "metrics": _metric_sums(server.url),
+            "wall": time.perf_counter()}
+
+
 def measure(server, sentences: list[str], clients: int, k: int, args, api: str = "openai") -> dict:
     """One point: ``server`` a Server (HTTP, through ``api``) or a DynamicBatcher (in-process)."""
     import numpy as np
@@ -308,9 +373,13 @@ def measure(server, sentences: list[str], clients: int, k: int, args, api: str =
         name, extra = "in-process", {"dynamic_batching": True, "api": "python"}
     if args.warmup_s > 0:
         asyncio.run(load(args.warmup_s))
+    profiling = getattr(args, "profile", False) and isinstance(server, Server) and name == "embfast"
+    before = _snapshot(server) if profiling else None
     res = asyncio.run(load(args.duration_s))
     lat = np.array(res["latencies"]) * 1000
     n = len(lat)
+    if profiling:
+        extra = {**extra, "profile": _profile(server, before, _snapshot(server), n)}
     return {
         "bench": "server", "server": name, **extra, "concurrency": clients,
         "texts_per_request": k, "requests": n, "errors": res["errors"], "seconds": round(res["seconds"], 3),

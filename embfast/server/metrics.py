@@ -60,6 +60,10 @@ class Metrics:
                                       buckets=tuple(float(2**i) for i in range(4, 17)), registry=reg)
         self.batch_seconds = Histogram("embfast_batch_duration_seconds", "pad + ONNX Runtime + pooling time",
                                        buckets=_LATENCY_BUCKETS[:11], registry=reg)
+        self.queue_wait = Histogram("embfast_queue_wait_seconds", "how long each batch's oldest text waited in "
+                                    "the queue", buckets=_LATENCY_BUCKETS, registry=reg)
+        self.plan_seconds = Counter("embfast_batch_planning_seconds", "worker time spent choosing batches "
+                                    "(queue lock held)", registry=reg)
         self._counters = {
             "embfast_requests_total": Counter("embfast_requests", "HTTP requests by endpoint and status code",
                                               ["endpoint", "code"], registry=reg),
@@ -93,6 +97,8 @@ class Metrics:
         self.batch_requests.observe(s.requests)
         self.batch_tokens.observe(s.padded_tokens)
         self.batch_seconds.observe(s.seconds)
+        self.queue_wait.observe(s.wait_seconds)
+        self.plan_seconds.inc(s.plan_seconds)
         self.inc("embfast_batch_real_tokens_total", value=s.tokens)
         self.inc("embfast_batch_padded_tokens_total", value=s.padded_tokens)
 
