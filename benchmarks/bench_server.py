@@ -73,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="embfast ONNX Runtime threads (default: all cores)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="embfast --max-wait-ms (default 2)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="embfast --max-batch-tokens (default 16384)")
+    p.add_argument("--call-cost-tokens", default=None, help="embfast --call-cost-tokens (default: the server's)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="embfast model precision")
     p.add_argument("--infinity", default=None,
                    help="path to the infinity_emb executable (its own venv); omitted: infinity is skipped")
@@ -172,8 +173,11 @@ def embfast_server(args, batching: bool, models: int = 1) -> Server:
         cmd += ["--model", args.model]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.call_cost_tokens is not None:
+        cmd += ["--call-cost-tokens", str(args.call_cost_tokens)]
     extra = {"dynamic_batching": batching, "max_wait_ms": args.max_wait_ms,
-             "max_batch_tokens": args.max_batch_tokens, "precision": args.precision}
+             "max_batch_tokens": args.max_batch_tokens, "precision": args.precision,
+             "call_cost_tokens": args.call_cost_tokens}
     if names:
         extra.update(served_names=names, layout="two models, one process")
     return Server(f"embfast-{'on' if batching else 'off'}", cmd, port, "/v1/embeddings", names[0] if names else

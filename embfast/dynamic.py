@@ -109,6 +109,42 @@ class BatchStats:
     plan_seconds: float = 0.0
 
 
+class CallCostEstimator:
+    """Online fit of a batch's cost, ``seconds = a + b x padded_tokens``, by least squares with exponential
+    forgetting (each new batch weighs 1, older ones ``decay`` times less per batch), for ``call_cost_tokens="auto"``:
+    the fixed cost of one call, in padded tokens, is ``a / b``. What one call costs depends on the machine and on
+    what shares it (an event loop and HTTP clients on the same cores add to every call), so it is measured
+    where it runs rather than assumed.
+
+    Args:
+        floor / ceiling: bounds of the estimate, in padded tokens. decay: in (0, 1), default 0.98 (about the
+            last 50 batches count).
+    """
+
+    def __init__(self, floor: float, ceiling: float, decay: float = 0.98):
+        self.floor, self.ceiling, self.decay = float(floor), float(ceiling), float(decay)
+        self._sums = np.zeros(5)  # weight, x, y, x^2, xy
+
+    def add(self, padded_tokens: float, seconds: float) -> None:
+        x, y = float(padded_tokens), float(seconds)
+        self._sums = self._sums * self.decay + np.array([1.0, x, y, x * x, x * y])
+
+    def tokens(self) -> float | None:
+        """The fitted fixed cost per call in padded tokens, within [floor, ceiling]; None until the batches seen
+        vary enough in size to tell the fixed cost from the per-token one."""
+        w, sx, sy, sxx, sxy = self._sums
+        if w < 8:
+            return None
+        var = w * sxx - sx * sx
+        if var <= 1e-6 * w * sxx:  # (almost) all batches the same size: no slope to fit
+            return None
+        b = (w * sxy - sx * sy) / var
+        a = (sy - b * sx) / w
+        if b <= 0:
+            return None
+        return min(max(a / b, self.floor), self.ceiling)
+
+
 def name_os_thread(name: str) -> None:
     """Give the calling thread ``name`` (at most 15 bytes) in the OS too (Linux ``prctl(PR_SET_NAME)``), so
     ``top -H``, py-spy and ``/proc/PID/task/*/comm`` tell embfast's threads from ONNX Runtime's; a no-op
@@ -288,7 +324,8 @@ class DynamicBatcher(SparseCalls):
             split where saving padding beats an extra call. Default 32 on the CPU
             (all-MiniLM-L6-v2 on 2 cores: one call costs about as much as 20-40
             tokens), 2048 on CUDA (padding is nearly free on a GPU; a guess, not
-            measured here).
+            measured here). "auto": fitted online from the batches run so far
+            (:class:`CallCostEstimator`), 32 until then.
         run_lock: a :class:`RunLock` shared with the batchers of other models in the same process (what
             ``embfast serve`` with several models does): each ONNX Runtime call holds it, so one model runs at
             a time with all its threads. Default None: this batcher's calls take no lock.
@@ -324,9 +361,13 @@ class DynamicBatcher(SparseCalls):
                                   else _check_int("tokenizer_threads", tokenizer_threads, 1))
         if call_cost_tokens is None:
             call_cost_tokens = 2048.0 if getattr(embedder, "device", "cpu") == "cuda" else 32.0
+        self._cost_model = None
+        if call_cost_tokens == "auto":
+            call_cost_tokens = 32.0  # until the fit has enough batches
+            self._cost_model = CallCostEstimator(floor=8.0, ceiling=float(self.max_batch_tokens))
         if isinstance(call_cost_tokens, bool) or not isinstance(call_cost_tokens, (int, float)) \
                 or not call_cost_tokens >= 0:
-            raise ValueError(f"call_cost_tokens must be a number >= 0, got {call_cost_tokens!r}")
+            raise ValueError(f"call_cost_tokens must be a number >= 0 or 'auto', got {call_cost_tokens!r}")
         self.call_cost_tokens = float(call_cost_tokens)
         if run_lock is not None and not isinstance(run_lock, RunLock):
             raise TypeError(f"run_lock must be an embfast.dynamic.RunLock or None, got {type(run_lock).__name__}")
@@ -829,7 +870,10 @@ class DynamicBatcher(SparseCalls):
         rows = np.concatenate([r.todo for r in pool])
         lengths = np.concatenate([r.lengths[r.todo] for r in pool])
         # Index 0 is the oldest request's first unbatched text: the batch holding it goes now.
-        plan = plan_by_cost(lengths, self.max_batch_size, self.max_batch_tokens, self.call_cost_tokens)
+        cost = self.call_cost_tokens
+        if self._cost_model is not None:
+            cost = self._cost_model.tokens() or cost
+        plan = plan_by_cost(lengths, self.max_batch_size, self.max_batch_tokens, cost)
         chosen = next(b for b in plan if (b == 0).any())
         chosen.sort()
         batch: list[tuple[_Request, np.ndarray]] = []
@@ -882,6 +926,9 @@ class DynamicBatcher(SparseCalls):
                     except Exception as exc_one:
                         results.append((req, take, exc_one))
         seconds = time.perf_counter() - t0
+        if self._cost_model is not None and not any(isinstance(r, Exception) for _, _, r in results):
+            # the worker's whole cycle for this batch: planning + the call
+            self._cost_model.add(len(lens) * int(max(lens.max(), 1)), seconds + self._plan_seconds)
         for req, take, res in results:
             if isinstance(res, Exception):
                 failed += 1

@@ -99,7 +99,8 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
                max_queue: int = 1024, dynamic_batching: bool = True, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                max_inputs: int = DEFAULT_MAX_INPUTS, api_key: str | None = None, corpus=None, corpus_texts=None,
                model_name: str | None = None, reranker=None, strict_requests: bool = False,
-               token_ids: str | None = None, sparse=None, models: list | None = None):
+               token_ids: str | None = None, sparse=None, models: list | None = None,
+               call_cost_tokens: float | str | None = None):
     """Build the FastAPI app serving ``embedder`` (and any other models).
 
     Args:
@@ -109,7 +110,8 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
             closes it); default: the app makes one from the arguments below
             (``app.state.batcher``) and closes it at shutdown, after in-flight
             requests, so such an app serves once.
-        max_batch_tokens / max_wait_ms / max_queue: the batcher's (see DynamicBatcher), for every model.
+        max_batch_tokens / max_wait_ms / max_queue / call_cost_tokens: the batcher's (see DynamicBatcher), for
+            every model.
         dynamic_batching: False runs each request in ONNX Runtime calls of its own (for comparison).
         max_request_bytes: largest request body, in bytes (default 2 MB); larger: 413.
         max_inputs: most strings per request (default 2048, as OpenAI).
@@ -194,7 +196,7 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
             continue
         # its worker thread starts with the first request; closed at shutdown
         b = DynamicBatcher(model, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                           merge_requests=dynamic_batching, run_lock=run_lock)
+                           merge_requests=dynamic_batching, run_lock=run_lock, call_cost_tokens=call_cost_tokens)
         entries.append(ServedModel(names, kind, model, b, owned=True,
                                    rss_load_bytes=getattr(model, "load_rss_bytes", None)))
     registry = ModelRegistry(entries)

@@ -49,6 +49,9 @@ def register_cli(subparsers) -> None:
                    help="padded tokens per ONNX Runtime batch (default 16384)")
     p.add_argument("--max-wait-ms", type=float, default=_env("MAX_WAIT_MS", 2.0),
                    help="an idle worker waits this long for more texts to merge (default 2 ms)")
+    p.add_argument("--call-cost-tokens", default=_env("CALL_COST_TOKENS"),
+                   help="the batcher's fixed cost of one ONNX Runtime call in padded tokens, or 'auto' (fitted while "
+                        "serving); default: DynamicBatcher's")
     p.add_argument("--max-queue", type=int, default=_env("MAX_QUEUE", 1024),
                    help="requests waiting or running before 429 (default 1024)")
     p.add_argument("--max-client-batch-size", type=int, default=_env("MAX_CLIENT_BATCH_SIZE", DEFAULT_MAX_INPUTS),
@@ -78,6 +81,16 @@ def register_cli(subparsers) -> None:
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=_env_flag("ACCESS_LOG", False),
                    help="log every request (default off)")
     p.set_defaults(func=cmd_serve)
+
+
+def _call_cost(value):
+    """--call-cost-tokens: None, 'auto' or a number >= 0."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"--call-cost-tokens must be a number >= 0 or 'auto', got {value!r}") from None
 
 
 def _rss_bytes() -> int | None:
@@ -129,6 +142,7 @@ def cmd_serve(args) -> int:
     embedder = loaded[0][0]
     app = create_app(models=loaded, max_batch_tokens=args.max_batch_tokens,
                      max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, dynamic_batching=args.dynamic_batching,
+                     call_cost_tokens=_call_cost(args.call_cost_tokens),
                      max_request_bytes=args.max_request_bytes, api_key=args.api_key or None,
                      corpus=args.corpus, corpus_texts=args.corpus_texts, max_inputs=args.max_client_batch_size,
                      strict_requests=args.strict_requests, token_ids=args.token_ids)
