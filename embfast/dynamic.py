@@ -52,12 +52,12 @@ caller's rows are retried alone, so one bad input fails only its own caller.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -200,11 +200,18 @@ class _NoLock:
         return None
 
 
+QUEUE_POLICIES = ("deadline", "oldest")
+
+
+def _urgency(req) -> tuple[float, int]:
+    return req.deadline, req.seq
+
+
 class _Request:
     """One caller's texts inside the batcher (worker-side state; guarded by the batcher's lock)."""
 
-    __slots__ = ("future", "ids", "type_ids", "lengths", "pooled", "todo", "remaining", "t_enqueue",
-                 "prompt_length")
+    __slots__ = ("future", "ids", "type_ids", "lengths", "pooled", "todo", "remaining", "t_enqueue", "deadline",
+                 "seq", "prompt_length")
 
     def __init__(self, tok: Tokenized, hidden: int, prompt_length: int = 0):
         self.future: concurrent.futures.Future = concurrent.futures.Future()
@@ -217,6 +224,8 @@ class _Request:
         self.todo = np.arange(n, dtype=np.int64)  # rows not yet given to a batch, ascending
         self.remaining = n  # rows not yet computed
         self.t_enqueue = time.monotonic()
+        self.deadline = self.t_enqueue  # when it should be done; set by the batcher's policy at enqueue
+        self.seq = 0  # arrival order, for ties
 
 
 def plan_by_cost(lengths: np.ndarray, max_batch_size: int, max_batch_tokens: int,
@@ -326,6 +335,12 @@ class DynamicBatcher(SparseCalls):
             tokens), 2048 on CUDA (padding is nearly free on a GPU; a guess, not
             measured here). "auto": fitted online from the batches run so far
             (:class:`CallCostEstimator`), 32 until then.
+        queue_policy: which pending texts the next batch serves. "deadline" (default): each request gets a
+            deadline, its arrival plus its own estimated run time (its tokens times the seconds per padded token
+            measured on recent batches), and the batch holding the earliest deadline's next text runs first; a
+            short request arriving behind a burst of long ones runs before them (as shortest-job-first), a long
+            one is never starved (its deadline only comes closer), and same-sized requests are served in arrival
+            order. "oldest": arrival order (first in, first out), whatever the sizes.
         run_lock: a :class:`RunLock` shared with the batchers of other models in the same process (what
             ``embfast serve`` with several models does): each ONNX Runtime call holds it, so one model runs at
             a time with all its threads. Default None: this batcher's calls take no lock.
@@ -341,7 +356,7 @@ class DynamicBatcher(SparseCalls):
     def __init__(self, embedder, *, max_batch_tokens: int = 16384, max_batch_size: int = 256,
                  max_wait_ms: float = 2.0, max_queue: int = 1024, merge_requests: bool = True,
                  tokenizer_threads: int | None = None, call_cost_tokens: float | None = None,
-                 run_lock: RunLock | None = None):
+                 run_lock: RunLock | None = None, queue_policy: str = "deadline"):
         for attr in ("tokenizer", "embed_token_ids", "postprocess", "config"):
             if not hasattr(embedder, attr):
                 raise TypeError(f"embedder must be an embfast.Embedder or CrossEncoder, got {type(embedder).__name__}")
@@ -372,12 +387,18 @@ class DynamicBatcher(SparseCalls):
         if run_lock is not None and not isinstance(run_lock, RunLock):
             raise TypeError(f"run_lock must be an embfast.dynamic.RunLock or None, got {type(run_lock).__name__}")
         self.run_lock = run_lock
+        if queue_policy not in QUEUE_POLICIES:
+            raise ValueError(f"queue_policy must be one of {', '.join(QUEUE_POLICIES)}, got {queue_policy!r}")
+        self.queue_policy = queue_policy
+        # seconds per padded token of recent batches (moving average); the first guess is a small CPU model's
+        self._s_per_token = 2e-4 if getattr(embedder, "device", "cpu") != "cuda" else 1e-6
+        self._seq = 0
         self._run_guard = run_lock if run_lock is not None else _NoLock()
         self._pool_texts = max(self.max_batch_size, 256)
         self._hidden = int(embedder.config.dim)
 
         self._cond = threading.Condition(threading.Lock())
-        self._pending: deque[_Request] = deque()  # requests with rows not yet batched, oldest first
+        self._pending: list[_Request] = []  # requests with rows not yet batched, by (deadline, arrival)
         self._pending_texts = 0
         self._pending_tokens = 0
         self._in_flight = 0  # admitted and not finished (tokenizing, queued or running)
@@ -780,7 +801,11 @@ class DynamicBatcher(SparseCalls):
         with self._cond:
             self._start_worker()
             self._company = 0.8 * self._company + 0.2 * self._in_flight
-            self._pending.append(req)
+            self._seq += 1
+            req.seq = self._seq
+            if self.queue_policy == "deadline":
+                req.deadline = req.t_enqueue + float(req.lengths.sum()) * self._s_per_token
+            bisect.insort(self._pending, req, key=_urgency)
             self._pending_texts += len(req.ids)
             self._pending_tokens += int(req.lengths.sum())
             self._cond.notify_all()
@@ -823,7 +848,7 @@ class DynamicBatcher(SparseCalls):
         """Drop requests that are already done (cancelled, timed out or failed) from the queue. Lock held."""
         if not any(r.future.done() for r in self._pending):
             return
-        keep: deque[_Request] = deque()
+        keep: list[_Request] = []
         for r in self._pending:
             if r.future.done():
                 self._pending_texts -= len(r.todo)
@@ -858,7 +883,8 @@ class DynamicBatcher(SparseCalls):
                 return batch, self._pending_texts
 
     def _select(self) -> list[tuple[_Request, np.ndarray]]:
-        """Plan the oldest pending texts into length-sorted batches; take the one holding the oldest. Lock held."""
+        """Plan the most urgent pending texts (earliest deadline, see ``queue_policy``) into length-sorted batches;
+        take the one holding the most urgent text. Lock held."""
         pool: list[_Request] = []
         n = 0
         for req in self._pending:
@@ -869,7 +895,7 @@ class DynamicBatcher(SparseCalls):
         owner = np.repeat(np.arange(len(pool)), [len(r.todo) for r in pool])
         rows = np.concatenate([r.todo for r in pool])
         lengths = np.concatenate([r.lengths[r.todo] for r in pool])
-        # Index 0 is the oldest request's first unbatched text: the batch holding it goes now.
+        # Index 0 is the most urgent request's first unbatched text: the batch holding it goes now.
         cost = self.call_cost_tokens
         if self._cost_model is not None:
             cost = self._cost_model.tokens() or cost
@@ -885,7 +911,7 @@ class DynamicBatcher(SparseCalls):
             self._pending_tokens -= int(req.lengths[take].sum())
             batch.append((req, take))
         if any(len(r.todo) == 0 for r, _ in batch):
-            self._pending = deque(r for r in self._pending if len(r.todo))
+            self._pending = [r for r in self._pending if len(r.todo)]
         return batch
 
     def _run_rows(self, groups: list[tuple[_Request, np.ndarray]]) -> np.ndarray:
@@ -926,6 +952,8 @@ class DynamicBatcher(SparseCalls):
                     except Exception as exc_one:
                         results.append((req, take, exc_one))
         seconds = time.perf_counter() - t0
+        padded = len(lens) * int(max(lens.max(), 1))
+        self._s_per_token = 0.8 * self._s_per_token + 0.2 * seconds / padded
         if self._cost_model is not None and not any(isinstance(r, Exception) for _, _, r in results):
             # the worker's whole cycle for this batch: planning + the call
             self._cost_model.add(len(lens) * int(max(lens.max(), 1)), seconds + self._plan_seconds)

@@ -381,3 +381,51 @@ def test_callers_with_different_prompts_share_a_batch(tiny, tiny_dir, tmp_path):
         np.testing.assert_allclose(out[i], m.encode(texts, prompt=prompt), rtol=1e-4, atol=1e-5)
     # the same weights pooling the prompt tokens too give other vectors: the exclusion took effect
     assert not np.allclose(out[0], tiny.encode(calls[0][1], prompt=calls[0][0]), atol=1e-3)
+
+
+@pytest.mark.parametrize("policy", ["deadline", "oldest"])
+def test_a_burst_of_long_requests_does_not_starve_a_short_one(tiny, policy):
+    """The worker is parked; four requests of 48 long texts queue, then one short text. With the deadline
+    policy the short request runs in the next batch, before every long request finishes; first-in-first-out
+    ("oldest") makes it wait behind the long ones ahead of it."""
+    long_texts = [f"long text {i} " + "word " * 50 for i in range(48)]
+    order: list[str] = []
+    parked, release = threading.Event(), threading.Event()
+
+    def gate(stats) -> None:
+        if not release.is_set():
+            parked.set()
+            assert release.wait(30)
+
+    with DynamicBatcher(tiny, max_batch_tokens=1024, max_batch_size=16, max_wait_ms=0,
+                        queue_policy=policy) as b:
+        b.add_batch_listener(gate)
+        first = threading.Thread(target=b.encode, args=(["warm"],))
+        first.start()
+        assert parked.wait(30)
+
+        def call(name: str, texts) -> None:
+            vecs = b.encode(texts)
+            np.testing.assert_allclose(vecs, tiny.encode(texts), atol=2e-5)
+            order.append(name)
+
+        threads = []
+        for name, texts in [(f"long{i}", long_texts) for i in range(4)] + [("short", ["a short one"])]:
+            before = b.stats()["queued_requests"]
+            t = threading.Thread(target=call, args=(name, texts))
+            t.start()
+            threads.append(t)
+            wait_for(lambda before=before: b.stats()["queued_requests"] == before + 1, f"{name} queued")
+        release.set()
+        for t in threads + [first]:
+            t.join(60)
+    assert sorted(order) == ["long0", "long1", "long2", "long3", "short"]
+    if policy == "deadline":
+        assert order.index("short") < order.index("long0"), order  # in the batch right after the gate
+    else:  # it waits behind the long requests ahead of it (the last one's texts may share its batch)
+        assert order.index("short") > order.index("long1"), order
+
+
+def test_queue_policy_is_checked(tiny):
+    with pytest.raises(ValueError, match="queue_policy must be one of deadline, oldest"):
+        DynamicBatcher(tiny, queue_policy="lifo")
