@@ -494,3 +494,19 @@ def test_stalled_request_body_gets_408_and_the_connection_closes(tiny):
             assert re.search(r'embfast_errors_total\{kind="body_timeout"\} 1(\.0)?\n', c.get("/metrics").text)
     with pytest.raises(ValueError, match="body_timeout_s"):
         create_app(tiny, body_timeout_s=0)
+
+
+def test_queue_and_body_timeout_flags_and_env(tiny, monkeypatch):
+    from embfast.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.max_queue_texts, args.max_queue_tokens, args.body_timeout_s) == (None, None, 30.0)
+    monkeypatch.setenv("EMBFAST_MAX_QUEUE_TOKENS", "5000")
+    monkeypatch.setenv("EMBFAST_BODY_TIMEOUT_S", "0")
+    args = build_parser().parse_args(["serve", "--max-queue-texts", "100"])
+    assert (args.max_queue_texts, args.max_queue_tokens, args.body_timeout_s) == (100, 5000, 0.0)
+    app = create_app(tiny, max_queue_texts=100, max_queue_tokens=5000, body_timeout_s=None)
+    with serve(app) as (url, _):
+        info = httpx.get(f"{url}/info", timeout=30).json()
+    assert (info["batching"]["max_queue_texts"], info["batching"]["max_queue_tokens"]) == (100, 5000)
+    assert info["limits"]["body_timeout_s"] is None
