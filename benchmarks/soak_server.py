@@ -356,7 +356,8 @@ def server_counts(url: str) -> dict:
         codes[code] = codes.get(code, 0) + float(m.group(2))
     kinds = {m.group(1): float(m.group(2)) for m in
              re.finditer(r'^embfast_errors_total\{kind="([^"]+)"\} ([0-9.e+]+)$', text, re.M)}
-    return {"codes": {k: int(v) for k, v in sorted(codes.items())}, "errors": {k: int(v) for k, v in sorted(kinds.items())}}
+    return {"codes": {k: int(v) for k, v in sorted(codes.items())},
+            "errors": {k: int(v) for k, v in sorted(kinds.items())}}
 
 
 def report(args, stats: Stats, samples: list, before: dict, after: dict, server: dict) -> dict:
@@ -425,7 +426,7 @@ def table(rep: dict) -> str:
              f"{rep['rss_mib']['baseline']}, end {rep['rss_mib']['end']} (growth {rep['rss_mib']['growth']:.1%}); "
              f"fds: before {rep['fds']['before']}, during {rep['fds']['during_min']}-{rep['fds']['during_max']}, "
              f"after {rep['fds']['after']}; threads {rep['threads']['before']} -> {rep['threads']['after']}",
-             "", f"| from (s) | served | p50 (ms) | p99 (ms) |", "|---:|---:|---:|---:|"]
+             "", "| from (s) | served | p50 (ms) | p99 (ms) |", "|---:|---:|---:|---:|"]
     for b in rep["per_bucket"]:
         lines.append(f"| {b['from_s']} | {b['served']} | {b['p50_ms']} | {b['p99_ms']} |")
     lines.append("")

@@ -363,8 +363,8 @@ def _dumps(obj) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=lambda a: a.tolist()).encode()
 
 
-_TEI_ERROR_TYPES = {408: "validation", 413: "validation", 422: "validation", 424: "backend", 429: "overloaded", 503: "unhealthy",
-                    400: "validation", 401: "unauthorized", 404: "not_found", 405: "validation"}
+_TEI_ERROR_TYPES = {413: "validation", 422: "validation", 424: "backend", 429: "overloaded", 503: "unhealthy",
+                    400: "validation", 408: "validation", 401: "unauthorized", 404: "not_found", 405: "validation"}
 
 
 def error_body(exc: ApiError, family: str = "openai") -> bytes:
