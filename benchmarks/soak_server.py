@@ -19,8 +19,9 @@ each) send, for ``--duration-s`` seconds:
 Every ``--sample-s`` the server's RSS (/proc/PID/status VmRSS), open file descriptors (/proc/PID/fd) and threads are
 sampled. Reported: requests served, status counts, mismatches, 5xx (client side and the server's own counters),
 RSS at ``--baseline-s`` (minute 1) and at the end (growth), descriptors before the load, during and after the
-clients closed, p50 / p99 latency of the 200 answers per ``--bucket-s`` (minute). Prints a JSON document (also
-written to ``--out``) and a markdown table; with ``--check`` exits 1 when a check fails.
+clients closed, p50 / p99 latency of the 200 answers that finished in each ``--bucket-s`` (minute; the last
+bucket also holds the requests that were in flight at the end), with RSS and descriptors at its end. Prints a
+JSON document (also written to ``--out``) and a markdown table; with ``--check`` exits 1 when a check fails.
 
     python benchmarks/soak_server.py                                   # 10 minutes, 64 clients
     python benchmarks/soak_server.py --duration-s 30 --clients 8 --body-timeout-s 2 --baseline-s 10 --bucket-s 10
@@ -361,17 +362,21 @@ def server_counts(url: str) -> dict:
 
 
 def report(args, stats: Stats, samples: list, before: dict, after: dict, server: dict) -> dict:
-    good = [(t, s) for t, s, status, kind in stats.records if kind == "good" and status == 200]
+    # (finish time, seconds) of the 200 answers: a bucket holds the answers that finished in it
+    good = [(t + s, s) for t, s, status, kind in stats.records if kind == "good" and status == 200]
     statuses: dict[str, int] = {}
     for _, _, status, _ in stats.records:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
     buckets = []
     n_buckets = int(np.ceil(args.duration_s / args.bucket_s))
     for b in range(n_buckets):
-        lat = np.array([s for t, s in good if b * args.bucket_s <= t < (b + 1) * args.bucket_s]) * 1000
-        buckets.append({"from_s": round(b * args.bucket_s), "served": int(lat.size),
+        lo, hi = b * args.bucket_s, (b + 1) * args.bucket_s
+        lat = np.array([s for t, s in good if lo <= t < hi or (b == n_buckets - 1 and t >= hi)]) * 1000
+        last = [x for x in samples if x["t"] < hi][-1:] or [before]
+        buckets.append({"from_s": round(lo), "served": int(lat.size),
                         "p50_ms": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
-                        "p99_ms": round(float(np.percentile(lat, 99)), 1) if lat.size else None})
+                        "p99_ms": round(float(np.percentile(lat, 99)), 1) if lat.size else None,
+                        "rss_mib": last[0]["rss_mib"], "fds": last[0]["fds"]})
     baseline_t = min(args.baseline_s, args.duration_s / 3)
     load = [s for s in samples if s["t"] <= args.duration_s]
     base = next((s for s in load if s["t"] >= baseline_t), load[0] if load else before)
@@ -426,9 +431,10 @@ def table(rep: dict) -> str:
              f"{rep['rss_mib']['baseline']}, end {rep['rss_mib']['end']} (growth {rep['rss_mib']['growth']:.1%}); "
              f"fds: before {rep['fds']['before']}, during {rep['fds']['during_min']}-{rep['fds']['during_max']}, "
              f"after {rep['fds']['after']}; threads {rep['threads']['before']} -> {rep['threads']['after']}",
-             "", "| from (s) | served | p50 (ms) | p99 (ms) |", "|---:|---:|---:|---:|"]
+             "", "| from (s) | served 200 | p50 (ms) | p99 (ms) | RSS at end (MiB) | fds at end |",
+             "|---:|---:|---:|---:|---:|---:|"]
     for b in rep["per_bucket"]:
-        lines.append(f"| {b['from_s']} | {b['served']} | {b['p50_ms']} | {b['p99_ms']} |")
+        lines.append(f"| {b['from_s']} | {b['served']} | {b['p50_ms']} | {b['p99_ms']} | {b['rss_mib']} | {b['fds']} |")
     lines.append("")
     lines.append("checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in rep["checks"].items()))
     return "\n".join(lines)

@@ -457,6 +457,7 @@ def test_token_budget_429_with_retry_after_on_every_api_family(tiny, tmp_path):
             small = [pool.submit(post, path, body(1)) for path, body in routes.items()]
             wait_for(lambda: app.state.batcher.stats()["in_flight_requests"] == 3 + 3, "small requests admitted")
             wait_for(lambda: app.state.rerank_batcher.stats()["in_flight_requests"] == 3 + 2, "small reranks")
+            assert re.search(r"embfast_inflight_tokens 3\d{3}(\.0)?\n", httpx.get(f"{url}/metrics").text)
             r = post("/v1/embeddings", {"input": ["word " * 200] * 80})  # 5120 tokens: never fits
             assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
             assert "split it" in r.json()["error"]["message"] and "retry-after" not in r.headers
