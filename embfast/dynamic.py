@@ -472,7 +472,9 @@ class DynamicBatcher(SparseCalls):
             unless ``precision`` says otherwise; with ``return_info`` (embeddings, info).
 
         Raises:
-            OverloadedError: the queue is full. BatcherClosedError: after :meth:`close`.
+            OverloadedError: the queue is full (in requests, texts or tokens; ``retry_after_s`` says when to
+            retry); its subclass RequestTooLargeError: this call alone holds more texts or tokens than the whole
+            queue may. BatcherClosedError: after :meth:`close`.
             TypeError / ValueError: bad input or options (nothing is queued).
         """
         t0 = time.perf_counter()
