@@ -5,8 +5,16 @@ Three stages, as TEI splits them (transport -> inference queue -> backend):
 1. **Admission and tokenization, in the caller.** ``encode`` tokenizes in the
    calling thread; ``encode_async`` tokenizes small inputs on the event loop
    and large ones on a small tokenizer thread pool, so the loop never stalls.
-   A full queue is refused at once with :class:`OverloadedError` (HTTP 429),
-   before any work is spent; an over-long text with ``truncate=False`` fails
+   A full queue is refused at once with :class:`OverloadedError` (HTTP 429,
+   with a retry-after estimated from the backlog and the measured throughput).
+   The queue is counted three ways: requests (``max_queue``, checked before
+   any work is spent), texts (``max_queue_texts``) and tokens
+   (``max_queue_tokens``, checked once the request is tokenized), so a few
+   requests of thousands of long texts cannot fill it for everyone: a request
+   over 1/16 of a budget may fill the queue only to 3/4 of it (unless the queue
+   is empty), the last quarter is kept for small requests. A request larger
+   than a whole budget is refused with :class:`RequestTooLargeError` (HTTP 413:
+   it could never fit, retrying does not help). An over-long text with ``truncate=False`` fails
    its own caller with :class:`~embfast.InputTooLongError` and nobody else.
 2. **Batch assembly, in the worker thread.** Pending texts from all callers are
    merged by a token budget that counts padding (rows x longest row), as the
@@ -70,11 +78,37 @@ from embfast.tokenization import InputTooLongError, Tokenized
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BatchStats", "BatcherClosedError", "DynamicBatcher", "OverloadedError", "RunLock", "plan_by_cost"]
+__all__ = ["BatchStats", "BatcherClosedError", "DynamicBatcher", "OverloadedError", "RequestTooLargeError",
+           "RunLock", "plan_by_cost"]
+
+#: default ``max_queue_texts``: 16 requests of 2,048 texts (OpenAI's and the server's most per request)
+DEFAULT_MAX_QUEUE_TEXTS = 32768
+#: default ``max_queue_tokens`` = this many requests of 2,048 texts of ``max_seq_length`` tokens each
+DEFAULT_QUEUE_TOKEN_REQUESTS = 4
+#: a request over this share of a budget is "large": it may fill the queue only to LARGE_FILL of that budget
+SMALL_SHARE = 1 / 16
+LARGE_FILL = 3 / 4
+#: retry-after estimates are clamped to [1, RETRY_AFTER_MAX_S] seconds
+RETRY_AFTER_MAX_S = 60
 
 
 class OverloadedError(RuntimeError):
-    """The batcher's queue is full (``max_queue`` requests waiting or running); retry later. HTTP: 429."""
+    """The batcher's queue is full (``max_queue`` requests, ``max_queue_texts`` texts or ``max_queue_tokens``
+    tokens waiting or running); retry later. HTTP: 429 with ``retry-after``.
+
+    Attributes:
+        retry_after_s: whole seconds (>= 1) after which the backlog that blocks this request should have
+            drained, estimated from the queue and the recent throughput (1 while nothing has been measured).
+    """
+
+    def __init__(self, message: str = "the queue is full; retry later", retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s))
+
+
+class RequestTooLargeError(OverloadedError):
+    """One request alone holds more texts or tokens than the whole queue may (``max_queue_texts`` /
+    ``max_queue_tokens``): it can never be admitted; split it or raise the limit. HTTP: 413."""
 
 
 class BatcherClosedError(RuntimeError):
@@ -323,6 +357,17 @@ class DynamicBatcher(SparseCalls):
         max_queue: at most this many requests (calls) admitted and not finished,
             waiting or running (default 1024); one more raises
             :class:`OverloadedError` at once.
+        max_queue_texts: at most this many texts (rows) admitted and not finished
+            (default 32768 = 16 requests of 2,048 texts). max_queue_tokens: at most
+            this many tokens (special tokens included, no padding) admitted and not
+            finished (default None = 4 x 2048 x the model's max_seq_length: room for
+            four requests of 2,048 texts of the longest length; 2,097,152 for
+            all-MiniLM-L6-v2). Both are checked after tokenization: a request over
+            1/16 of a budget is admitted only while the queue stays within 3/4 of
+            that budget (or when the queue is empty), so a burst of large requests
+            leaves room for small ones; over the limit, :class:`OverloadedError`
+            (with ``retry_after_s``); a request larger than a whole budget,
+            :class:`RequestTooLargeError`.
         merge_requests: False gives every ONNX Runtime call the texts of one
             request only (dynamic batching off, for comparison); queueing,
             backpressure and the worker thread stay the same.
@@ -356,7 +401,8 @@ class DynamicBatcher(SparseCalls):
     def __init__(self, embedder, *, max_batch_tokens: int = 16384, max_batch_size: int = 256,
                  max_wait_ms: float = 2.0, max_queue: int = 1024, merge_requests: bool = True,
                  tokenizer_threads: int | None = None, call_cost_tokens: float | None = None,
-                 run_lock: RunLock | None = None, queue_policy: str = "deadline"):
+                 run_lock: RunLock | None = None, max_queue_texts: int | None = None,
+                 max_queue_tokens: int | None = None, queue_policy: str = "deadline"):
         for attr in ("tokenizer", "embed_token_ids", "postprocess", "config"):
             if not hasattr(embedder, attr):
                 raise TypeError(f"embedder must be an embfast.Embedder or CrossEncoder, got {type(embedder).__name__}")
@@ -371,6 +417,12 @@ class DynamicBatcher(SparseCalls):
             raise ValueError(f"max_wait_ms must be a number in [0, 60000], got {max_wait_ms!r}")
         self.max_wait_ms = float(max_wait_ms)
         self.max_queue = _check_int("max_queue", max_queue, 1)
+        self.max_queue_texts = (DEFAULT_MAX_QUEUE_TEXTS if max_queue_texts is None
+                                else _check_int("max_queue_texts", max_queue_texts, 1))
+        if max_queue_tokens is None:
+            seq = getattr(getattr(embedder, "tokenizer", None), "max_seq_length", None) or 512
+            max_queue_tokens = DEFAULT_QUEUE_TOKEN_REQUESTS * 2048 * int(seq)
+        self.max_queue_tokens = _check_int("max_queue_tokens", max_queue_tokens, 1)
         self.merge_requests = bool(merge_requests)
         self.tokenizer_threads = (_default_tokenizer_threads() if tokenizer_threads is None
                                   else _check_int("tokenizer_threads", tokenizer_threads, 1))
@@ -402,6 +454,11 @@ class DynamicBatcher(SparseCalls):
         self._pending_texts = 0
         self._pending_tokens = 0
         self._in_flight = 0  # admitted and not finished (tokenizing, queued or running)
+        self._load_texts = 0  # texts of the queued or running requests (admitted, not finished)
+        self._load_tokens = 0  # and their tokens
+        self._ema_seconds = 0.0  # worker time, texts and tokens of recent batches (decaying sums):
+        self._ema_texts = 0.0  # their ratios are the throughput retry-after estimates use
+        self._ema_tokens = 0.0
         self._company = 1.0  # moving average of the requests in flight seen by each arriving one (itself included)
         self._closing = False
         self._counts = {"requests": 0, "rejected": 0, "cancelled": 0, "failed": 0, "batches": 0, "texts": 0}
@@ -436,7 +493,9 @@ class DynamicBatcher(SparseCalls):
             unless ``precision`` says otherwise; with ``return_info`` (embeddings, info).
 
         Raises:
-            OverloadedError: the queue is full. BatcherClosedError: after :meth:`close`.
+            OverloadedError: the queue is full (in requests, texts or tokens; ``retry_after_s`` says when to
+            retry); its subclass RequestTooLargeError: this call alone holds more texts or tokens than the whole
+            queue may. BatcherClosedError: after :meth:`close`.
             TypeError / ValueError: bad input or options (nothing is queued).
         """
         t0 = time.perf_counter()
@@ -564,7 +623,7 @@ class DynamicBatcher(SparseCalls):
             (pass them to :meth:`Embedder.postprocess`). Cancelling it drops the texts.
 
         Raises:
-            OverloadedError / BatcherClosedError, at once.
+            OverloadedError (RequestTooLargeError) / BatcherClosedError, at once.
         """
         if not isinstance(tok, Tokenized):
             raise TypeError(f"tok must be an embfast.tokenization.Tokenized, got {type(tok).__name__}")
@@ -573,7 +632,11 @@ class DynamicBatcher(SparseCalls):
             fut.set_result(np.zeros((0, self._hidden), dtype=np.float32))
             return fut
         self._reserve()
-        return self._enqueue(tok)
+        try:
+            return self._enqueue(tok)
+        except BaseException:
+            self._release()
+            raise
 
     def add_batch_listener(self, fn: Callable[[BatchStats], None]) -> None:
         """Call ``fn(stats)`` on the worker thread after every batch, once its callers have their rows.
@@ -591,11 +654,14 @@ class DynamicBatcher(SparseCalls):
             self._listeners = [f for f in self._listeners if f is not fn]
 
     def stats(self) -> dict:
-        """A snapshot: queued_texts, queued_tokens, queued_requests, in_flight_requests, closed, and the
-        running totals requests, rejected, cancelled, failed, batches, texts."""
+        """A snapshot: queued_texts, queued_tokens, queued_requests (waiting for a batch), in_flight_requests,
+        in_flight_texts, in_flight_tokens (admitted and not finished: what max_queue, max_queue_texts and
+        max_queue_tokens count), closed, and the running totals requests, rejected (refused as overloaded),
+        cancelled, failed, batches, texts."""
         with self._cond:
             return {"queued_texts": self._pending_texts, "queued_tokens": self._pending_tokens,
                     "queued_requests": len(self._pending), "in_flight_requests": self._in_flight,
+                    "in_flight_texts": self._load_texts, "in_flight_tokens": self._load_tokens,
                     "closed": self._closing, **self._counts}
 
     @property
@@ -642,7 +708,8 @@ class DynamicBatcher(SparseCalls):
     def __repr__(self) -> str:
         return (f"DynamicBatcher({self.embedder!r}, max_batch_tokens={self.max_batch_tokens}, "
                 f"max_batch_size={self.max_batch_size}, max_wait_ms={self.max_wait_ms}, "
-                f"max_queue={self.max_queue}, merge_requests={self.merge_requests})")
+                f"max_queue={self.max_queue}, max_queue_texts={self.max_queue_texts}, "
+                f"max_queue_tokens={self.max_queue_tokens}, merge_requests={self.merge_requests})")
 
     # ---- caller side ---------------------------------------------------------------------------
     def _prepare(self, sentences, normalize_embeddings, prompt, prompt_name, truncate, truncate_dim, precision,
@@ -697,10 +764,10 @@ class DynamicBatcher(SparseCalls):
         self._reserve()
         try:
             made = tokenize()
+            fut = self._enqueue(*(made if isinstance(made, tuple) else (made,)))
         except BaseException:
             self._release()
             raise
-        fut = self._enqueue(*(made if isinstance(made, tuple) else (made,)))
         try:
             return fut.result(timeout), made
         except concurrent.futures.TimeoutError:
@@ -721,10 +788,10 @@ class DynamicBatcher(SparseCalls):
                 made = tokenize()
             else:
                 made = await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool(), tokenize)
+            fut = self._enqueue(*(made if isinstance(made, tuple) else (made,)))
         except BaseException:
             self._release()
             raise
-        fut = self._enqueue(*(made if isinstance(made, tuple) else (made,)))
         waiter = asyncio.wrap_future(fut)  # cancelling it cancels fut, which drops the texts
         try:
             return await (waiter if timeout is None else asyncio.wait_for(waiter, timeout)), made
@@ -784,8 +851,11 @@ class DynamicBatcher(SparseCalls):
                 raise BatcherClosedError("the batcher is closed and takes no new requests")
             if self._in_flight >= self.max_queue:
                 self._counts["rejected"] += 1
+                # room for one more once the oldest requests' share of the backlog has drained
+                share = (self._in_flight - self.max_queue + 1) / self._in_flight
                 raise OverloadedError(f"the queue is full: {self._in_flight} requests are waiting or running "
-                                      f"(max_queue={self.max_queue}); retry later")
+                                      f"(max_queue={self.max_queue}); retry later",
+                                      self._retry_after(share * self._load_tokens, self._ema_tokens))
             self._in_flight += 1
             self._counts["requests"] += 1
 
@@ -794,11 +864,43 @@ class DynamicBatcher(SparseCalls):
             self._in_flight -= 1
             self._cond.notify_all()
 
+    def _retry_after(self, backlog: float, ema_units: float) -> int:
+        """Whole seconds (1 .. RETRY_AFTER_MAX_S) to run ``backlog`` texts or tokens at the recent throughput
+        (``ema_units`` per ``_ema_seconds``); 1 before any batch was measured. Lock held."""
+        if backlog <= 0 or ema_units <= 0 or self._ema_seconds <= 0:
+            return 1
+        return int(min(RETRY_AFTER_MAX_S, max(1, np.ceil(backlog * self._ema_seconds / ema_units))))
+
+    def _admit(self, texts: int, tokens: int) -> None:
+        """Count a tokenized request against max_queue_texts / max_queue_tokens, or refuse it. Lock held."""
+        checks = (("texts", texts, self._load_texts, self.max_queue_texts, self._ema_texts),
+                  ("tokens", tokens, self._load_tokens, self.max_queue_tokens, self._ema_tokens))
+        for unit, cost, _, budget, _ in checks:  # never fits: say so first, whatever the queue holds
+            if cost > budget:
+                raise RequestTooLargeError(
+                    f"this request has {cost} {unit}, more than the whole queue may hold (max_queue_{unit}="
+                    f"{budget}): split it into smaller requests", RETRY_AFTER_MAX_S)
+        for unit, cost, load, budget, ema in checks:
+            large = cost > SMALL_SHARE * budget and self._load_texts > 0
+            limit = int(LARGE_FILL * budget) if large else budget
+            if load + cost > limit:
+                self._counts["rejected"] += 1
+                rule = (f"; a request over 1/{round(1 / SMALL_SHARE)} of it may fill the queue only to "
+                        f"{LARGE_FILL:.0%}") if large else ""
+                raise OverloadedError(
+                    f"the queue is full: {load} {unit} are waiting or running and this request has {cost} "
+                    f"(max_queue_{unit}={budget}{rule}); retry later",
+                    self._retry_after(load + cost - limit, ema))
+
     def _enqueue(self, tok: Tokenized, prompt_length: int = 0) -> concurrent.futures.Future:
-        """Queue an admitted request; from here its future's completion releases the admission."""
+        """Admit (texts and tokens) and queue a request that holds a request slot; from here its future's
+        completion releases the admission. Raises OverloadedError with nothing queued."""
         req = _Request(tok, self._hidden, prompt_length)
-        req.future.add_done_callback(self._on_done)
+        texts, tokens = len(req.ids), int(req.lengths.sum())
         with self._cond:
+            self._admit(texts, tokens)
+            self._load_texts += texts
+            self._load_tokens += tokens
             self._start_worker()
             self._company = 0.8 * self._company + 0.2 * self._in_flight
             self._seq += 1
@@ -807,8 +909,9 @@ class DynamicBatcher(SparseCalls):
                 req.deadline = req.t_enqueue + float(req.lengths.sum()) * self._s_per_token
             bisect.insort(self._pending, req, key=_urgency)
             self._pending_texts += len(req.ids)
-            self._pending_tokens += int(req.lengths.sum())
+            self._pending_tokens += tokens
             self._cond.notify_all()
+        req.future.add_done_callback(lambda fut: self._on_done(fut, texts, tokens))
         return req.future
 
     def _start_worker(self) -> None:
@@ -817,10 +920,12 @@ class DynamicBatcher(SparseCalls):
             self._worker = threading.Thread(target=self._run, name="embfast-batcher", daemon=True)
             self._worker.start()
 
-    def _on_done(self, fut: concurrent.futures.Future) -> None:
+    def _on_done(self, fut: concurrent.futures.Future, texts: int = 0, tokens: int = 0) -> None:
         # Runs in whichever thread finished or cancelled the future, never with the lock held.
         with self._cond:
             self._in_flight -= 1
+            self._load_texts -= texts
+            self._load_tokens -= tokens
             if fut.cancelled():
                 self._counts["cancelled"] += 1
             self._cond.notify_all()
@@ -971,6 +1076,10 @@ class DynamicBatcher(SparseCalls):
         with self._cond:
             self._counts["batches"] += 1
             self._counts["texts"] += len(lens)
+            # decaying sums (about the last 20 batches) for the throughput behind retry-after
+            self._ema_seconds = 0.95 * self._ema_seconds + seconds
+            self._ema_texts = 0.95 * self._ema_texts + len(lens)
+            self._ema_tokens = 0.95 * self._ema_tokens + float(lens.sum())
             listeners = self._listeners
         if listeners:
             stats = BatchStats(texts=len(lens), requests=len(batch), tokens=int(lens.sum()),

@@ -429,3 +429,73 @@ def test_a_burst_of_long_requests_does_not_starve_a_short_one(tiny, policy):
 def test_queue_policy_is_checked(tiny):
     with pytest.raises(ValueError, match="queue_policy must be one of deadline, oldest"):
         DynamicBatcher(tiny, queue_policy="lifo")
+
+
+def test_queue_counts_texts_and_tokens_large_requests_leave_room_for_small(tiny):
+    from embfast.dynamic import RequestTooLargeError
+
+    long = tiny.tokenizer.tokenize(["word " * 200] * 8)  # 8 texts x 64 tokens (tiny's max_seq_length)
+    cost = int(long.lengths.sum())
+    assert cost == 512
+    with DynamicBatcher(tiny, max_queue_tokens=2048, max_queue_texts=64) as b:
+        assert (b.max_queue_tokens, b.max_queue_texts) == (2048, 64)
+        gate = hold_worker(b)
+        # a large request (over 1/16 of the budget) may fill the queue to 3/4 of it: three of them, not four
+        admitted = [b.submit_tokenized(long) for _ in range(3)]
+        with pytest.raises(OverloadedError, match=r"1536 tokens are waiting .*max_queue_tokens=2048; a request "
+                                                  r"over 1/16 of it may fill the queue only to 75%") as info:
+            b.submit_tokenized(long)
+        assert isinstance(info.value.retry_after_s, int) and info.value.retry_after_s >= 1
+        with pytest.raises(OverloadedError, match="max_queue_tokens"):
+            asyncio.run(b.encode_async(["word " * 200] * 8))
+        # the last quarter is kept for small requests: they are admitted (and served) while large ones wait
+        small = [threading.Thread(target=lambda: b.encode(["short", "x"])) for _ in range(4)]
+        for t in small:
+            t.start()
+        wait_for(lambda: b.stats()["in_flight_texts"] == 3 * 8 + 4 * 2, "small requests admitted")
+        st = b.stats()
+        assert st["in_flight_requests"] == 7 and st["in_flight_tokens"] > 1536 and st["rejected"] == 2
+        # one request over a whole budget can never fit: RequestTooLargeError, not counted as rejected
+        with pytest.raises(RequestTooLargeError, match=r"2560 tokens, more than the whole queue may hold "
+                                                       r"\(max_queue_tokens=2048\): split it"):
+            b.encode(["word " * 200] * 40)
+        with pytest.raises(RequestTooLargeError, match=r"65 texts.*max_queue_texts=64"):
+            b.encode(["x"] * 65)
+        assert b.stats()["rejected"] == 2
+        gate.release.set()
+        rows = [f.result(30) for f in admitted]
+        for t in small:
+            t.join(30)
+        assert all(r.shape == (8, tiny.dim) for r in rows)
+        st = b.stats()
+        assert st["in_flight_requests"] == st["in_flight_texts"] == st["in_flight_tokens"] == 0
+        # empty again: a request of (almost) the whole budget is admitted alone
+        assert b.encode(["word " * 200] * 32).shape == (32, tiny.dim)
+
+
+def test_retry_after_follows_backlog_and_throughput(tiny):
+    with DynamicBatcher(tiny, max_queue_tokens=2048) as b:
+        gate = hold_worker(b)
+        long = tiny.tokenizer.tokenize(["word " * 200] * 8)
+        admitted = [b.submit_tokenized(long) for _ in range(3)]
+        with b._cond:  # pretend the worker ran 100 tokens/s and 10 texts/s lately
+            b._ema_seconds, b._ema_tokens, b._ema_texts = 10.0, 1000.0, 100.0
+        with pytest.raises(OverloadedError) as info:
+            b.submit_tokenized(long)
+        assert info.value.retry_after_s == 6  # 512 tokens over the 3/4 line at 100 tokens/s: ceil(5.12)
+        with b._cond:
+            b._ema_tokens = 1.0  # 0.1 token/s: capped
+        with pytest.raises(OverloadedError) as info:
+            b.submit_tokenized(long)
+        assert info.value.retry_after_s == 60
+        gate.release.set()
+        for f in admitted:
+            f.result(30)
+
+
+def test_queue_budget_settings(tiny):
+    b = DynamicBatcher(tiny)
+    assert b.max_queue_texts == 32768 and b.max_queue_tokens == 4 * 2048 * 64  # tiny: max_seq_length 64
+    for kwargs in ({"max_queue_texts": 0}, {"max_queue_tokens": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            DynamicBatcher(tiny, **kwargs)

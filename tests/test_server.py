@@ -411,3 +411,103 @@ def test_real_model_under_32_clients(minilm):
 
         with ThreadPoolExecutor(32) as pool:
             assert min(pool.map(client, range(32))) >= 0.9999
+
+
+def test_token_budget_429_with_retry_after_on_every_api_family(tiny, tmp_path):
+    """A burst of long requests fills the token budget: small ones are still admitted and served, long ones get
+    429 with an integer retry-after on the OpenAI, TEI, Cohere and rerank routes; one request over the whole
+    budget gets 413; nothing gets a 5xx."""
+    from models_fixtures import build_ce_bert
+
+    from embfast import CrossEncoder
+
+    ce = CrossEncoder(build_ce_bert(tmp_path / "ce"), threads=1)
+    app = create_app(tiny, reranker=ce, max_queue_tokens=4096)
+    gates = [Gate(), Gate()]
+    app.state.batcher.add_batch_listener(gates[0])
+    app.state.rerank_batcher.add_batch_listener(gates[1])
+    long = ["word " * 200] * 16  # 16 x 64 tokens: a quarter of the budget, a "large" request
+    doc = "word " * 200
+    routes = {"/v1/embeddings": lambda n: {"input": long[:n]}, "/embed": lambda n: {"inputs": long[:n]},
+              "/v2/embed": lambda n: {"texts": long[:n], "input_type": "search_document",
+                                      "embedding_types": ["float"]},
+              "/rerank": lambda n: {"query": "q", "texts": [doc] * n},
+              "/v1/rerank": lambda n: {"query": "q", "documents": [doc] * n}}
+    statuses = []
+    with serve(app) as (url, _), ThreadPoolExecutor(16) as pool:
+        def post(path, body):
+            with httpx.Client(base_url=url, timeout=60) as c:
+                r = c.post(path, json=body)
+            statuses.append(r.status_code)
+            return r
+
+        try:
+            assert post("/v1/embeddings", {"input": "first"}).status_code == 200
+            assert post("/rerank", {"query": "q", "texts": ["first"]}).status_code == 200
+            assert gates[0].entered.wait(30) and gates[1].entered.wait(30)  # both workers parked
+            burst = [pool.submit(post, "/v1/embeddings", {"input": long}) for _ in range(3)]
+            burst += [pool.submit(post, "/rerank", {"query": "q", "texts": [doc] * 16}) for _ in range(3)]
+            wait_for(lambda: app.state.batcher.stats()["in_flight_tokens"] == 3 * 1024, "3 long requests admitted")
+            wait_for(lambda: app.state.rerank_batcher.stats()["in_flight_requests"] == 3, "3 long rerank requests")
+            for path, body in routes.items():
+                r = post(path, body(16))
+                assert r.status_code == 429, (path, r.text)
+                assert int(r.headers["retry-after"]) >= 1, path
+                assert "max_queue_tokens=4096" in r.text and "retry later" in r.text, path
+            small = [pool.submit(post, path, body(1)) for path, body in routes.items()]
+            wait_for(lambda: app.state.batcher.stats()["in_flight_requests"] == 3 + 3, "small requests admitted")
+            wait_for(lambda: app.state.rerank_batcher.stats()["in_flight_requests"] == 3 + 2, "small reranks")
+            assert re.search(r"embfast_inflight_tokens 3\d{3}(\.0)?\n", httpx.get(f"{url}/metrics").text)
+            r = post("/v1/embeddings", {"input": ["word " * 200] * 80})  # 5120 tokens: never fits
+            assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+            assert "split it" in r.json()["error"]["message"] and "retry-after" not in r.headers
+        finally:
+            for g in gates:
+                g.release.set()
+        for f in burst + small:
+            assert f.result(60).status_code == 200
+        assert cosine(small[0].result().json()["data"][0]["embedding"], tiny.encode(long[0])) >= 0.9999
+        assert post("/v1/embeddings", {"input": long}).status_code == 200  # recovered
+    assert not [s for s in statuses if s >= 500]
+    assert sorted(set(statuses)) == [200, 413, 429]
+
+
+def raw_request(url: str, head: bytes, body: bytes) -> socket.socket:
+    """A raw loopback connection that sent ``head`` and ``body`` (and nothing more)."""
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)), timeout=30)
+    s.sendall(head + body)
+    return s
+
+
+def test_stalled_request_body_gets_408_and_the_connection_closes(tiny):
+    app = create_app(tiny, body_timeout_s=0.5)
+    with serve(app) as (url, _):
+        with raw_request(url, b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                              b"content-length: 100\r\n\r\n", b'{"input": "stalls') as s:
+            answer = b""
+            while chunk := s.recv(65536):  # the server answers, then closes: recv gets b"" (no 30 s timeout)
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"connection: close" in answer.lower() and b"body_timeout" in answer
+        with httpx.Client(base_url=url, timeout=30) as c:  # meanwhile and after, others are served
+            assert c.post("/embed", json={"inputs": "fine"}).status_code == 200
+            assert re.search(r'embfast_errors_total\{kind="body_timeout"\} 1(\.0)?\n', c.get("/metrics").text)
+    with pytest.raises(ValueError, match="body_timeout_s"):
+        create_app(tiny, body_timeout_s=0)
+
+
+def test_queue_and_body_timeout_flags_and_env(tiny, monkeypatch):
+    from embfast.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.max_queue_texts, args.max_queue_tokens, args.body_timeout_s) == (None, None, 30.0)
+    monkeypatch.setenv("EMBFAST_MAX_QUEUE_TOKENS", "5000")
+    monkeypatch.setenv("EMBFAST_BODY_TIMEOUT_S", "0")
+    args = build_parser().parse_args(["serve", "--max-queue-texts", "100"])
+    assert (args.max_queue_texts, args.max_queue_tokens, args.body_timeout_s) == (100, 5000, 0.0)
+    app = create_app(tiny, max_queue_texts=100, max_queue_tokens=5000, body_timeout_s=None)
+    with serve(app) as (url, _):
+        info = httpx.get(f"{url}/info", timeout=30).json()
+    assert (info["batching"]["max_queue_texts"], info["batching"]["max_queue_tokens"]) == (100, 5000)
+    assert info["limits"]["body_timeout_s"] is None

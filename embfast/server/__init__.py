@@ -25,8 +25,10 @@ not served answers 424.
 Errors come in the shape each family's clients parse: OpenAI's ``{"error": {"message", "type", "code",
 "param"}}``, TEI's ``{"error", "error_type"}`` on TEI's routes, Cohere's ``{"message"}`` on ``/v*/embed``.
 Statuses: 400 malformed JSON, 401 missing or wrong API key (``Authorization: Bearer``; ``/health`` stays open),
-404 / 405, 413 body over ``max_request_bytes``, 422 a field that is wrong, 424 model kind not served, 429 queue
-full (``Retry-After``), 503 shutting down. Never a 5xx for a bad request.
+404 / 405, 408 request body stalled (nothing for ``body_timeout_s``; the connection is closed), 413 body over
+``max_request_bytes`` or one request over a whole ``max_queue_texts`` / ``max_queue_tokens`` budget, 422 a field
+that is wrong, 424 model kind not served, 429 queue full in requests, texts or tokens (``Retry-After``: whole
+seconds estimated from the backlog and the recent throughput), 503 shutting down. Never a 5xx for a bad request.
 """
 
 from __future__ import annotations

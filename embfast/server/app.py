@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from embfast.search_corpus import SearchCorpus
 from embfast.server.common import (
     _ENDPOINTS,
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_INPUTS,
     DEFAULT_MAX_REQUEST_BYTES,
     ApiError,
@@ -21,6 +22,7 @@ from embfast.server.common import (
     _dumps,
     _read_body,
     error_body,
+    overloaded_error,
 )
 from embfast.server.metrics import Metrics
 from embfast.text import InvalidTextError
@@ -43,8 +45,10 @@ def family_of(path: str) -> str:
 class _Guard:
     """ASGI middleware: API key check (all but /health), request latency and status counts."""
 
-    def __init__(self, app, *, api_key: str | None, metrics: Metrics, max_request_bytes: int):
+    def __init__(self, app, *, api_key: str | None, metrics: Metrics, max_request_bytes: int,
+                 body_timeout_s: float | None = None):
         self.app, self.api_key, self.metrics, self.limit = app, api_key, metrics, max_request_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -87,7 +91,10 @@ class _Guard:
     async def _drain(self, receive) -> None:
         size = 0
         while size <= self.limit:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                return  # a stalled body: answer now
             if msg["type"] != "http.request":
                 return
             size += len(msg.get("body", b""))
@@ -96,7 +103,9 @@ class _Guard:
 
 
 def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, max_wait_ms: float = 2.0,
-               max_queue: int = 1024, dynamic_batching: bool = True, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               max_queue: int = 1024, max_queue_texts: int | None = None, max_queue_tokens: int | None = None,
+               body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S, dynamic_batching: bool = True,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                max_inputs: int = DEFAULT_MAX_INPUTS, api_key: str | None = None, corpus=None, corpus_texts=None,
                model_name: str | None = None, reranker=None, strict_requests: bool = False,
                token_ids: str | None = None, sparse=None, models: list | None = None,
@@ -110,8 +119,13 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
             closes it); default: the app makes one from the arguments below
             (``app.state.batcher``) and closes it at shutdown, after in-flight
             requests, so such an app serves once.
-        max_batch_tokens / max_wait_ms / max_queue / call_cost_tokens: the batcher's (see DynamicBatcher), for
-            every model.
+        max_batch_tokens / max_wait_ms / max_queue / max_queue_texts / max_queue_tokens / call_cost_tokens: the
+            batcher's (see DynamicBatcher), for every model: the queue is counted in requests, texts and tokens;
+            over any of them a request gets 429 with ``retry-after`` (whole seconds, estimated from the backlog and
+            the recent throughput); one request over a whole texts or tokens budget gets 413 (it could never fit).
+        body_timeout_s: a request body that sends nothing for this many seconds (per chunk, not in total;
+            default 30) is answered 408 ``body_timeout`` and its connection closed, so a stalled upload holds
+            nothing; None waits forever.
         dynamic_batching: False runs each request in ONNX Runtime calls of its own (for comparison).
         max_request_bytes: largest request body, in bytes (default 2 MB); larger: 413.
         max_inputs: most strings per request (default 2048, as OpenAI).
@@ -155,6 +169,9 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
 
     if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
         raise ValueError(f"max_request_bytes must be an int >= 1, got {max_request_bytes!r}")
+    if body_timeout_s is not None and (isinstance(body_timeout_s, bool) or not isinstance(body_timeout_s, (int, float))
+                                       or not 0 < body_timeout_s <= 3600):
+        raise ValueError(f"body_timeout_s must be a number of seconds in (0, 3600] or None, got {body_timeout_s!r}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string or None")
     from embfast.cross_encoder import CrossEncoder
@@ -196,7 +213,9 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
             continue
         # its worker thread starts with the first request; closed at shutdown
         b = DynamicBatcher(model, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                           merge_requests=dynamic_batching, run_lock=run_lock, call_cost_tokens=call_cost_tokens)
+                           max_queue_texts=max_queue_texts, max_queue_tokens=max_queue_tokens,
+                           merge_requests=dynamic_batching, run_lock=run_lock,
+                           call_cost_tokens=call_cost_tokens)
         entries.append(ServedModel(names, kind, model, b, owned=True,
                                    rss_load_bytes=getattr(model, "load_rss_bytes", None)))
     registry = ModelRegistry(entries)
@@ -261,7 +280,8 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
     app.state.rerank_batcher = rerank_batcher
     app.state.sparse_batcher = sparse_batcher
     app.state.registry = registry
-    app.add_middleware(_Guard, api_key=api_key, metrics=metrics, max_request_bytes=max_request_bytes)
+    app.add_middleware(_Guard, api_key=api_key, metrics=metrics, max_request_bytes=max_request_bytes,
+                       body_timeout_s=body_timeout_s)
 
     from embfast.server.schemas import ROUTES, request_body
 
@@ -347,8 +367,7 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
         try:
             return await call(inputs, return_info=True, **kw)
         except OverloadedError as exc:
-            raise ApiError(429, str(exc), code="overloaded", type_="rate_limit_error",
-                           headers={"retry-after": "1"}) from None
+            raise overloaded_error(exc) from None
         except InputTooLongError as exc:
             raise ApiError(422, f"{exc} (send \"truncate\": true)", code="input_too_long", param="input") from None
         except bad_input as exc:
@@ -373,7 +392,7 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
         return tokens
 
     async def read_json(request):
-        return _decode_json(await _read_body(request, max_request_bytes))
+        return _decode_json(await _read_body(request, max_request_bytes, body_timeout_s))
 
     def info_payload() -> dict:
         """embfast's own /info keys (TEI's are added by the TEI module)."""
@@ -389,8 +408,10 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
                 "activation": reranker.config.activation, "max_seq_length": reranker.max_seq_length,
                 "precision": reranker.precision},
             "batching": {"dynamic": b.merge_requests, "max_batch_tokens": b.max_batch_tokens,
-                         "max_batch_size": b.max_batch_size, "max_wait_ms": b.max_wait_ms, "max_queue": b.max_queue},
-            "limits": {"max_request_bytes": max_request_bytes, "max_inputs": max_inputs},
+                         "max_batch_size": b.max_batch_size, "max_wait_ms": b.max_wait_ms, "max_queue": b.max_queue,
+                         "max_queue_texts": b.max_queue_texts, "max_queue_tokens": b.max_queue_tokens},
+            "limits": {"max_request_bytes": max_request_bytes, "max_inputs": max_inputs,
+                       "body_timeout_s": body_timeout_s},
             "auth": api_key is not None,
             "corpus": None if search_corpus is None else search_corpus.info(),
             "models": [e.describe() for e in registry],

@@ -7,7 +7,7 @@ import os
 import time
 
 from embfast.server.app import create_app
-from embfast.server.common import DEFAULT_MAX_INPUTS, DEFAULT_MAX_REQUEST_BYTES
+from embfast.server.common import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_INPUTS, DEFAULT_MAX_REQUEST_BYTES
 
 
 def _env(name: str, default=None):
@@ -54,6 +54,15 @@ def register_cli(subparsers) -> None:
                         "serving); default: DynamicBatcher's")
     p.add_argument("--max-queue", type=int, default=_env("MAX_QUEUE", 1024),
                    help="requests waiting or running before 429 (default 1024)")
+    p.add_argument("--max-queue-texts", type=int, default=_env("MAX_QUEUE_TEXTS"),
+                   help="texts waiting or running before 429 (default 32768); a request over 1/16 of it may fill "
+                        "the queue only to 3/4; one request over all of it: 413")
+    p.add_argument("--max-queue-tokens", type=int, default=_env("MAX_QUEUE_TOKENS"),
+                   help="tokens waiting or running before 429 (default 4 x 2048 x max_seq_length: 2097152 for "
+                        "all-MiniLM-L6-v2); same rules as --max-queue-texts")
+    p.add_argument("--body-timeout-s", type=float, default=_env("BODY_TIMEOUT_S", DEFAULT_BODY_TIMEOUT_S),
+                   help=f"a request body that sends nothing for this long gets 408 and its connection closed "
+                        f"(default {DEFAULT_BODY_TIMEOUT_S:g} s; 0 = wait forever)")
     p.add_argument("--max-client-batch-size", type=int, default=_env("MAX_CLIENT_BATCH_SIZE", DEFAULT_MAX_INPUTS),
                    help=f"most texts (or documents to rerank) per request, as TEI (default {DEFAULT_MAX_INPUTS}); "
                         "more: 422")
@@ -143,6 +152,9 @@ def cmd_serve(args) -> int:
     app = create_app(models=loaded, max_batch_tokens=args.max_batch_tokens,
                      max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, dynamic_batching=args.dynamic_batching,
                      call_cost_tokens=_call_cost(args.call_cost_tokens),
+                     max_queue_texts=None if args.max_queue_texts is None else int(args.max_queue_texts),
+                     max_queue_tokens=None if args.max_queue_tokens is None else int(args.max_queue_tokens),
+                     body_timeout_s=float(args.body_timeout_s) or None,
                      max_request_bytes=args.max_request_bytes, api_key=args.api_key or None,
                      corpus=args.corpus, corpus_texts=args.corpus_texts, max_inputs=args.max_client_batch_size,
                      strict_requests=args.strict_requests, token_ids=args.token_ids)

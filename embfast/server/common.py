@@ -3,6 +3,7 @@ decoding, field validators and the JSON encoder. Transport only; no FastAPI impo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -11,6 +12,7 @@ from embfast.text import lone_surrogate, surrogate_reason
 
 DEFAULT_MAX_REQUEST_BYTES = 2_000_000  # 2 MB, as TEI
 DEFAULT_MAX_INPUTS = 2048  # OpenAI's limit per request
+DEFAULT_BODY_TIMEOUT_S = 30.0  # a request body that sends nothing for this long is answered 408
 DRAIN_LIMIT_BYTES = 64 * 2**20  # read (and drop) at most this much of a refused body before answering
 ENCODING_FORMATS = ("float", "base64")
 _EMBEDDINGS_FIELDS = ("input", "model", "encoding_format", "dimensions", "user", "truncate", "input_type",
@@ -283,17 +285,52 @@ def parse_embeddings_request(body, *, dim: int, max_inputs: int = DEFAULT_MAX_IN
             "truncation_side": truncation_side(body.get("truncation_direction"))}
 
 
-async def _read_body(request, limit: int) -> bytes:
+def body_timeout_error(seconds: float, received: int) -> ApiError:
+    """408 for a request body that stalled (nothing received for ``seconds``); the connection is closed."""
+    return ApiError(408, f"the request body stalled: nothing arrived for {seconds:g} s after {received} bytes "
+                    "(the server's --body-timeout-s); send the whole body without pausing", code="body_timeout",
+                    headers={"connection": "close"})
+
+
+def overloaded_error(exc, error=ApiError) -> Exception:
+    """A batcher's :class:`~embfast.dynamic.OverloadedError` as the HTTP refusal: 429 with ``retry-after`` (the
+    batcher's estimate, whole seconds >= 1), or 413 for a :class:`~embfast.dynamic.RequestTooLargeError` (one
+    request over a whole queue budget: retrying cannot help). ``error`` is the route's ApiError class."""
+    from embfast.dynamic import RequestTooLargeError
+
+    if isinstance(exc, RequestTooLargeError):
+        return error(413, str(exc), code="request_too_large")
+    return error(429, str(exc), code="overloaded", type_="rate_limit_error",
+                 headers={"retry-after": str(getattr(exc, "retry_after_s", 1))})
+
+
+async def _read_body(request, limit: int, idle_timeout_s: float | None = None) -> bytes:
     """The request body, or 413 past ``limit`` bytes (by Content-Length, or counted while streaming).
 
     A refused body is still read and dropped, up to DRAIN_LIMIT_BYTES, so the
-    client sees the 413 instead of a reset connection.
+    client sees the 413 instead of a reset connection. ``idle_timeout_s``: when
+    no bytes arrive for this many seconds (per chunk, not in total), 408
+    ``body_timeout`` with ``connection: close`` (None = wait forever), so a
+    client that stops sending cannot hold the request open.
     """
     declared = request.headers.get("content-length", "")
     size = int(declared) if declared.isdigit() else 0
     too_big = size > limit
     chunks, received = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    while True:
+        try:
+            chunk = await (stream.__anext__() if idle_timeout_s is None
+                           else asyncio.wait_for(stream.__anext__(), idle_timeout_s))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on
+            raise body_timeout_error(idle_timeout_s, received) from None
+        except Exception as exc:
+            if type(exc).__name__ != "ClientDisconnect":  # starlette's; nobody is left to answer
+                raise
+            raise ApiError(499, f"the client closed the connection after {received} bytes of the body",
+                           code="client_disconnected") from None
         received += len(chunk)
         if received > limit:
             too_big = True
@@ -327,7 +364,7 @@ def _dumps(obj) -> bytes:
 
 
 _TEI_ERROR_TYPES = {413: "validation", 422: "validation", 424: "backend", 429: "overloaded", 503: "unhealthy",
-                    400: "validation", 401: "unauthorized", 404: "not_found", 405: "validation"}
+                    400: "validation", 408: "validation", 401: "unauthorized", 404: "not_found", 405: "validation"}
 
 
 def error_body(exc: ApiError, family: str = "openai") -> bytes:

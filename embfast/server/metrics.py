@@ -10,7 +10,8 @@ Names (documented in the README; TEI's ``te_*`` metrics were the guide):
   ``embfast_batch_duration_seconds`` histograms; ``embfast_batch_real_tokens_total`` /
   ``embfast_batch_padded_tokens_total`` counters (their ratio is the padding overhead).
 - Gauges read from the batcher at scrape time: ``embfast_queue_texts``, ``embfast_queue_tokens``,
-  ``embfast_queue_requests``, ``embfast_inflight_requests``; and ``embfast_rejected_total`` (429s).
+  ``embfast_queue_requests``, ``embfast_inflight_requests``, ``embfast_inflight_texts``, ``embfast_inflight_tokens``;
+  and ``embfast_rejected_total`` (429s).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _QUEUE_GAUGES = (("embfast_queue_texts", "queued_texts", "texts waiting for a batch"),
                  ("embfast_queue_tokens", "queued_tokens", "tokens of the texts waiting"),
                  ("embfast_queue_requests", "queued_requests", "requests with texts waiting"),
-                 ("embfast_inflight_requests", "in_flight_requests", "requests admitted and not finished"))
+                 ("embfast_inflight_requests", "in_flight_requests", "requests admitted and not finished"),
+                 ("embfast_inflight_texts", "in_flight_texts", "texts admitted and not finished (max_queue_texts)"),
+                 ("embfast_inflight_tokens", "in_flight_tokens", "tokens admitted and not finished (max_queue_tokens)"))
 
 
 class _BatcherCollector:

@@ -168,6 +168,7 @@ def add_rerank_routes(route: Callable, *, pick: Callable, error: type, read_json
     from fastapi.responses import Response
 
     from embfast.dynamic import BatcherClosedError, OverloadedError
+    from embfast.server.common import overloaded_error
     from embfast.tokenization import InputTooLongError
 
     parse = _Parser(error, max_inputs, strict)
@@ -185,8 +186,7 @@ def add_rerank_routes(route: Callable, *, pick: Callable, error: type, read_json
             logits, info = await served.batcher.predict_async(items, activation_fn="identity", truncate=truncate,
                                                        return_info=True)
         except OverloadedError as exc:
-            raise error(429, str(exc), code="overloaded", type_="rate_limit_error",
-                        headers={"retry-after": "1"}) from None
+            raise overloaded_error(exc, error) from None
         except InputTooLongError as exc:
             raise error(422, f"{exc} (send \"truncate\": true)", code="input_too_long") from None
         except BatcherClosedError:
