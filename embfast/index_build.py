@@ -86,8 +86,15 @@ def _read_rows(path: Path, offset: int, dtype, row_shape: tuple, start: int, sto
     return out.reshape((stop - start, *row_shape))
 
 
-def _blocks(path: Path, offset: int, dtype, shape: tuple, start: int = 0, rows: int = _BLOCK_ROWS) -> Iterator:
+_BLOCK_BYTES = 2 << 20
+
+
+def _blocks(path: Path, offset: int, dtype, shape: tuple, start: int = 0, rows: int | None = None) -> Iterator:
+    """Rows ``start:`` of a stored array, a block (about 2 MiB, at most 64k rows) at a time."""
     n = int(shape[0])
+    if rows is None:
+        row_bytes = max(int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize, 1)
+        rows = max(1, min(_BLOCK_ROWS, _BLOCK_BYTES // row_bytes))
     for s in range(start, n, rows):
         yield _read_rows(path, offset, dtype, tuple(shape[1:]), s, min(s + rows, n))
 
@@ -363,7 +370,7 @@ def _strings_of(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
     return [raw[offsets[k] - offsets[0]:offsets[k + 1] - offsets[0]].decode("utf-8") for k in range(len(offsets) - 1)]
 
 
-def _base_strings(base: Path, man: dict, name: str, rows: int = _BLOCK_ROWS) -> Iterator[list[str]]:
+def _base_strings(base: Path, man: dict, name: str, rows: int = 16384) -> Iterator[list[str]]:
     secs = man["sections"]
     b, o = secs[f"{name}.blob"], secs[f"{name}.offsets"]
     n = o["shape"][0] - 1
