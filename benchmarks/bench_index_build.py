@@ -12,6 +12,11 @@ vectors from the .npy, nothing is embedded) made by tiling one real encode of th
 ``run`` runs the CLI under ``/usr/bin/time -v`` (a separate small process, so the peak RSS is the
 build's own) and prints one JSON line: rows, seconds, peak RSS (MiB), file size. Any further
 arguments go to ``embfast index build`` as they are.
+
+``inmem TEXTS VECTORS OUT PRECISION`` measures the same way the in-memory path that the streaming
+build replaced (``Index.add`` of 4,096 rows at a time, then ``Index.save``), for comparison:
+
+    python benchmarks/bench_index_build.py inmem out/t200000.txt out/v200000.npy out/mem.embf int8
 """
 
 from __future__ import annotations
@@ -44,9 +49,28 @@ def tile(vectors: str, texts: str, rows: int, out: str) -> None:
     del dst
 
 
-def run(args: list[str]) -> dict:
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "embfast.cli", "index", "build", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+def inmem(texts: str, vectors: str, out: str, precision: str) -> None:
+    """The in-memory build: Index.add per 4,096 rows (ids, texts, metadata as the CLI stores them), then save."""
+    import numpy as np
+
+    from embfast import Embedder
+    from embfast.index import Index
+
+    v = np.load(vectors, mmap_mode="r")
+    lines = Path(texts).read_text(encoding="utf-8").splitlines()
+    index = Index(Embedder(), precision=precision)
+    for s in range(0, v.shape[0], 4096):
+        e = min(s + 4096, v.shape[0])
+        index.add(np.array(v[s:e]), ids=np.arange(s, e), texts=lines[s:e],
+                  metadata=[{"source": f"{texts}:{i + 1}"} for i in range(s, e)])
+    del lines
+    index.save(out)
+    print(f"built {out}: {len(index)} rows x {index.dim}")
+
+
+def run(args: list[str], command: list[str] | None = None) -> dict:
+    command = command or [sys.executable, "-m", "embfast.cli", "index", "build", *args]
+    r = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(r.stdout + r.stderr)
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
@@ -63,5 +87,9 @@ if __name__ == "__main__":
         tile(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
     elif len(sys.argv) >= 3 and sys.argv[1] == "run":
         print(json.dumps(run(sys.argv[2:])))
+    elif len(sys.argv) == 6 and sys.argv[1] == "inmem":
+        print(json.dumps(run(["-o", sys.argv[4]], [sys.executable, __file__, "_inmem", *sys.argv[2:]])))
+    elif len(sys.argv) == 6 and sys.argv[1] == "_inmem":
+        inmem(*sys.argv[2:])
     else:
         raise SystemExit(__doc__)

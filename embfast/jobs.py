@@ -11,6 +11,9 @@ folder; the same command with ``--resume`` skips the records of the recorded
 shards (re-reading, not re-embedding them) and carries on, so the result equals
 an uninterrupted run row for row.
 
+``embfast index build`` / ``index add`` run the same way (:mod:`embfast.index_build`: the same work
+folder, state, lock and ``--resume``; shards of index columns, assembled into the index file).
+
 Python API: :func:`encode_files`, :class:`Chunker`, :func:`embed_texts`.
 """
 
