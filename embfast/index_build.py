@@ -253,7 +253,7 @@ def build_index(inputs: list[str], output: str | Path, embedder, *, precision: s
               "max_seq_length": embedder.max_seq_length, "dim": dim, "precision": precision,
               "chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap if chunk_tokens else None,
               "text_field": read.text_field, "id_field": read.id_field, "input_format": read.input_format,
-              "with_ids": bool(with_ids), "store_text": bool(store_text), "shard_size": shard_size,
+              "with_ids": bool(with_ids), "store_text": bool(store_text),
               "vectors": None if vectors is None else str(vectors), "base": None if base is None else str(base)}
     prints = jio.fingerprint([*paths, *([str(vectors)] if vectors is not None else []),
                               *([str(base)] if base is not None else [])])

@@ -146,6 +146,45 @@ def test_killed_build_resumes_to_the_identical_file(tiny_dir, tmp_path):
     same_file(tmp_path / "r.embf", tmp_path / "full.embf")
 
 
+def test_interrupted_add_resumes_through_the_python_api(tiny, tmp_path, monkeypatch):
+    """index add stopped after two shards (a simulated Ctrl-C) keeps the base file and its work folder;
+    resume=True finishes it: the same file as an uninterrupted add (int8, ranges kept)."""
+    from embfast import index_build
+
+    vecs = unit_rows(200, tiny.dim, seed=5)
+    np.save(tmp_path / "base.npy", vecs[:120])
+    np.save(tmp_path / "more.npy", vecs[120:])
+    for name in ("a.embf", "b.embf"):
+        index_build.build_index([], tmp_path / name, tiny, precision="int8", vectors=tmp_path / "base.npy")
+    before = (tmp_path / "a.embf").read_bytes()
+    real = index_build._write_index_shard
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(index_build, "_write_index_shard", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        index_build.build_index([], tmp_path / "a.embf", tiny, base=tmp_path / "a.embf",
+                                vectors=tmp_path / "more.npy", shard_size=16)
+    monkeypatch.setattr(index_build, "_write_index_shard", real)
+    assert (tmp_path / "a.embf").read_bytes() == before
+    assert len(json.loads((work_folder(tmp_path / "a.embf") / "state.json").read_text())["shards"]) == 2
+    with pytest.raises(ValueError, match="pass --resume"):
+        index_build.build_index([], tmp_path / "a.embf", tiny, base=tmp_path / "a.embf",
+                                vectors=tmp_path / "more.npy", shard_size=16)
+    res = index_build.build_index([], tmp_path / "a.embf", tiny, base=tmp_path / "a.embf",
+                                  vectors=tmp_path / "more.npy", shard_size=16, resume=True)
+    assert (res.rows, res.added, res.resumed_shards) == (200, 80, 2)
+    index_build.build_index([], tmp_path / "b.embf", tiny, base=tmp_path / "b.embf", vectors=tmp_path / "more.npy")
+    same_file(tmp_path / "a.embf", tmp_path / "b.embf")
+    assert not work_folder(tmp_path / "a.embf").exists()
+    assert Index.load(tmp_path / "a.embf").id_at(199) == 199
+
+
 _RSS_SCRIPT = """
 import sys
 from embfast.index_build import build_index
