@@ -55,8 +55,6 @@ from embfast.jobs import (
     work_folder,
 )
 
-_STR_ARRAYS = ("texts", "meta")
-
 
 @dataclass
 class IndexBuildResult:
@@ -336,25 +334,20 @@ def _run(state, folder, paths, output, embedder, read, kind, base, base_man, vec
 # ---- assembly -------------------------------------------------------------------------------------------------------
 def _check_unique_str_ids(folder: Path, shard_rows: list[int], base: Path | None, base_man: dict | None) -> None:
     """ValueError naming an id that occurs twice (8-byte hashes sorted; a hash match is confirmed on the strings)."""
-    parts, owners = [], []
+    parts = []
     if base is not None and base_man["count"]:
-        hashes = []
-        for ids in _base_strings(base, base_man, "ids"):
-            hashes.append(_id_hash(ids))
-        parts.append(np.concatenate(hashes))
-        owners.append(-1)
-    for i in range(len(shard_rows)):
-        parts.append(_shard_array(folder, i, "ids_hash"))
-        owners.append(i)
+        parts.extend(_id_hash(ids) for ids in _base_strings(base, base_man, "ids"))
+    parts.extend(_shard_array(folder, i, "ids_hash") for i in range(len(shard_rows)))
     if not parts:
         return
     allh = np.concatenate(parts)
-    order = np.argsort(allh, kind="stable")
-    sorted_h = allh[order]
-    dup = np.flatnonzero(sorted_h[1:] == sorted_h[:-1])
+    del parts
+    allh.sort()
+    dup = np.flatnonzero(allh[1:] == allh[:-1])
     if dup.size == 0:
         return
-    suspects = set(sorted_h[dup].tolist())
+    suspects = set(allh[dup].tolist())
+    del allh
     seen: dict = {}
     for ids in _all_str_ids(folder, shard_rows, base, base_man):
         for h, i in zip(_id_hash(ids).tolist(), ids, strict=True):
@@ -452,7 +445,6 @@ def assemble_index(folder: Path, shard_rows: list[int], output: Path, *, kind: s
     def fill(section) -> dict:
         nonlocal ranges, ranges_n
         section("vectors", vector_pieces(), np.float32, (n, dim))
-        vec_sec = None
         if precision != "fp32" and n:
             section.flush()
             vec_sec = (section.path, section.sections["vectors"]["offset"])
