@@ -501,59 +501,28 @@ class Index:
         The fp32 vectors are always stored (they rescore quantized searches). An index loaded
         memory-mapped from ``path`` may be saved back to ``path``.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._ensure_codes()
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         dim = self.dim or 0
-        sections: dict[str, dict] = {}
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(MAGIC)
 
-                def section(name: str, pieces, dtype, shape) -> None:
-                    pad = (-fh.tell()) % _ALIGN
-                    fh.write(b"\0" * pad)
-                    offset, h, nbytes = fh.tell(), hashlib.sha256(), 0
-                    for piece in pieces:
-                        buf = np.ascontiguousarray(piece, dtype=dtype).tobytes()
-                        h.update(buf)
-                        fh.write(buf)
-                        nbytes += len(buf)
-                    sections[name] = {"offset": offset, "nbytes": nbytes, "dtype": np.dtype(dtype).str,
-                                      "shape": list(shape), "sha256": h.hexdigest()}
+        def fill(section) -> dict:
+            n = len(self)
+            section("vectors", self._vectors.blocks(), np.float32, (n, dim))
+            if self._codes is not None:
+                c = self._codes
+                section("codes", c.blocks(), c.base.dtype, (n, *c.base.shape[1:]))
+            if self._ranges is not None:
+                section("ranges", [self._ranges], np.float32, (2, dim))
+            if self._id_kind == "str":
+                self._write_strings(section, "ids", self._str_ids)
+            else:
+                section("ids", self._int_ids.blocks(), np.int64, (n,))
+            self._write_strings(section, "texts", self._texts)
+            self._write_strings(section, "metadata", self._meta)
+            sparse = None if self._sparse is None else {"model": self.sparse_model, **self._sparse.write(section)}
+            return {"model": self.model, "precision": self.precision, "dim": self.dim, "count": n,
+                    "id_kind": self._id_kind or "int", "int8_ranges_count": self._ranges_n, "sparse": sparse}
 
-                n = len(self)
-                section("vectors", self._vectors.blocks(), np.float32, (n, dim))
-                if self._codes is not None:
-                    c = self._codes
-                    section("codes", c.blocks(), c.base.dtype, (n, *c.base.shape[1:]))
-                if self._ranges is not None:
-                    section("ranges", [self._ranges], np.float32, (2, dim))
-                if self._id_kind == "str":
-                    self._write_strings(section, "ids", self._str_ids)
-                else:
-                    section("ids", self._int_ids.blocks(), np.int64, (n,))
-                self._write_strings(section, "texts", self._texts)
-                self._write_strings(section, "metadata", self._meta)
-                sparse = None if self._sparse is None else {"model": self.sparse_model, **self._sparse.write(section)}
-                manifest = {"format": INDEX_FORMAT, "embfast": _version(),
-                            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": self.model,
-                            "precision": self.precision, "dim": self.dim, "count": n,
-                            "id_kind": self._id_kind or "int", "int8_ranges_count": self._ranges_n,
-                            "sections": sections, **({"sparse": sparse} if sparse else {})}
-                head = json.dumps(manifest, indent=1).encode("utf-8")
-                fh.write(head)
-                fh.write(_TRAILER.pack(len(head), hashlib.sha256(head).digest(), MAGIC))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            from embfast.io import fsync_dir
-
-            fsync_dir(path.parent)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        path = write_index_file(path, fill)
         self.path = path
         return path
 
@@ -630,6 +599,64 @@ class Index:
             raise ValueError(f"{path} holds no sparse rows; build it with Index(embedder, sparse_encoder=...)")
         index.path = path
         return index
+
+
+def write_index_file(path: str | Path, fill) -> Path:
+    """Write an index file atomically (a temporary file renamed over ``path``); returns the path.
+
+    ``fill(section)`` writes the sections in file order by calling ``section(name, pieces, dtype, shape)``
+    (``pieces``: an iterable of arrays, consumed one at a time, so a section may be streamed from disk;
+    its sha256 is computed as it is written) and returns the manifest fields ``model``, ``precision``,
+    ``dim``, ``count``, ``id_kind``, ``int8_ranges_count`` and ``sparse`` (None: no sparse rows).
+    ``section`` also has ``section.flush()`` (the bytes written so far reach the file, e.g. to read a
+    finished section back), ``section.path`` (the temporary file) and ``section.sections`` (name ->
+    offset, nbytes, dtype, shape, sha256 of the sections written so far). This is the one writer of the
+    format: :meth:`Index.save` and the streaming builds (:mod:`embfast.index_build`) both use it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    sections: dict[str, dict] = {}
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(MAGIC)
+
+            def section(name: str, pieces, dtype, shape) -> None:
+                pad = (-fh.tell()) % _ALIGN
+                fh.write(b"\0" * pad)
+                offset, h, nbytes = fh.tell(), hashlib.sha256(), 0
+                for piece in pieces:
+                    buf = np.ascontiguousarray(piece, dtype=dtype).tobytes()
+                    h.update(buf)
+                    fh.write(buf)
+                    nbytes += len(buf)
+                sections[name] = {"offset": offset, "nbytes": nbytes, "dtype": np.dtype(dtype).str,
+                                  "shape": list(shape), "sha256": h.hexdigest()}
+                if nbytes != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+                    raise RuntimeError(f"index section {name!r}: wrote {nbytes} bytes for shape {list(shape)}")
+
+            section.flush = fh.flush
+            section.path = tmp
+            section.sections = sections
+            f = fill(section)
+            manifest = {"format": INDEX_FORMAT, "embfast": _version(),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": f["model"],
+                        "precision": f["precision"], "dim": f["dim"], "count": f["count"], "id_kind": f["id_kind"],
+                        "int8_ranges_count": f["int8_ranges_count"], "sections": sections,
+                        **({"sparse": f["sparse"]} if f.get("sparse") else {})}
+            head = json.dumps(manifest, indent=1).encode("utf-8")
+            fh.write(head)
+            fh.write(_TRAILER.pack(len(head), hashlib.sha256(head).digest(), MAGIC))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        from embfast.io import fsync_dir
+
+        fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def _version() -> str:

@@ -11,6 +11,9 @@ folder; the same command with ``--resume`` skips the records of the recorded
 shards (re-reading, not re-embedding them) and carries on, so the result equals
 an uninterrupted run row for row.
 
+``embfast index build`` / ``index add`` run the same way (:mod:`embfast.index_build`: the same work
+folder, state, lock and ``--resume``; shards of index columns, assembled into the index file).
+
 Python API: :func:`encode_files`, :class:`Chunker`, :func:`embed_texts`.
 """
 
@@ -346,24 +349,9 @@ def encode_files(inputs: list[str], output: str | Path, embedder, *, read: ReadO
               "chunk_overlap": chunk_overlap if chunk_tokens else None, "text_field": read.text_field,
               "id_field": read.id_field, "input_format": read.input_format, "include_text": include_text,
               "output_format": fmt, "prompt": prompt, "prompt_name": prompt_name}
-    prints = jio.fingerprint(paths)
     folder = work_folder(output)
-    fresh = not folder.exists()
-    if fresh:
-        try:
-            folder.mkdir(parents=True)
-        except FileExistsError:
-            fresh = False
-    lock = _lock_job(folder, output)
+    state, lock = open_job(folder, output, config, jio.fingerprint(paths), resume)
     try:
-        if fresh:
-            state = {"format": STATE_FORMAT, "config": config, "inputs": prints, "dim": None, "shards": []}
-            _write_state(folder, state)
-        elif not resume:
-            raise ValueError(f"{folder} holds an interrupted run of this job; pass --resume to finish it, "
-                             f"or delete the folder to start over")
-        else:
-            state = _load_state(folder, config, prints)
         return _run_job(state, folder, paths, output, fmt, embedder, read, chunker, t0, batch_size=batch_size,
                         normalize=normalize, dimensions=dimensions, include_text=include_text, shard_size=shard_size,
                         skip_bad=skip_bad, quiet=quiet, progress_interval=progress_interval,
@@ -372,7 +360,52 @@ def encode_files(inputs: list[str], output: str | Path, embedder, *, read: ReadO
         lock.close()
 
 
-def _lock_job(folder: Path, output: Path):
+def open_job(folder: Path, output: Path, config: dict, inputs: list[dict], resume: bool, *,
+             what: str = "embfast encode"):
+    """Create (or, with ``resume``, reopen) a job's work folder and lock it; returns (state, lock).
+
+    A fresh folder gets a state ``{"format", "config", "inputs", "dim": None, "shards": []}``. An existing
+    folder without ``resume`` is a ValueError; with it, the recorded config and input fingerprints must
+    equal ``config`` / ``inputs`` (ValueError naming what changed). Close ``lock`` when the job ends.
+    Shared by ``embfast encode`` and the streaming index builds (:mod:`embfast.index_build`).
+    """
+    fresh = not folder.exists()
+    if fresh:
+        try:
+            folder.mkdir(parents=True)
+        except FileExistsError:
+            fresh = False
+    lock = _lock_job(folder, output, what)
+    try:
+        if fresh:
+            state = {"format": STATE_FORMAT, "config": config, "inputs": inputs, "dim": None, "shards": []}
+            _write_state(folder, state)
+        elif not resume:
+            raise ValueError(f"{folder} holds an interrupted run of this job; pass --resume to finish it, "
+                             f"or delete the folder to start over")
+        else:
+            state = _load_state(folder, config, inputs)
+    except BaseException:
+        lock.close()
+        raise
+    return state, lock
+
+
+def skip_records(records: Iterator[Record], skip: int, bad: BadCounter, folder: Path) -> None:
+    """Consume the first ``skip`` records (done by the interrupted run) without counting bad rows again."""
+    if not skip:
+        return
+    bad.muted = True
+    for i, _ in enumerate(records, 1):
+        if i == skip:
+            break
+    else:
+        raise RuntimeError(f"--resume: the inputs hold fewer records than the {skip} already done; "
+                           f"delete {folder} to start over")
+    bad.muted = False
+
+
+def _lock_job(folder: Path, output: Path, what: str = "embfast encode"):
     """Hold an exclusive lock on the job's work folder for this process's lifetime (released at exit or kill)."""
     import fcntl
 
@@ -381,7 +414,7 @@ def _lock_job(folder: Path, output: Path):
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         fh.close()
-        raise RuntimeError(f"another embfast encode is writing {output} right now (its work folder {folder} is "
+        raise RuntimeError(f"another {what} is writing {output} right now (its work folder {folder} is "
                            "locked); wait for it to finish") from None
     return fh
 
@@ -396,15 +429,7 @@ def _run_job(state: dict, folder: Path, paths: list[str], output: Path, fmt: str
     bad = BadCounter(skip=skip_bad, quiet=quiet)
     total = None if quiet else jio.count_rows(paths, read)
     records = jio.read_records(paths, read, bad)
-    if skip:
-        bad.muted = True
-        for i, _ in enumerate(records, 1):
-            if i == skip:
-                break
-        else:
-            raise RuntimeError(f"--resume: the inputs hold fewer records than the {skip} already done; "
-                               f"delete {folder} to start over")
-        bad.muted = False
+    skip_records(records, skip, bad, folder)
     progress = Progress(total, quiet=quiet, interval=progress_interval, initial=skip)
     try:
         for shard in embedded_shards(records, embedder, shard_size=shard_size, chunker=chunker,
@@ -445,9 +470,10 @@ def _env(name: str, default=None):
     return os.environ.get(f"EMBFAST_{name}", default)
 
 
-def _input_args(p) -> None:
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="files or glob patterns: .txt (one text per line), .jsonl, .csv, .parquet")
+def _input_args(p, *, optional: bool = False) -> None:
+    p.add_argument("inputs", nargs="*" if optional else "+", metavar="INPUT",
+                   help="files or glob patterns: .txt (one text per line), .jsonl, .csv, .parquet"
+                   + (" (optional with --vectors: then they give the rows' ids and texts)" if optional else ""))
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.csv/.parquet (default text)")
     p.add_argument("--id-field", default=None, help="field holding the row id (default: file:line)")
     p.add_argument("--input-format", choices=["txt", "jsonl", "csv", "parquet"], default=None,
@@ -528,62 +554,47 @@ def cmd_encode(args) -> int:
     return 0
 
 
-def _index_rows(shard: Shard, chunked: bool, with_ids: bool, store_text: bool):
-    """Ids, texts and metadata for Index.add from a shard."""
-    ids = [r["id"] for r in shard.rows] if (chunked or with_ids) else None
-    meta = [{"source": src, **{k: r[k] for k in ("doc_id", "chunk_index", "char_start", "char_end") if k in r}}
-            for r, src in zip(shard.rows, shard.sources, strict=True)]
-    return ids, (shard.texts if store_text else None), meta
-
-
-def _fill_index(index, args, embedder) -> tuple[int, BadCounter]:
-    read = _read_opts(args)
-    paths = jio.expand_inputs(args.inputs)
-    bad = BadCounter(skip=args.skip_bad, quiet=args.quiet)
-    chunker = Chunker(embedder, args.chunk_tokens, args.chunk_overlap) if args.chunk_tokens else None
-    progress = Progress(None if args.quiet else jio.count_rows(paths, read), quiet=args.quiet,
-                        interval=args.progress_interval)
-    added = 0
-    try:
-        for shard in embedded_shards(jio.read_records(paths, read, bad), embedder, shard_size=args.shard_size,
-                                     chunker=chunker, batch_size=args.batch_size, progress=progress, role="document"):
-            ids, texts, meta = _index_rows(shard, chunker is not None, args.id_field is not None, not args.no_text)
-            index.add(shard.vectors, ids=ids, metadata=meta, texts=texts)
-            added += len(shard.rows)
-    finally:
-        progress.close()
-    return added, bad
-
-
 def _bad_note(bad: BadCounter) -> str:
     return f"; skipped {bad.rows} bad rows and {bad.files} unreadable files" if (bad.rows or bad.files) else ""
 
 
-def _fill_and_save(index, args, m, path):
-    """Add the corpus files to ``index`` and save it to ``path``; (added, bad), or None when interrupted."""
+def _stream_index(args, m, output, base=None):
+    """Run the streaming build (:func:`embfast.index_build.build_index`); the result, or None when interrupted."""
+    from embfast.index_build import build_index
+
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        added, bad = _fill_index(index, args, m)
+        return build_index(args.inputs, output, m, precision=getattr(args, "precision", "fp32"), base=base,
+                           vectors=args.vectors, read=_read_opts(args), batch_size=args.batch_size,
+                           chunk_tokens=args.chunk_tokens, chunk_overlap=args.chunk_overlap,
+                           with_ids=args.id_field is not None, store_text=not args.no_text,
+                           shard_size=args.shard_size, resume=args.resume, skip_bad=args.skip_bad,
+                           quiet=args.quiet, progress_interval=args.progress_interval)
     except BadInputError as exc:
         raise ValueError(f"{exc}{'' if args.skip_bad else '; pass --skip-bad to skip and count bad rows'}") from None
     except KeyboardInterrupt:
-        print(f"embfast index: interrupted; {path} was not written", file=sys.stderr)
+        folder = work_folder(output)
+        kept = f"; finished shards are kept in {folder}: run the same command with --resume to finish" \
+            if folder.exists() else ""
+        print(f"embfast index: interrupted; {output} was not written{kept}", file=sys.stderr)
         return None
-    index.save(path)
-    return added, bad
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _resumed_note(res) -> str:
+    return f"; resumed after {res.resumed_shards} shards" if res.resumed_shards else ""
 
 
 def cmd_index_build(args) -> int:
-    from embfast.index import Index
-
     t0 = time.perf_counter()
     m = _embedder(args)
-    index = Index(m, precision=args.precision)
-    filled = _fill_and_save(index, args, m, args.output)
-    if filled is None:
+    res = _stream_index(args, m, args.output)
+    if res is None:
         return 130
-    added, bad = filled
-    print(f"built {args.output}: {added} rows x {index.dim}, {index.precision}, model {m.manifest.get('name')} "
-          f"({time.perf_counter() - t0:.1f} s){_bad_note(bad)}")
+    bad = BadCounter(rows=res.bad_rows, files=res.bad_files)
+    print(f"built {args.output}: {res.rows} rows x {res.dim}, {res.precision}, model {m.manifest.get('name')} "
+          f"({time.perf_counter() - t0:.1f} s){_bad_note(bad)}{_resumed_note(res)}")
     return 0
 
 
@@ -596,18 +607,18 @@ def _model_for_index(args, manifest_model: dict | None):
 
 
 def cmd_index_add(args) -> int:
-    from embfast.index import Index, read_index_manifest
+    from embfast.index import read_index_manifest
 
     t0 = time.perf_counter()
-    m = _model_for_index(args, read_index_manifest(args.index).get("model"))
-    index = Index.load(args.index, embedder=m, mmap=True)
-    before = len(index)
-    filled = _fill_and_save(index, args, m, args.index)
-    if filled is None:
+    man = read_index_manifest(args.index)
+    m = _model_for_index(args, man.get("model"))
+    before = man["count"]
+    res = _stream_index(args, m, args.index, base=args.index)
+    if res is None:
         return 130
-    added, bad = filled
-    print(f"added {added} rows to {args.index}: {before} -> {len(index)} rows "
-          f"({time.perf_counter() - t0:.1f} s){_bad_note(bad)}")
+    bad = BadCounter(rows=res.bad_rows, files=res.bad_files)
+    print(f"added {res.added} rows to {args.index}: {before} -> {res.rows} rows "
+          f"({time.perf_counter() - t0:.1f} s){_bad_note(bad)}{_resumed_note(res)}")
     return 0
 
 
@@ -664,6 +675,14 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _index_job_args(p) -> None:
+    p.add_argument("--no-text", action="store_true", help="do not store texts in the index")
+    p.add_argument("--vectors", default=None, metavar="NPY",
+                   help="index these precomputed vectors (.npy (rows, dim), e.g. from embfast encode) instead of "
+                        "embedding INPUTs; INPUTs, if given, supply one record (id, text) per vector row")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run from its <output>.parts folder")
+
+
 def register_cli(sub) -> None:
     """Add ``encode``, ``index build|add|info`` and ``search`` to the ``embfast`` command."""
     s = sub.add_parser("encode", help="embed text files into .npy / .parquet / .jsonl (streaming, resumable)")
@@ -681,19 +700,19 @@ def register_cli(sub) -> None:
 
     s = sub.add_parser("index", help="build or extend a persistent vector index (embfast.Index)")
     isub = s.add_subparsers(dest="index_command", required=True)
-    b = isub.add_parser("build", help="embed a corpus into a new index file")
-    _input_args(b)
+    b = isub.add_parser("build", help="embed a corpus into a new index file (streaming, resumable)")
+    _input_args(b, optional=True)
     _model_args(b, precision_flag="--model-precision")
     b.add_argument("-o", "--output", required=True, help="the index file to write (atomically)")
     b.add_argument("--precision", default="fp32", choices=["fp32", "int8", "binary"],
                    help="how vectors are searched: fp32 exact, int8 or binary with fp32 rescoring (default fp32)")
-    b.add_argument("--no-text", action="store_true", help="do not store texts in the index")
+    _index_job_args(b)
     b.set_defaults(func=cmd_index_build)
-    a = isub.add_parser("add", help="embed more texts into an existing index")
+    a = isub.add_parser("add", help="embed more texts into an existing index (streaming, resumable)")
     a.add_argument("index", help="the index file (rewritten atomically)")
-    _input_args(a)
+    _input_args(a, optional=True)
     _model_args(a, precision_flag="--model-precision")
-    a.add_argument("--no-text", action="store_true", help="do not store texts in the index")
+    _index_job_args(a)
     a.set_defaults(func=cmd_index_add)
     i = isub.add_parser("info", help="print an index's manifest as JSON")
     i.add_argument("index")
