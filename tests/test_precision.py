@@ -91,10 +91,12 @@ def test_variants_are_built_once_and_rebuilt_when_their_recipe_changes(tiny_dir)
     assert "SkipLayerNormalization" not in ops and {"MatMulInteger", "QAttention"} & ops
 
 
-def test_int8_rows_variant_has_no_per_tensor_activation_scale(tiny_dir, monkeypatch):
+def test_int8_rows_variant_has_no_per_tensor_activation_scale(minilm_dir, monkeypatch):
     """EMBFAST_INT8_RECIPE=rows: precision="int8" runs the int8-rows variant: attention split, every MatMul
-    per-row quantized, smoothing calibrated, nothing quantized per tensor; the default variant is untouched."""
-    folder = ensure_exported(tiny_dir)
+    per-row quantized, smoothing calibrated, nothing quantized per tensor; the default variant is untouched.
+    On the real all-MiniLM-L6-v2: the tiny random model's int8-rows variant fails the variant fidelity check
+    under onnxruntime 1.32 (min probe cosine 0.789 < 0.90)."""
+    folder = ensure_exported(minilm_dir)
     default = ensure_variant(folder, "int8")
     monkeypatch.setenv("EMBFAST_INT8_RECIPE", "rows")
     path = ensure_variant(folder, "int8")
@@ -104,7 +106,7 @@ def test_int8_rows_variant_has_no_per_tensor_activation_scale(tiny_dir, monkeypa
     assert not {"DynamicQuantizeLinear", "QAttention", "DynamicQuantizeMatMul", "MatMul", "Attention"} & ops
     check = read_manifest(folder)["variant_checks"]["int8-rows"]
     assert check["recipe"] == "rowquant-u8s8" and check["smoothed_inputs"] > 0 and check["format"] == VARIANT_FORMAT
-    assert Embedder(tiny_dir, precision="int8").encode(TEXTS[:3]).shape == (3, 32)
+    assert Embedder(minilm_dir, precision="int8").encode(TEXTS[:3]).shape == (3, 384)
     monkeypatch.setenv("EMBFAST_INT8_RECIPE", "nonsense")
     with pytest.raises(ValueError, match="EMBFAST_INT8_RECIPE"):
         ensure_variant(folder, "int8")
