@@ -62,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
@@ -224,14 +225,6 @@ class RunLock:
         with self._cond:
             self._serving += 1
             self._cond.notify_all()
-
-
-class _NoLock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 QUEUE_POLICIES = ("deadline", "oldest")
@@ -445,7 +438,7 @@ class DynamicBatcher(SparseCalls):
         # seconds per padded token of recent batches (moving average); the first guess is a small CPU model's
         self._s_per_token = 2e-4 if getattr(embedder, "device", "cpu") != "cuda" else 1e-6
         self._seq = 0
-        self._run_guard = run_lock if run_lock is not None else _NoLock()
+        self._run_guard = run_lock if run_lock is not None else contextlib.nullcontext()
         self._pool_texts = max(self.max_batch_size, 256)
         self._hidden = int(embedder.config.dim)
 
