@@ -36,6 +36,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -67,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sentences per request: 1 sends a string, k > 1 a list (default 1,8)")
     p.add_argument("--modes", default="on,off",
                    help="embfast servers: on (dynamic batching), off, two-models (two models in one process), "
-                        "two-processes (one model each); comma-separated (default on,off)")
+                        "two-processes (one model each); on-wN / off-wN: with --workers N (N batches at once, "
+                        "each on cores / N threads); comma-separated (default on,off)")
     p.add_argument("--duration-s", type=float, default=15.0, help="measured seconds per point (default 15)")
     p.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each point (default 3)")
     p.add_argument("--threads", type=int, default=None, help="embfast ONNX Runtime threads (default: all cores)")
@@ -85,20 +87,30 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="API families to load embfast with (batching on): openai (/v1/embeddings), tei (/embed), "
                         "cohere (/v2/embed); comma-separated (default openai)")
     p.add_argument("--in-process", action="store_true",
-                   help="also run the same load on a DynamicBatcher in this process (no HTTP): the HTTP layer's cost "
-                        "per request is each API's p50 minus this p50")
+                   help="also run the same load on a DynamicBatcher in this process (no HTTP), one per on/off[-wN] "
+                        "mode: the HTTP layer's cost per request is each API's p50 minus this p50")
+    p.add_argument("--no-http", action="store_true",
+                   help="with --in-process: skip the HTTP servers (the batcher alone, with a load generator that "
+                        "costs next to nothing)")
     p.add_argument("--profile", action="store_true",
                    help="also say where the time goes for embfast servers: CPU seconds per request of each server "
                         "thread group (event loop, batcher worker, ONNX Runtime's pool, tokenizer pool) and of "
                         "the load generator, from /proc; batches, texts per batch, queue wait and planning time "
                         "from /metrics")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every point this many times; with more than one, all servers are started at once "
+                        "and each round measures every server at a point before moving on, so drift on a shared "
+                        "machine hits all of them alike; the table gives each point's median over the rounds")
     p.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--startup-timeout-s", type=float, default=300.0, help="wait this long for a server to start")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not set(modes) <= {"on", "off", "two-models", "two-processes"}:
-        p.error(f"--modes must be a comma-separated list of on, off, two-models, two-processes, got {args.modes!r}")
+    if not all(m in ("two-models", "two-processes") or re.fullmatch(r"(on|off)(-w[1-9][0-9]*)?", m) for m in modes):
+        p.error(f"--modes must be a comma-separated list of on, off, on-wN, off-wN, two-models, two-processes, got "
+                f"{args.modes!r}")
     args.modes = modes
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     if args.duration_s <= 0 or args.warmup_s < 0:
         p.error("--duration-s must be > 0 and --warmup-s >= 0")
     return args
@@ -159,8 +171,9 @@ class Server:
                 self.proc.wait()
 
 
-def embfast_server(args, batching: bool, models: int = 1) -> Server:
-    """``embfast serve``; ``models`` 2 serves the model twice in the process, as "a" and "b"."""
+def embfast_server(args, batching: bool, models: int = 1, workers: int = 1) -> Server:
+    """``embfast serve``; ``models`` 2 serves the model twice in the process, as "a" and "b"; ``workers``:
+    its ``--workers``."""
     port = free_port()
     cmd = [sys.executable, "-m", "embfast.cli", "serve", "--port", str(port), "--log-level", "warning",
            "--max-wait-ms", str(args.max_wait_ms), "--max-batch-tokens", str(args.max_batch_tokens),
@@ -175,13 +188,15 @@ def embfast_server(args, batching: bool, models: int = 1) -> Server:
         cmd += ["--threads", str(args.threads)]
     if args.call_cost_tokens is not None:
         cmd += ["--call-cost-tokens", str(args.call_cost_tokens)]
-    extra = {"dynamic_batching": batching, "max_wait_ms": args.max_wait_ms,
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
+    extra = {"dynamic_batching": batching, "workers": workers, "max_wait_ms": args.max_wait_ms,
              "max_batch_tokens": args.max_batch_tokens, "precision": args.precision,
              "call_cost_tokens": args.call_cost_tokens}
     if names:
         extra.update(served_names=names, layout="two models, one process")
-    return Server(f"embfast-{'on' if batching else 'off'}", cmd, port, "/v1/embeddings", names[0] if names else
-                  "embfast", extra=extra)
+    return Server(f"embfast-{'on' if batching else 'off'}-w{workers}", cmd, port, "/v1/embeddings",
+                  names[0] if names else "embfast", extra=extra)
 
 
 def _default_model():
@@ -268,6 +283,8 @@ async def run_load(server: Server, sentences: list[str], clients: int, k: int, s
     errors = 0
     texts_done = 0
     stop_at = time.perf_counter() + seconds
+    # one pool for all clients: one client object per simulated client measured costlier still for the load
+    # generator at 128 clients (30-50 ms of CPU per request against 17-22)
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
     async with httpx.AsyncClient(limits=limits, timeout=120) as http:
@@ -351,7 +368,8 @@ def _profile(server, before: dict, after: dict, requests: int) -> dict:
     batches = max(m["batches"], 1)
     return {"cpu_ms_per_request": cpu,
             "batches": int(m["batches"]), "texts_per_batch": round(m["texts"] / batches, 1),
-            "batch_ms": round(m["batch_s"] * 1000 / batches, 2), "queue_wait_ms": round(m["wait_s"] * 1000 / batches, 1),
+            "batch_ms": round(m["batch_s"] * 1000 / batches, 2),
+            "queue_wait_ms": round(m["wait_s"] * 1000 / batches, 1),
             "plan_ms": round(m["plan_s"] * 1000 / batches, 3),
             "server_ms_per_request": round(m["server_request_s"] * 1000 / max(m["server_requests"], 1), 1),
             "ort_busy": round(m["batch_s"] / max(after["wall"] - before["wall"], 1e-9), 3)}
@@ -374,7 +392,8 @@ def measure(server, sentences: list[str], clients: int, k: int, args, api: str =
     else:
         def load(seconds):
             return run_inprocess(server, sentences, clients, k, seconds)
-        name, extra = "in-process", {"dynamic_batching": True, "api": "python"}
+        name, extra = "in-process", {"dynamic_batching": server.merge_requests, "workers": server.workers,
+                                     "api": "python"}
     if args.warmup_s > 0:
         asyncio.run(load(args.warmup_s))
     profiling = getattr(args, "profile", False) and isinstance(server, Server) and name == "embfast"
@@ -410,14 +429,40 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": cores, "python": platform.python_version()}
 
 
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (server, layout, API, clients, texts per request): the median of each figure over the rounds,
+    with ``rounds`` (how many) and ``texts_per_s_range`` ([min, max])."""
+    import numpy as np
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = (r["server"], r.get("dynamic_batching"), r.get("workers"), r.get("layout"), r.get("api"),
+               r["concurrency"], r["texts_per_request"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for group in groups.values():
+        row = {k: v for k, v in group[0].items() if k not in ("round", "profile")}
+        for key in ("requests_per_s", "texts_per_s", "p50_ms", "p99_ms", "mean_ms"):
+            vals = [r[key] for r in group if r.get(key) is not None]
+            row[key] = round(float(np.median(vals)), 2) if vals else None
+        row["requests"] = sum(r["requests"] for r in group)
+        row["errors"] = sum(r["errors"] for r in group)
+        row["rounds"] = len(group)
+        row["texts_per_s_range"] = [min(r["texts_per_s"] for r in group), max(r["texts_per_s"] for r in group)]
+        out.append(row)
+    return out
+
+
 def table(rows: list[dict]) -> str:
     out = ["| server | API | batching | models | clients | texts/req | req/s | texts/s | p50 ms | p99 ms | errors |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     one = {(r["concurrency"], r["texts_per_request"]): r["texts_per_s"] for r in rows
-           if r["server"] == "embfast" and r.get("dynamic_batching") and "layout" not in r
+           if r["server"] == "embfast" and r.get("dynamic_batching") and "layout" not in r and r.get("workers", 1) == 1
            and r.get("api", "openai") == "openai"}
     for r in rows:
         batching = {True: "on", False: "off"}.get(r.get("dynamic_batching"), f"batch {r.get('batch_size', '-')}")
+        if r.get("workers", 1) > 1:
+            batching += f" ({r['workers']} workers)"
         layout = r.get("layout", "one")
         base = one.get((r["concurrency"], r["texts_per_request"]))
         if "layout" in r and base:
@@ -452,8 +497,9 @@ def main(argv=None) -> int:
     print(json.dumps(header), flush=True)
     servers: list = []
     for mode in args.modes:
-        if mode in ("on", "off"):
-            servers.append(embfast_server(args, mode == "on"))
+        if mode.startswith(("on", "off")):
+            batching, _, w = mode.partition("-w")
+            servers.append(embfast_server(args, batching == "on", workers=int(w or 1)))
         elif mode == "two-models":
             servers.append(embfast_server(args, True, models=2))
         else:
@@ -464,30 +510,64 @@ def main(argv=None) -> int:
             servers.append(infinity_server(args, model_dir))
         else:
             print(json.dumps({"bench": "server", "skipped": "infinity", "why": f"{args.infinity} not found"}))
+    if args.no_http:
+        if not args.in_process:
+            print("bench_server: --no-http needs --in-process", file=sys.stderr)
+            return 2
+        servers = []
     rows: list[dict] = []
     out = open(args.json_out, "a", encoding="utf-8") if args.json_out else None  # noqa: SIM115
     try:
         if out:
             out.write(json.dumps(header) + "\n")
-        for server in servers:
-            try:
-                server.start(args.startup_timeout_s)
-            except RuntimeError as exc:
-                print(json.dumps({"bench": "server", "skipped": server.name, "why": str(exc)}), flush=True)
-                continue
-            apis = args.apis.split(",") if server.extra.get("dynamic_batching") and "layout" not in server.extra \
+
+        def emit(row):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if out:
+                out.write(json.dumps(row) + "\n")
+
+        def apis_of(server):
+            return args.apis.split(",") if server.extra.get("dynamic_batching") and "layout" not in server.extra \
                 else ["openai"]
+
+        if args.rounds == 1:  # one server at a time: the others hold no memory meanwhile
+            for server in servers:
+                try:
+                    server.start(args.startup_timeout_s)
+                except RuntimeError as exc:
+                    print(json.dumps({"bench": "server", "skipped": server.name, "why": str(exc)}), flush=True)
+                    continue
+                try:
+                    for api in apis_of(server):
+                        for k in args.texts_per_request:
+                            for clients in args.concurrency:
+                                emit(measure(server, sentences, clients, k, args, api))
+                finally:
+                    server.stop()
+        else:  # all servers up (idle ones sleep), every point measured on each in turn, round after round
+            running = []
             try:
-                for api in apis:
+                for server in servers:
+                    try:
+                        server.start(args.startup_timeout_s)
+                        running.append(server)
+                    except RuntimeError as exc:
+                        print(json.dumps({"bench": "server", "skipped": server.name, "why": str(exc)}), flush=True)
+                for rnd in range(args.rounds):
                     for k in args.texts_per_request:
                         for clients in args.concurrency:
-                            row = measure(server, sentences, clients, k, args, api)
-                            rows.append(row)
-                            print(json.dumps(row), flush=True)
-                            if out:
-                                out.write(json.dumps(row) + "\n")
+                            for server in running:
+                                for api in apis_of(server):
+                                    emit({**measure(server, sentences, clients, k, args, api), "round": rnd})
             finally:
-                server.stop()
+                for server in running:
+                    server.stop()
+            rows[:] = median_rows(rows)
+            for row in rows:
+                print(json.dumps({**row, "aggregate": "median"}), flush=True)
+                if out:
+                    out.write(json.dumps({**row, "aggregate": "median"}) + "\n")
         if args.in_process:  # after the servers stopped: the cores are this process's alone
             from embfast import DynamicBatcher, Embedder
 
@@ -495,15 +575,24 @@ def main(argv=None) -> int:
             os.environ.setdefault("EMBFAST_ORT_SPIN", "0")
             model = Embedder(args.model, precision=args.precision, threads=args.threads) if args.model else \
                 Embedder(precision=args.precision, threads=args.threads)
-            with DynamicBatcher(model, max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                                max_queue=100000) as batcher:
-                for k in args.texts_per_request:
-                    for clients in args.concurrency:
-                        row = measure(batcher, sentences, clients, k, args)
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
-                        if out:
-                            out.write(json.dumps(row) + "\n")
+            batchers = []
+            for mode in [m for m in args.modes if m.startswith(("on", "off"))] or ["on"]:
+                batching, _, w = mode.partition("-w")
+                batchers.append(DynamicBatcher(model, max_batch_tokens=args.max_batch_tokens,
+                                               max_wait_ms=args.max_wait_ms, max_queue=100000,
+                                               merge_requests=batching == "on", workers=int(w or 1)))
+            try:
+                for rnd in range(args.rounds):
+                    for k in args.texts_per_request:
+                        for clients in args.concurrency:
+                            for batcher in batchers:
+                                emit({**measure(batcher, sentences, clients, k, args), "round": rnd})
+            finally:
+                for batcher in batchers:
+                    batcher.close()
+            if args.rounds > 1:
+                inproc = [r for r in rows if r["server"] == "in-process"]
+                rows[:] = [r for r in rows if r["server"] != "in-process"] + median_rows(inproc)
     finally:
         if out:
             out.close()

@@ -168,9 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands: each has register_cli(subparsers) and keeps its code to itself.
-_EXTENSIONS: list[str] = ["embfast.jobs", "embfast.benchcmd", "embfast.viz", "embfast.server", "embfast.models",
-                          "embfast.hub",
-                          "embfast.appcmd", "embfast.rerank_cli"]
+_EXTENSIONS: list[str] = ["embfast.jobs", "embfast.indexcmd", "embfast.benchcmd", "embfast.viz", "embfast.server",
+                          "embfast.models", "embfast.hub", "embfast.appcmd", "embfast.rerank_cli"]
 
 
 def _missing(exc: Exception) -> int:

@@ -302,10 +302,35 @@ class CrossEncoderConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
+#: sentence-transformers module classes that make a folder a sparse encoder (embfast.sparse_config refuses
+#: the last three by name)
+_SPARSE_MODULES = {"SpladePooling", "MLMTransformer", "SparseStaticEmbedding", "SparseAutoEncoder", "Router"}
+
+
+def _class_name(module) -> str:
+    name = module.get("type", "") if isinstance(module, dict) else str(module)
+    return str(name).rsplit(".", 1)[-1]
+
+
+def is_sparse_folder(folder: str | Path) -> bool:
+    """True for a sentence-transformers SparseEncoder folder: modules.json names a SpladePooling or
+    MLMTransformer module, sentence_bert_config.json says ``transformer_task: fill-mask``, or
+    config_sentence_transformers.json says ``model_type: SparseEncoder``."""
+    folder = Path(folder)
+    modules = _read_json(folder / "modules.json")
+    if isinstance(modules, list) and any(_class_name(m) in _SPARSE_MODULES for m in modules):
+        return True
+    sbert = _read_json(folder / "sentence_bert_config.json")
+    if isinstance(sbert, dict) and sbert.get("transformer_task") == "fill-mask":
+        return True
+    st_cfg = _read_json(folder / "config_sentence_transformers.json")
+    return isinstance(st_cfg, dict) and st_cfg.get("model_type") == "SparseEncoder"
+
+
 def model_kind(folder: str | Path) -> str:
     """``"cross-encoder"`` for a sequence classifier (what sentence-transformers' CrossEncoder loads),
     ``"sparse-encoder"`` for a sentence-transformers SparseEncoder folder
-    (:func:`embfast.sparse_config.is_sparse_folder`; a plain ``*ForMaskedLM`` folder stays an embedder
+    (:func:`is_sparse_folder`; a plain ``*ForMaskedLM`` folder stays an embedder
     unless :class:`embfast.SparseEncoder` asks for it), else ``"embedder"``.
 
     A folder is a cross-encoder when its config.json names a ``*ForSequenceClassification`` architecture,
@@ -314,8 +339,6 @@ def model_kind(folder: str | Path) -> str:
     module always makes it an embedder.
     """
     folder = Path(folder)
-    from embfast.sparse_config import is_sparse_folder
-
     if is_sparse_folder(folder):  # SpladePooling / MLMTransformer / fill-mask / model_type SparseEncoder
         return "sparse-encoder"
     modules = _read_json(folder / "modules.json")

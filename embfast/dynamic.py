@@ -61,8 +61,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import concurrent.futures
-import contextlib
+import copy
 import logging
 import os
 import threading
@@ -131,6 +132,8 @@ class BatchStats:
         wait_seconds: how long the batch's oldest row waited in the queue (from its request's arrival to this
             batch's start), in seconds.
         plan_seconds: time the worker spent choosing this batch (planning, with the queue's lock held).
+        threads: ONNX Runtime intra-op threads the call ran on (with ``workers`` > 1: the twin's share when
+            other calls ran or waited, else all of the model's); 0 when unknown (a GPU session).
     """
 
     texts: int
@@ -142,6 +145,7 @@ class BatchStats:
     failed_requests: int
     wait_seconds: float = 0.0
     plan_seconds: float = 0.0
+    threads: int = 0
 
 
 class CallCostEstimator:
@@ -197,34 +201,80 @@ def name_os_thread(name: str) -> None:
 
 
 class RunLock:
-    """A first-come, first-served lock for ONNX Runtime calls shared by several batchers (one server, several
-    models): one model runs at a time, each with all its intra-op threads, so the models' thread pools never
-    oversubscribe the cores, and no worker can take the lock twice while another waits (a plain
-    ``threading.Lock`` lets the thread that releases it take it again at once).
+    """First-come, first-served slots for ONNX Runtime calls: at most ``slots`` calls run at once.
 
-    Use as a context manager (``with lock: ...``). ``waits`` counts acquisitions that had to wait.
+    Shared by the batchers of several models in one server, it keeps the models' thread pools from
+    oversubscribing the cores (default 1 slot: one model runs at a time, with all its threads), and no worker
+    can take a slot again while another waits (a plain ``threading.Lock`` lets the thread that releases it take
+    it again at once). A batcher with ``workers=N`` uses one of N slots per call on ``cores / N`` threads, or
+    all N (:meth:`widen`) for a call that runs alone on all the cores.
+
+    Use as a context manager (``with lock: ...``: one slot), or :meth:`acquire` / :meth:`widen` /
+    :meth:`release`. ``waits`` counts acquisitions that had to wait.
+
+    Args:
+        slots: calls that may run at once, >= 1.
     """
 
-    def __init__(self):
+    def __init__(self, slots: int = 1):
+        self.slots = _check_int("slots", slots, 1)
         self._cond = threading.Condition(threading.Lock())
-        self._next = 0  # the ticket handed to the next caller
-        self._serving = 0  # the ticket that may run now
+        self._queue: collections.deque[int] = collections.deque()  # waiting tickets, oldest first
+        self._next = 0  # the ticket handed to the next caller that has to wait
+        self._active = 0  # slots held now
         self.waits = 0
 
-    def __enter__(self) -> RunLock:
+    def acquire(self) -> None:
+        """Take one slot, after every caller that was waiting before."""
         with self._cond:
+            if self._active < self.slots and not self._queue:
+                self._active += 1
+                return
             ticket = self._next
             self._next += 1
-            if ticket != self._serving:
-                self.waits += 1
-                while ticket != self._serving:
-                    self._cond.wait()
+            self._queue.append(ticket)
+            self.waits += 1
+            while self._queue[0] != ticket or self._active >= self.slots:
+                self._cond.wait()
+            self._queue.popleft()
+            self._active += 1
+            self._cond.notify_all()  # the next ticket may fit in another free slot
+
+    def widen(self) -> bool:
+        """Holding one slot, take all the others too when nobody else holds or waits for one; True if it did
+        (release with ``release(wide=True)``)."""
+        with self._cond:
+            if self.slots == 1 or self._active != 1 or self._queue:
+                return False
+            self._active = self.slots
+            return True
+
+    def release(self, wide: bool = False) -> None:
+        """Give back one slot, or all of them after a successful :meth:`widen`."""
+        with self._cond:
+            self._active -= self.slots if wide else 1
+            self._cond.notify_all()
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
-        with self._cond:
-            self._serving += 1
-            self._cond.notify_all()
+        self.release()
+
+
+def narrow_twin(model, threads: int):
+    """``model`` (an Embedder, CrossEncoder or SparseEncoder on the CPU) with a second ONNX Runtime session of
+    ``threads`` intra-op threads over the same graph file; everything else (tokenizer, config, Dense layers) is
+    shared. None where a twin makes no sense: a CUDA model, a model whose session already has at most
+    ``threads`` threads, or one that pools inside the graph."""
+    session = getattr(model, "session", None)
+    if session is None or getattr(model, "device", "cpu") != "cpu" or session.threads <= threads \
+            or getattr(model, "_pooled_runner", None) is not None or not hasattr(session, "with_threads"):
+        return None
+    twin = copy.copy(model)
+    twin.session = session.with_threads(threads)
+    return twin
 
 
 QUEUE_POLICIES = ("deadline", "oldest")
@@ -380,8 +430,24 @@ class DynamicBatcher(SparseCalls):
             one is never starved (its deadline only comes closer), and same-sized requests are served in arrival
             order. "oldest": arrival order (first in, first out), whatever the sizes.
         run_lock: a :class:`RunLock` shared with the batchers of other models in the same process (what
-            ``embfast serve`` with several models does): each ONNX Runtime call holds it, so one model runs at
-            a time with all its threads. Default None: this batcher's calls take no lock.
+            ``embfast serve`` with several models does): each batch is planned and run holding it, so one model
+            runs at a time with all its threads, and a batch waiting for the lock takes every text that arrived
+            meanwhile. Default None: this batcher's calls take no lock.
+        lookahead_texts: how many pending texts, in order of urgency (whole requests: at least the most urgent
+            one), the planner looks at when it forms the next batch (default 32 on the CPU, ``max(max_batch_size,
+            256)`` on CUDA). Within them, texts of similar length are grouped to save padding, so younger texts
+            can overtake older ones of another length: a longer look-ahead pads less but spreads latencies (all-
+            MiniLM-L6-v2, 128 single-sentence callers, 2 cores: p99 / p50 of 2.1 with 256, 1.2-1.4 with 16-32,
+            same throughput; benchmarks/README.md). A CPU gains little from batches beyond a few dozen texts; a
+            GPU needs large ones.
+        workers: worker threads, each taking the next batch and running it (default 1). With N > 1 on the
+            CPU, the batcher makes a twin of the model (:func:`narrow_twin`: a second ONNX Runtime session on
+            the model's threads / N, so the model's weights are in memory twice). Under load, up to N batches
+            then run side by side on the twin, each on its share of the cores, instead of one at a time across
+            all of them: small batches scale badly across threads (all-MiniLM-L6-v2, single sentences, 2 cores:
+            see benchmarks/README.md). A batch that would run alone (nothing else queued or running) takes every
+            slot and runs on the model itself, with all its threads, so a lone caller is not slowed down. With a
+            ``run_lock``, give it ``slots=N``; on CUDA the workers share the one session.
 
     The worker thread starts with the first request. Use as a context manager,
     or call :meth:`close`, which finishes what was admitted; a closed batcher
@@ -395,7 +461,8 @@ class DynamicBatcher(SparseCalls):
                  max_wait_ms: float = 2.0, max_queue: int = 1024, merge_requests: bool = True,
                  tokenizer_threads: int | None = None, call_cost_tokens: float | None = None,
                  run_lock: RunLock | None = None, max_queue_texts: int | None = None,
-                 max_queue_tokens: int | None = None, queue_policy: str = "deadline"):
+                 max_queue_tokens: int | None = None, queue_policy: str = "deadline", workers: int = 1,
+                 lookahead_texts: int | None = None):
         for attr in ("tokenizer", "embed_token_ids", "postprocess", "config"):
             if not hasattr(embedder, attr):
                 raise TypeError(f"embedder must be an embfast.Embedder or CrossEncoder, got {type(embedder).__name__}")
@@ -435,11 +502,21 @@ class DynamicBatcher(SparseCalls):
         if queue_policy not in QUEUE_POLICIES:
             raise ValueError(f"queue_policy must be one of {', '.join(QUEUE_POLICIES)}, got {queue_policy!r}")
         self.queue_policy = queue_policy
+        self.workers = _check_int("workers", workers, 1)
         # seconds per padded token of recent batches (moving average); the first guess is a small CPU model's
         self._s_per_token = 2e-4 if getattr(embedder, "device", "cpu") != "cuda" else 1e-6
         self._seq = 0
-        self._run_guard = run_lock if run_lock is not None else contextlib.nullcontext()
-        self._pool_texts = max(self.max_batch_size, 256)
+        # Slots for this batcher's calls: the shared lock, or one of its own when several workers share the cores.
+        self._slots = run_lock if run_lock is not None else (RunLock(self.workers) if self.workers > 1 else None)
+        # With several workers on the CPU: a twin on cores / workers threads for calls that run side by side; a
+        # call that would run alone widens to all the slots and runs on the model itself, with all its threads.
+        self._narrow = None
+        if self.workers > 1:
+            threads = getattr(getattr(embedder, "session", None), "threads", 1)
+            self._narrow = narrow_twin(embedder, max(1, threads // self.workers))
+        if lookahead_texts is None:
+            lookahead_texts = 32 if getattr(embedder, "device", "cpu") != "cuda" else max(self.max_batch_size, 256)
+        self.lookahead_texts = _check_int("lookahead_texts", lookahead_texts, 1)
         self._hidden = int(embedder.config.dim)
 
         self._cond = threading.Condition(threading.Lock())
@@ -457,8 +534,8 @@ class DynamicBatcher(SparseCalls):
         self._counts = {"requests": 0, "rejected": 0, "cancelled": 0, "failed": 0, "batches": 0, "texts": 0}
         self._listeners: list[Callable[[BatchStats], None]] = []
         self._tok_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._worker: threading.Thread | None = None  # started by the first request
-        self._plan_seconds = 0.0  # the last batch's planning time
+        self._worker_threads: list[threading.Thread] = []  # started by the first request
+        self._claimed = False  # a worker is between _wait_for_work and _take_batch (waiting for a run slot)
 
     # ---- public API --------------------------------------------------------------------------
     def encode(self, sentences, normalize_embeddings: bool | None = None, *, prompt: str | None = None,
@@ -684,10 +761,11 @@ class DynamicBatcher(SparseCalls):
             self._cond.notify_all()
         for req in dropped:
             self._fail(req, BatcherClosedError("the batcher was closed before this request ran"))
-        worker = self._worker
-        if worker is not None and threading.current_thread() is not worker:
-            worker.join(timeout)
-        done = worker is None or not worker.is_alive()
+        end = None if timeout is None else time.monotonic() + timeout
+        for worker in self._worker_threads:
+            if threading.current_thread() is not worker:
+                worker.join(None if end is None else max(0.0, end - time.monotonic()))
+        done = not any(w.is_alive() for w in self._worker_threads)
         if done and self._tok_pool is not None:
             self._tok_pool.shutdown(wait=False)
         return done
@@ -908,10 +986,13 @@ class DynamicBatcher(SparseCalls):
         return req.future
 
     def _start_worker(self) -> None:
-        """Start the worker thread if it is not running yet. Lock held."""
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._run, name="embfast-batcher", daemon=True)
-            self._worker.start()
+        """Start the worker threads if they are not running yet. Lock held."""
+        if not self._worker_threads:
+            for i in range(self.workers):
+                name = "embfast-batcher" if self.workers == 1 else f"embfast-batcher-{i}"
+                thread = threading.Thread(target=self._run, args=(name,), name=name, daemon=True)
+                self._worker_threads.append(thread)
+                thread.start()
 
     def _on_done(self, fut: concurrent.futures.Future, texts: int = 0, tokens: int = 0) -> None:
         # Runs in whichever thread finished or cancelled the future, never with the lock held.
@@ -924,23 +1005,39 @@ class DynamicBatcher(SparseCalls):
             self._cond.notify_all()
 
     # ---- worker side -----------------------------------------------------------------------------
-    def _run(self) -> None:
-        name_os_thread("embfast-batcher")
+    def _run(self, name: str = "embfast-batcher") -> None:
+        name_os_thread(name)
         while True:
-            try:
-                batch, queued = self._next_batch()
-            except BaseException:  # pragma: no cover - a bug in assembly must not kill the worker
-                log.exception("embfast batcher: batch assembly failed")
-                time.sleep(0.01)
-                continue
-            if batch is None:
+            if not self._wait_for_work():
                 return
+            # The batch is planned only once this model may run: with a shared run lock (several models), the
+            # texts that arrived while another model ran join this batch instead of waiting for the next one.
+            slots, wide = self._slots, False
+            if slots is not None:
+                slots.acquire()
             try:
-                self._execute(batch, queued)
-            except BaseException as exc:  # pragma: no cover - never leave callers waiting on a dead worker
-                log.exception("embfast batcher: batch execution failed")
-                for req, _ in batch:
-                    self._fail(req, exc)
+                try:
+                    batch, queued, plan_seconds = self._take_batch()
+                except BaseException:  # pragma: no cover - a bug in assembly must not kill the worker
+                    log.exception("embfast batcher: batch assembly failed")
+                    time.sleep(0.01)
+                    continue
+                if not batch:  # everything waiting was cancelled meanwhile
+                    continue
+                model = self.embedder
+                if self._narrow is not None:
+                    # alone (nothing left queued, no other call running or waiting): all the cores; else its share
+                    wide = queued == 0 and slots.widen()
+                    model = self.embedder if wide else self._narrow
+                try:
+                    self._execute(batch, queued, plan_seconds, model)
+                except BaseException as exc:  # pragma: no cover - never leave callers waiting on a dead worker
+                    log.exception("embfast batcher: batch execution failed")
+                    for req, _ in batch:
+                        self._fail(req, exc)
+            finally:
+                if slots is not None:
+                    slots.release(wide)
 
     def _purge(self) -> None:
         """Drop requests that are already done (cancelled, timed out or failed) from the queue. Lock held."""
@@ -958,14 +1055,19 @@ class DynamicBatcher(SparseCalls):
     def _budget_reached(self) -> bool:
         return self._pending_texts >= self.max_batch_size or self._pending_tokens >= self.max_batch_tokens
 
-    def _next_batch(self):
-        """Wait for work and take one batch: ([(request, rows), ...], texts left queued), or (None, 0) to stop."""
+    def _wait_for_work(self) -> bool:
+        """Wait until this worker should take a batch (work pending, no other worker about to take one, and, in a
+        crowd, ``max_wait_ms`` of company waited for); False when the batcher is closed and drained. True claims
+        the next batch: :meth:`_take_batch` must follow."""
         with self._cond:
             while True:
                 self._purge()
                 if not self._pending:
                     if self._closing and self._in_flight == 0:
-                        return None, 0
+                        return False
+                    self._cond.wait()
+                    continue
+                if self._claimed:  # another worker takes the next batch first; then this one looks again
                     self._cond.wait()
                     continue
                 # Wait for company only when requests have had company lately: a lone sequential
@@ -975,10 +1077,21 @@ class DynamicBatcher(SparseCalls):
                     if wait > 0 and not self._budget_reached():
                         self._cond.wait(wait)
                         continue
-                t_plan = time.perf_counter()
-                batch = self._select()
-                self._plan_seconds = time.perf_counter() - t_plan
-                return batch, self._pending_texts
+                self._claimed = True
+                return True
+
+    def _take_batch(self) -> tuple[list[tuple[_Request, np.ndarray]], int, float]:
+        """Take one batch from what is pending now: ([(request, rows), ...], texts left queued, seconds spent
+        planning); the list is empty when nothing is pending any more."""
+        with self._cond:
+            self._claimed = False
+            self._cond.notify_all()  # another worker may claim what is left
+            self._purge()
+            if not self._pending:
+                return [], 0, 0.0
+            t_plan = time.perf_counter()
+            batch = self._select()
+            return batch, self._pending_texts, time.perf_counter() - t_plan
 
     def _select(self) -> list[tuple[_Request, np.ndarray]]:
         """Plan the most urgent pending texts (earliest deadline, see ``queue_policy``) into length-sorted batches;
@@ -988,7 +1101,7 @@ class DynamicBatcher(SparseCalls):
         for req in self._pending:
             pool.append(req)
             n += len(req.todo)
-            if not self.merge_requests or n >= self._pool_texts:
+            if not self.merge_requests or n >= self.lookahead_texts:
                 break
         owner = np.repeat(np.arange(len(pool)), [len(r.todo) for r in pool])
         rows = np.concatenate([r.todo for r in pool])
@@ -1012,28 +1125,26 @@ class DynamicBatcher(SparseCalls):
             self._pending = [r for r in self._pending if len(r.todo)]
         return batch
 
-    def _run_rows(self, groups: list[tuple[_Request, np.ndarray]]) -> np.ndarray:
-        with self._run_guard:
-            return self._run_rows_unlocked(groups)
-
-    def _run_rows_unlocked(self, groups: list[tuple[_Request, np.ndarray]]) -> np.ndarray:
+    def _run_rows(self, groups: list[tuple[_Request, np.ndarray]], model=None) -> np.ndarray:
+        model = self.embedder if model is None else model
         ids = [req.ids[r] for req, take in groups for r in take]
         if any(req.type_ids is not None for req, _ in groups):  # pairs: segment ids travel with the ids
             type_ids = [req.type_ids[r] if req.type_ids is not None else [0] * len(req.ids[r])
                         for req, take in groups for r in take]
-            return self.embedder.embed_token_ids(ids, np.arange(len(ids)), type_ids=type_ids)
+            return model.embed_token_ids(ids, np.arange(len(ids)), type_ids=type_ids)
         if not any(req.prompt_length for req, _ in groups):
-            return self.embedder.embed_token_ids(ids, np.arange(len(ids)))
+            return model.embed_token_ids(ids, np.arange(len(ids)))
         skip = np.concatenate([np.full(len(take), req.prompt_length, dtype=np.int64) for req, take in groups])
-        return self.embedder.embed_token_ids(ids, np.arange(len(ids)), prompt_length=skip)
+        return model.embed_token_ids(ids, np.arange(len(ids)), prompt_length=skip)
 
-    def _execute(self, batch: list[tuple[_Request, np.ndarray]], queued: int) -> None:
+    def _execute(self, batch: list[tuple[_Request, np.ndarray]], queued: int, plan_seconds: float = 0.0,
+                 model=None) -> None:
         t0 = time.perf_counter()
         wait = time.monotonic() - min(req.t_enqueue for req, _ in batch)
         lens = np.concatenate([req.lengths[take] for req, take in batch])
         failed = 0
         try:
-            out = self._run_rows(batch)
+            out = self._run_rows(batch, model)
             results = []
             start = 0
             for req, take in batch:
@@ -1046,7 +1157,7 @@ class DynamicBatcher(SparseCalls):
                 results = []
                 for req, take in batch:
                     try:
-                        results.append((req, take, self._run_rows([(req, take)])))
+                        results.append((req, take, self._run_rows([(req, take)], model)))
                     except Exception as exc_one:
                         results.append((req, take, exc_one))
         seconds = time.perf_counter() - t0
@@ -1054,7 +1165,7 @@ class DynamicBatcher(SparseCalls):
         self._s_per_token = 0.8 * self._s_per_token + 0.2 * seconds / padded
         if self._cost_model is not None and not any(isinstance(r, Exception) for _, _, r in results):
             # the worker's whole cycle for this batch: planning + the call
-            self._cost_model.add(len(lens) * int(max(lens.max(), 1)), seconds + self._plan_seconds)
+            self._cost_model.add(len(lens) * int(max(lens.max(), 1)), seconds + plan_seconds)
         for req, take, res in results:
             if isinstance(res, Exception):
                 failed += 1
@@ -1078,7 +1189,9 @@ class DynamicBatcher(SparseCalls):
             stats = BatchStats(texts=len(lens), requests=len(batch), tokens=int(lens.sum()),
                                padded_tokens=len(lens) * int(max(lens.max(), 1)), seconds=seconds,
                                queued_texts=queued, failed_requests=failed, wait_seconds=wait,
-                               plan_seconds=self._plan_seconds)
+                               plan_seconds=plan_seconds,
+                               threads=int(getattr(getattr(model or self.embedder, "session", None), "threads", 0)
+                                           if getattr(model or self.embedder, "device", "cpu") == "cpu" else 0))
             for fn in listeners:
                 try:
                     fn(stats)

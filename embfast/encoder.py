@@ -76,22 +76,6 @@ def as_text_list(sentences, name: str = "sentences") -> tuple[list[str], bool]:
     return list(sentences), False
 
 
-def pool_tokens(token_vecs: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
-    """Pool (batch, seq_len, hidden) token vectors with a (batch, seq_len) mask, as sentence-transformers does.
-
-    ``cls`` takes each row's first position whose mask is set (position 0 with
-    right padding; the first real token with left padding or when prompt tokens
-    were masked out), as sentence-transformers' Pooling does; every other mode is
-    :func:`embfast.kernels.pool`. Returns (batch, hidden) float32.
-    """
-    if mode == "cls":
-        first = np.asarray(mask).argmax(axis=1)
-        if first.any():
-            x = np.asarray(token_vecs)
-            return np.ascontiguousarray(x[np.arange(x.shape[0]), first], dtype=np.float32)
-    return kernels.pool(token_vecs, mask, mode)
-
-
 def exclude_prompt(mask: np.ndarray, prompt_length) -> np.ndarray:
     """The pooling mask without the first ``prompt_length`` real tokens of each row.
 
@@ -125,7 +109,7 @@ class Embedder:
         truncate_dim: keep the first ``truncate_dim`` dimensions (Matryoshka), before normalization.
         tokenizer: for a bare ONNX file: a model folder (its tokenizer.json and, when
             present, its sentence-transformers config) or a tokenizer.json file; see
-            :func:`embfast.models.import_onnx`. Default None.
+            :func:`embfast.onnx_import.import_onnx`. Default None.
         output_name: for a bare ONNX file: its token-embedding output; default None (detected).
         graph_pooling: pool inside the ONNX graph (pooling nodes appended to the model, run through
             IO binding) so only (batch, hidden) vectors leave the device. None (default) = on for CUDA,
@@ -378,7 +362,7 @@ class Embedder:
         if prompt_length is not None and not self.config.include_prompt:
             per_row = np.asarray(prompt_length)
             mask = exclude_prompt(mask, per_row[rows] if per_row.ndim else per_row)
-        return pool_tokens(token_vecs, mask, self.config.pooling)
+        return kernels.pool_tokens(token_vecs, mask, self.config.pooling)
 
     def postprocess(self, pooled: np.ndarray, *, normalize_embeddings: bool | None = None,
                     truncate_dim: int | None = None, precision: str = "float32") -> np.ndarray:

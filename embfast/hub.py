@@ -272,14 +272,14 @@ def export_snapshot(snap: HubSnapshot, *, kind: str = "embedder", onnx_file: str
         onnx_file: a path inside the repo (``onnx/model.onnx``): run it with the base install (no torch);
             its token-embedding output is detected (or ``output_name``); pooling and the rest come from the
             repo's sentence-transformers config.
-        tokenizer, output_name: with ``onnx_file``: as :func:`embfast.models.import_onnx` (default: the repo).
+        tokenizer, output_name: with ``onnx_file``: as :func:`embfast.onnx_import.import_onnx` (default: the repo).
 
     Raises:
         HubModelFilesError: a file is missing. ValueError: an option that does not apply.
         ImportError: exporting needs the ``export`` extra (the message names the repo's ONNX files).
     """
     from embfast.export import ensure_exported
-    from embfast.models import import_onnx
+    from embfast.onnx_import import import_onnx
 
     if onnx_file:
         if kind != "embedder":

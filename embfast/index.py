@@ -55,6 +55,18 @@ class ModelMismatchError(ValueError):
     """The index was built with another model than the embedder given."""
 
 
+def _check_sparse_model(want: dict | None, encoder, path) -> None:
+    """Refuse a sparse encoder other than the one the index's sparse rows were built with."""
+    from embfast.index_sparse import sparse_model_info
+
+    got = sparse_model_info(encoder)
+    if want is not None and (want.get("name"), want.get("source_checksum"), want.get("vocab_size")) != \
+            (got["name"], got["source_checksum"], got["vocab_size"]):
+        raise ModelMismatchError(f"{path}'s sparse rows were built with {want.get('name')!r} (checksum "
+                                 f"{str(want.get('source_checksum'))[:12]}), but the sparse encoder is {got['name']!r} "
+                                 f"(checksum {str(got['source_checksum'])[:12]}); use {want.get('source')}")
+
+
 # ---- columns: a base (maybe memory-mapped) plus rows appended since -----------------------------------
 class _Rows:
     """Rows of a 2-D (or 1-D) array: a base array (maybe a read-only memmap) plus appended arrays."""
@@ -588,12 +600,12 @@ class Index:
         index._texts = _Strings(arr("texts.blob"), np.array(arr("texts.offsets")))
         index._meta = _Strings(arr("metadata.blob"), np.array(arr("metadata.offsets")))
         if "sparse" in man:
-            from embfast.index_sparse import SparseRows, check_sparse_model
+            from embfast.index_sparse import SparseRows
 
             index._sparse = SparseRows.read(arr, man["sparse"], man["count"])
             index.sparse_model = man["sparse"].get("model")
             if sparse_encoder is not None:
-                check_sparse_model(index.sparse_model, sparse_encoder, path)
+                _check_sparse_model(index.sparse_model, sparse_encoder, path)
                 index.sparse_encoder = sparse_encoder
         elif sparse_encoder is not None:
             raise ValueError(f"{path} holds no sparse rows; build it with Index(embedder, sparse_encoder=...)")

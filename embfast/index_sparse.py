@@ -23,18 +23,6 @@ def sparse_model_info(encoder) -> dict:
             "source": man.get("source"), "vocab_size": int(encoder.vocab_size)}
 
 
-def check_sparse_model(want: dict | None, encoder, path) -> None:
-    """Refuse a sparse encoder other than the one the index's sparse rows were built with."""
-    from embfast.index import ModelMismatchError
-
-    got = sparse_model_info(encoder)
-    if want is not None and (want.get("name"), want.get("source_checksum"), want.get("vocab_size")) != \
-            (got["name"], got["source_checksum"], got["vocab_size"]):
-        raise ModelMismatchError(f"{path}'s sparse rows were built with {want.get('name')!r} (checksum "
-                                 f"{str(want.get('source_checksum'))[:12]}), but the sparse encoder is {got['name']!r} "
-                                 f"(checksum {str(got['source_checksum'])[:12]}); use {want.get('source')}")
-
-
 class SparseRows:
     """(n, width) CSR rows: a base (maybe read from a file) plus rows appended since; posting lists cached."""
 

@@ -145,6 +145,8 @@ class OnnxSession:
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         self.path = Path(path)
+        self._options = {"device": device, "output_name": output_name, "allow_spinning": allow_spinning,
+                         "token_output": token_output}
         self.threads = default_threads() if threads is None else int(threads)
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -190,6 +192,10 @@ class OnnxSession:
             self.output_name = output_name
         else:
             raise ValueError(f"{path}: output {output_name!r} not found; outputs are {[o.name for o in outputs]}")
+
+    def with_threads(self, threads: int) -> OnnxSession:
+        """A second session over the same graph with ``threads`` intra-op threads (its own weights in memory)."""
+        return OnnxSession(self.path, threads=threads, **{**self._options, "output_name": self.output_name})
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Run one batch; returns the token embeddings (batch, seq_len, hidden) float32."""

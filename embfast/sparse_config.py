@@ -21,11 +21,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from embfast.config import ModelConfigError, _max_seq_length, _read_json
+from embfast.config import _SPARSE_MODULES, ModelConfigError, _class_name, _max_seq_length, _read_json
 
 SPLADE_POOLING = ("max", "sum")
 SPLADE_ACTIVATIONS = ("relu", "log1p_relu")
-_SPARSE_MODULES = {"SpladePooling", "MLMTransformer", "SparseStaticEmbedding", "SparseAutoEncoder", "Router"}
 
 
 @dataclass
@@ -70,26 +69,6 @@ class SparseEncoderConfig:
     @classmethod
     def from_dict(cls, d: dict) -> SparseEncoderConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-def _class_name(module) -> str:
-    name = module.get("type", "") if isinstance(module, dict) else str(module)
-    return str(name).rsplit(".", 1)[-1]
-
-
-def is_sparse_folder(folder: str | Path) -> bool:
-    """True for a sentence-transformers SparseEncoder folder: modules.json names a SpladePooling or
-    MLMTransformer module, sentence_bert_config.json says ``transformer_task: fill-mask``, or
-    config_sentence_transformers.json says ``model_type: SparseEncoder``."""
-    folder = Path(folder)
-    modules = _read_json(folder / "modules.json")
-    if isinstance(modules, list) and any(_class_name(m) in _SPARSE_MODULES for m in modules):
-        return True
-    sbert = _read_json(folder / "sentence_bert_config.json")
-    if isinstance(sbert, dict) and sbert.get("transformer_task") == "fill-mask":
-        return True
-    st_cfg = _read_json(folder / "config_sentence_transformers.json")
-    return isinstance(st_cfg, dict) and st_cfg.get("model_type") == "SparseEncoder"
 
 
 def is_masked_lm(folder: str | Path) -> bool:

@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from embfast.batching import plan_batches
+from embfast.config import is_sparse_folder
 from embfast.encoder import CPU_MAX_BATCH_TOKENS, PRECISIONS, EncodeInfo, as_text_list
 from embfast.export import ModelKindError, ensure_exported, is_exported, load_manifest
 from embfast.session import DEVICES, OnnxSession, resolve_precision
-from embfast.sparse_config import SparseEncoderConfig, is_masked_lm, is_sparse_folder
+from embfast.sparse_config import SparseEncoderConfig, is_masked_lm
 from embfast.sparse_graph import OUTPUT_NAME
 from embfast.text import check_text
 from embfast.tokenization import TextTokenizer
@@ -150,7 +151,8 @@ class SparseEncoder:
             :class:`embfast.Embedder` (defaults None: ``main``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``, ``HF_TOKEN``).
 
     Raises:
-        FileNotFoundError: no such folder, or a Hub repo not cached offline. embfast.export.ModelKindError: an embedder or a cross-encoder.
+        FileNotFoundError: no such folder, or a Hub repo not cached offline.
+        embfast.export.ModelKindError: an embedder or a cross-encoder.
         ModelConfigError: an unsupported sparse module, pooling or activation.
 
     One SparseEncoder may be called from many threads at once.

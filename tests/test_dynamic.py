@@ -59,10 +59,11 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def test_threads_get_their_own_rows_in_order(tiny):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_threads_get_their_own_rows_in_order(tiny, workers):
     calls = [TEXTS[i % 7:] + [f"caller {i}"] for i in range(24)]
     results: dict[int, np.ndarray] = {}
-    with DynamicBatcher(tiny, max_batch_tokens=512, max_wait_ms=1) as b:
+    with DynamicBatcher(tiny, max_batch_tokens=512, max_wait_ms=1, workers=workers) as b:
         def call(i):
             results[i] = b.encode(calls[i])
 
@@ -75,6 +76,35 @@ def test_threads_get_their_own_rows_in_order(tiny):
     for i, texts in enumerate(calls):
         assert results[i].shape == (len(texts), tiny.dim)
         assert cosine_rows(results[i], tiny.encode(texts)).min() >= 0.9999
+
+
+def test_two_workers_run_alone_on_all_threads_and_side_by_side_on_half(tiny_dir):
+    """workers=2 on a 2-thread model: a lone batch runs on both threads; two batches queued together run at once,
+    one thread each (both calls meet in a listener: one worker alone could never get the second there)."""
+    from embfast import Embedder
+
+    model = Embedder(tiny_dir, threads=2)
+    stats: list[BatchStats] = []
+    both_inside = threading.Barrier(2, timeout=30)
+
+    def listener(st: BatchStats) -> None:
+        stats.append(st)
+        if st.threads == 1:
+            both_inside.wait()  # raises BrokenBarrierError (the test fails) if the other call never comes
+
+    with DynamicBatcher(model, workers=2, max_batch_size=1) as b:
+        b.add_batch_listener(listener)
+        lone = b.encode(TEXTS[0])
+        wait_for(lambda: len(stats) == 1, "the lone batch's listener")  # answers go out before listeners run
+        assert [st.threads for st in stats] == [2]
+        pair = b.encode(TEXTS[1:3])  # max_batch_size=1: two batches, queued together
+        wait_for(lambda: len(stats) == 3, "the two batches' listeners")
+        assert sorted(st.threads for st in stats[1:]) == [1, 1] and not both_inside.broken
+        names = {t.name for t in threading.enumerate()}
+        assert {"embfast-batcher-0", "embfast-batcher-1"} <= names
+    assert cosine_rows(lone[None], model.encode([TEXTS[0]])).min() >= 0.9999
+    assert cosine_rows(pair, model.encode(TEXTS[1:3])).min() >= 0.9999
+    assert not {"embfast-batcher-0", "embfast-batcher-1"} & {t.name for t in threading.enumerate()}
 
 
 def run_held(b: DynamicBatcher, calls: list[list[str]]) -> tuple[Gate, dict[int, np.ndarray]]:
@@ -203,6 +233,7 @@ def test_bad_input_is_refused_before_queueing(tiny, kwargs, error, match):
     ({"max_wait_ms": -1}, "max_wait_ms must be a number in"),
     ({"max_queue": 0}, "max_queue"),
     ({"tokenizer_threads": 0}, "tokenizer_threads"),
+    ({"workers": 0}, "workers must be an int >= 1, got 0"),
 ])
 def test_bad_settings(tiny, kwargs, match):
     with pytest.raises(ValueError, match=match):

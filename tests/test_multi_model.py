@@ -192,6 +192,41 @@ def test_run_lock_is_first_come_first_served():
     assert order == [0, 1, 2] and lock.waits == 3
 
 
+def test_run_lock_with_two_slots_runs_two_at_once_and_queues_the_rest_in_order():
+    lock = RunLock(slots=2)
+    order: list[int] = []
+    inside = threading.Barrier(3, timeout=30)  # two holders and this thread meet while both hold a slot
+    release = threading.Event()
+
+    def hold():
+        with lock:
+            inside.wait()
+            assert release.wait(30)
+
+    holders = [threading.Thread(target=hold) for _ in range(2)]
+    for t in holders:
+        t.start()
+    inside.wait()  # both slots taken at once: no ticket was needed
+    assert lock.waits == 0
+    waiters = []
+    for k in range(3):
+        t = threading.Thread(target=lambda k=k: (lock.__enter__(), order.append(k), lock.__exit__()))
+        t.start()
+        waiters.append(t)
+        for _ in range(500):
+            if lock._next == k + 1:  # the thread took its ticket and waits
+                break
+            threading.Event().wait(0.01)
+    assert order == [] and lock.waits == 3
+    release.set()
+    for t in holders + waiters:
+        t.join(10)
+    # 0 and 1 take the two freed slots (in ticket order, but they may append in either order); 2 waits for one
+    assert sorted(order[:2]) == [0, 1] and order[2] == 2
+    with pytest.raises(ValueError, match="slots must be an int >= 1"):
+        RunLock(slots=0)
+
+
 def test_cli_serves_several_models(tiny_dir, tiny, ce_dir, ce):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -199,7 +234,7 @@ def test_cli_serves_several_models(tiny_dir, tiny, ce_dir, ce):
     env = {**os.environ, "EMBFAST_THREADS": "1", "EMBFAST_LOG_LEVEL": "warning"}
     proc = subprocess.Popen([sys.executable, "-m", "embfast.cli", "serve", "--port", str(port),
                              "--model", str(tiny_dir), "--model", str(ce_dir),
-                             "--served-model-name", "tiny,my-embedder", "--served-model-name", "rr"],
+                             "--served-model-name", "tiny,my-embedder", "--served-model-name", "rr", "--workers", "2"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -212,6 +247,7 @@ def test_cli_serves_several_models(tiny_dir, tiny, ce_dir, ce):
         data = {d["id"]: d for d in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
         assert set(data) == {"tiny", "my-embedder", "rr"} and data["rr"]["kind"] == "cross-encoder"
         assert data["tiny"]["threads"] == 1 and data["tiny"]["memory"]["rss_load_bytes"] > 0
+        assert data["tiny"]["workers"] == data["rr"]["workers"] == 2
         r = httpx.post(f"{url}/v1/embeddings", json={"input": "cli", "model": "my-embedder"}, timeout=30)
         assert r.json()["model"] == "tiny"
         assert cos_rows(r.json()["data"][0]["embedding"], tiny.encode("cli")) >= 0.9999

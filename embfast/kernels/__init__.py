@@ -103,8 +103,8 @@ BLAS_BLOCK_ROWS = 16384
 
 __all__ = [
     "BACKENDS", "HAS_NATIVE", "HAS_NUMBA", "ISAS", "POOLING_MODES", "as_float32", "cls_pool", "isa", "l2_normalize",
-    "set_isa", "last_token_pool", "max_pool", "mean_pool", "pool", "topk_cosine", "topk_hamming", "topk_int8",
-    "QuantizedCorpus", "quantize", "topk_quantized",
+    "set_isa", "last_token_pool", "max_pool", "mean_pool", "pool", "pool_tokens", "topk_cosine", "topk_hamming",
+    "topk_int8", "QuantizedCorpus", "quantize", "topk_quantized",
 ]
 
 
@@ -159,6 +159,22 @@ def pool(x, mask, mode: str = "mean", *, backend: str = "auto", threads: int = 0
     if b == "numba":
         return _numba.pool(x, m, mode)
     return reference.pool(x, m, mode)
+
+
+def pool_tokens(token_vecs: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    """Pool (batch, seq_len, hidden) token vectors with a (batch, seq_len) mask, as sentence-transformers does.
+
+    ``cls`` takes each row's first position whose mask is set (position 0 with
+    right padding; the first real token with left padding or when prompt tokens
+    were masked out), as sentence-transformers' Pooling does; every other mode is
+    :func:`pool`. Returns (batch, hidden) float32.
+    """
+    if mode == "cls":
+        first = np.asarray(mask).argmax(axis=1)
+        if first.any():
+            x = np.asarray(token_vecs)
+            return np.ascontiguousarray(x[np.arange(x.shape[0]), first], dtype=np.float32)
+    return pool(token_vecs, mask, mode)
 
 
 def mean_pool(x, mask, *, backend: str = "auto", threads: int = 0) -> np.ndarray:

@@ -109,7 +109,7 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
                max_inputs: int = DEFAULT_MAX_INPUTS, api_key: str | None = None, corpus=None, corpus_texts=None,
                model_name: str | None = None, reranker=None, strict_requests: bool = False,
                token_ids: str | None = None, sparse=None, models: list | None = None,
-               call_cost_tokens: float | str | None = None):
+               call_cost_tokens: float | str | None = None, workers: int = 1):
     """Build the FastAPI app serving ``embedder`` (and any other models).
 
     Args:
@@ -146,6 +146,9 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
             more than one model, every model's ONNX Runtime calls share one :class:`~embfast.dynamic.RunLock`:
             one model runs at a time with all its threads, so the models' thread pools never oversubscribe the
             cores.
+        workers: worker threads per model's batcher (default 1; see DynamicBatcher): under load up to N ONNX
+            Runtime calls at once, each on the model's threads / N; a call that would run alone gets all of them.
+            With several models, the shared RunLock has N slots.
         strict_requests: refuse (422) request fields the route does not know; default False ignores them (logged
             once per name), as TEI and vLLM do with what proxies and SDKs add.
         token_ids: what ``input`` given as token ids means on /v1/embeddings and /embed: None (default) answers
@@ -200,7 +203,7 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
         raise TypeError(f"batcher must be a DynamicBatcher or None, got {type(batcher).__name__}")
     if batcher is not None and (embedder is None or batcher.embedder is not embedder):
         raise ValueError("batcher= must be a DynamicBatcher of the embedder given as the first argument")
-    run_lock = RunLock() if len(given) > 1 else None
+    run_lock = RunLock(slots=workers) if len(given) > 1 else None
     entries = []
     for (model, names), kind in zip(given, kinds, strict=True):
         if names is None:
@@ -215,7 +218,7 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
         b = DynamicBatcher(model, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_queue=max_queue,
                            max_queue_texts=max_queue_texts, max_queue_tokens=max_queue_tokens,
                            merge_requests=dynamic_batching, run_lock=run_lock,
-                           call_cost_tokens=call_cost_tokens)
+                           call_cost_tokens=call_cost_tokens, workers=workers)
         entries.append(ServedModel(names, kind, model, b, owned=True,
                                    rss_load_bytes=getattr(model, "load_rss_bytes", None)))
     registry = ModelRegistry(entries)
@@ -403,6 +406,7 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
         return {
             "model": name, "model_dir": str(m.model_dir), **model_info, "max_seq_length": m.config.max_seq_length,
             "precision": m.precision, "device": m.device, "provider": m.session.provider, "threads": m.session.threads,
+            "workers": b.workers,
             "reranker": None if reranker is None else {
                 "model": reranker.name, "model_dir": str(reranker.model_dir), "num_labels": reranker.num_labels,
                 "activation": reranker.config.activation, "max_seq_length": reranker.max_seq_length,

@@ -44,7 +44,12 @@ def register_cli(subparsers) -> None:
     p.add_argument("--sparse", default=_env("SPARSE"), help="a sparse encoder (SPLADE) folder for /embed_sparse")
     p.add_argument("--device", default=_env("DEVICE", "cpu"), choices=["cpu", "cuda", "auto"])
     p.add_argument("--precision", default=_env("PRECISION", "fp32"), choices=["fp32", "int8", "fp16", "auto"])
-    p.add_argument("--threads", type=int, default=_env("THREADS"), help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=_env("THREADS"),
+                   help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--workers", type=int, default=_env("WORKERS", 1),
+                   help="batches each model may run at once (default 1). With N > 1, under load N batches run side "
+                        "by side on threads / N threads each (a second ONNX Runtime session: the model's memory "
+                        "twice), and a batch that would run alone still gets all the threads")
     p.add_argument("--max-batch-tokens", type=int, default=_env("MAX_BATCH_TOKENS", 16384),
                    help="padded tokens per ONNX Runtime batch (default 16384)")
     p.add_argument("--max-wait-ms", type=float, default=_env("MAX_WAIT_MS", 2.0),
@@ -137,6 +142,9 @@ def cmd_serve(args) -> int:
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
     t0 = time.perf_counter()
+    workers = int(args.workers)
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
     model_args = {"device": args.device, "precision": args.precision, "threads": args.threads}
     specs = args.model if args.model else [m.strip() for m in (_env("MODEL") or "").split(",") if m.strip()] or [None]
     names = list(args.served_model_name or ([_env("SERVED_MODEL_NAME")] if _env("SERVED_MODEL_NAME") else []))
@@ -157,7 +165,7 @@ def cmd_serve(args) -> int:
                      body_timeout_s=float(args.body_timeout_s) or None,
                      max_request_bytes=args.max_request_bytes, api_key=args.api_key or None,
                      corpus=args.corpus, corpus_texts=args.corpus_texts, max_inputs=args.max_client_batch_size,
-                     strict_requests=args.strict_requests, token_ids=args.token_ids)
+                     strict_requests=args.strict_requests, token_ids=args.token_ids, workers=workers)
     route = "/rerank" if isinstance(embedder, CrossEncoder) else "/v1/embeddings"
     served = " + ".join(f"{e.model!r} as {', '.join(map(repr, e.names))}" for e in app.state.registry)
     print(f"embfast serve: {served} ready in {time.perf_counter() - t0:.1f} s; "

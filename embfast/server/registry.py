@@ -90,7 +90,7 @@ class ServedModel:
         m = self.model
         out = {"id": self.name, "aliases": list(self.names[1:]), "kind": self.kind, "model_dir": str(m.model_dir),
                "max_seq_length": int(m.config.max_seq_length), "precision": m.precision, "device": m.device,
-               "threads": m.session.threads,
+               "threads": m.session.threads, "workers": self.batcher.workers,
                "memory": {"weights_bytes": weights_bytes(m), "rss_load_bytes": self.rss_load_bytes}}
         if self.kind == "embedder":
             out.update(dim=self.dim, pooling=m.config.pooling, normalize=m.config.normalize)
