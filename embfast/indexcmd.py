@@ -48,8 +48,10 @@ def _stream_index(args, m, output, base=None):
         signal.signal(signal.SIGTERM, old)
 
 
-def _resumed_note(res) -> str:
-    return f"; resumed after {res.resumed_shards} shards" if res.resumed_shards else ""
+def _notes(res) -> str:
+    """What the summary line adds: bad rows skipped, shards resumed."""
+    resumed = f"; resumed after {res.resumed_shards} shards" if res.resumed_shards else ""
+    return _bad_note(BadCounter(rows=res.bad_rows, files=res.bad_files)) + resumed
 
 
 def cmd_index_build(args) -> int:
@@ -58,9 +60,8 @@ def cmd_index_build(args) -> int:
     res = _stream_index(args, m, args.output)
     if res is None:
         return 130
-    bad = BadCounter(rows=res.bad_rows, files=res.bad_files)
     print(f"built {args.output}: {res.rows} rows x {res.dim}, {res.precision}, model {m.manifest.get('name')} "
-          f"({time.perf_counter() - t0:.1f} s){_bad_note(bad)}{_resumed_note(res)}")
+          f"({time.perf_counter() - t0:.1f} s){_notes(res)}")
     return 0
 
 
@@ -82,9 +83,8 @@ def cmd_index_add(args) -> int:
     res = _stream_index(args, m, args.index, base=args.index)
     if res is None:
         return 130
-    bad = BadCounter(rows=res.bad_rows, files=res.bad_files)
     print(f"added {res.added} rows to {args.index}: {before} -> {res.rows} rows "
-          f"({time.perf_counter() - t0:.1f} s){_bad_note(bad)}{_resumed_note(res)}")
+          f"({time.perf_counter() - t0:.1f} s){_notes(res)}")
     return 0
 
 
