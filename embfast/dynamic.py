@@ -1139,6 +1139,7 @@ class DynamicBatcher(SparseCalls):
 
     def _execute(self, batch: list[tuple[_Request, np.ndarray]], queued: int, plan_seconds: float = 0.0,
                  model=None) -> None:
+        model = self.embedder if model is None else model
         t0 = time.perf_counter()
         wait = time.monotonic() - min(req.t_enqueue for req, _ in batch)
         lens = np.concatenate([req.lengths[take] for req, take in batch])
@@ -1190,8 +1191,7 @@ class DynamicBatcher(SparseCalls):
                                padded_tokens=len(lens) * int(max(lens.max(), 1)), seconds=seconds,
                                queued_texts=queued, failed_requests=failed, wait_seconds=wait,
                                plan_seconds=plan_seconds,
-                               threads=int(getattr(getattr(model or self.embedder, "session", None), "threads", 0)
-                                           if getattr(model or self.embedder, "device", "cpu") == "cpu" else 0))
+                               threads=int(getattr(model.session, "threads", 0)) if model.device == "cpu" else 0)
             for fn in listeners:
                 try:
                     fn(stats)
