@@ -80,16 +80,21 @@ def measure(what: str, n: int) -> dict:
 
 
 def one(what: str, n: int) -> None:
-    """Inside the subprocess: load, note the memory, run, print {seconds, peak_mib, result}."""
-    import torch
+    """Inside the subprocess: load, note the memory, run, print {seconds, peak_mib, result}.
 
-    torch.set_num_threads(ARGS.threads)
+    Each side imports only what it runs, before the clock starts: torch's thread pool, loaded into an
+    embfast run, slows embfast's own kernels (its idle OpenMP threads compete for the 2 cores), and no
+    embfast user has torch loaded at inference time."""
     if what.startswith("mining-1m"):
         return one_1m(what, n)
     x = vectors(n)
-    # every import before the clock starts
-    from sentence_transformers import util
-    from sklearn.cluster import KMeans
+    if what.startswith("st-"):
+        import torch
+        from sentence_transformers import util
+
+        torch.set_num_threads(ARGS.threads)
+    if what == "sk-kmeans":
+        from sklearn.cluster import KMeans
 
     import embfast
     from embfast.mining import unit_rows

@@ -152,6 +152,24 @@ void topk_merge_block(const f32& scores, std::int64_t offset, py::object row_sca
     embfast::topk_merge_block(sp, nq, b, offset, rs, cs, hs, hi, hn, k, threads);
 }
 
+void topk_merge_block_columns(const f32& scores, std::int64_t offset, f32& heap_s, i64& heap_i, i64& heap_n,
+                              int threads) {
+    need_ndim("topk_merge_block_columns", "scores", scores, 2, "2-D (rows, num_heaps)");
+    need_ndim("topk_merge_block_columns", "heap_scores", heap_s, 2, "2-D (num_heaps, k)");
+    std::size_t nr = scores.shape(0), b = scores.shape(1), k = heap_s.shape(1);
+    if (static_cast<std::size_t>(heap_s.shape(0)) != b || heap_i.ndim() != 2 || heap_i.shape(0) != heap_s.shape(0) ||
+        heap_i.shape(1) != heap_s.shape(1) || heap_n.ndim() != 1 || static_cast<std::size_t>(heap_n.shape(0)) != b)
+        fail("topk_merge_block_columns", "heaps", "(num_heaps, k) scores and indices and (num_heaps,) counts, "
+             "num_heaps = scores.shape[1]", shape_of(heap_s) + ", " + shape_of(heap_i) + ", " + shape_of(heap_n));
+    if (threads < 0) fail("topk_merge_block_columns", "threads", ">= 0", std::to_string(threads));
+    const float* sp = scores.data();
+    float* hs = heap_s.mutable_data();
+    std::int64_t* hi = heap_i.mutable_data();
+    std::int64_t* hn = heap_n.mutable_data();
+    py::gil_scoped_release release;
+    embfast::topk_merge_block_columns(sp, nr, b, offset, hs, hi, hn, k, threads);
+}
+
 void topk_finalize(f32& heap_s, i64& heap_i, const i64& heap_n) {
     std::size_t nq = heap_s.shape(0), k = heap_s.ndim() == 2 ? heap_s.shape(1) : 0;
     float* hs = heap_s.mutable_data();
@@ -227,6 +245,11 @@ PYBIND11_MODULE(_core, m) {
     m.def("topk_merge_block", &topk_merge_block, py::arg("scores").noconvert(), py::arg("offset"),
           py::arg("row_scale"), py::arg("col_scale"), py::arg("heap_scores").noconvert(),
           py::arg("heap_indices").noconvert(), py::arg("heap_counts").noconvert(), py::arg("threads") = 0);
+    m.def("topk_merge_block_columns", &topk_merge_block_columns, py::arg("scores").noconvert(), py::arg("offset"),
+          py::arg("heap_scores").noconvert(), py::arg("heap_indices").noconvert(), py::arg("heap_counts").noconvert(),
+          py::arg("threads") = 0,
+          "Merge the columns of scores (rows, num_heaps) into heaps (num_heaps, k): column j's candidates (row "
+          "offset + r, in row order) go to heap j; the result of topk_merge_block on scores.T, without the copy.");
     m.def("topk_finalize", &topk_finalize, py::arg("heap_scores").noconvert(), py::arg("heap_indices").noconvert(),
           py::arg("heap_counts").noconvert());
     m.def("topk_int8", &topk_int8, py::arg("queries").noconvert(), py::arg("corpus").noconvert(), py::arg("k"),

@@ -65,9 +65,10 @@ def self_topk(x: np.ndarray, k: int, *, threads: int = 0,
     """Each unit row's ``k`` best rows by inner product (itself included): scores (n, k), indices (n, k).
 
     A symmetric blocked self-join: only the tiles on and above the diagonal are computed (BLAS), and an
-    off-diagonal tile feeds both its rows' heaps and, transposed, its columns' heaps, through the native
-    top-k merge; so each pair is scored once (half the multiply-adds of a plain join). Results are
-    sorted best first, ties to the lower index, as :func:`embfast.kernels.topk_cosine`. Without the
+    off-diagonal tile feeds both its rows' heaps and its columns' heaps (the native column merge reads the
+    tile in place, strips of columns per thread: no transposed copy, which cost more than the product); so
+    each pair is scored once (half the multiply-adds of a plain join). Results are sorted best first, ties
+    to the lower index, as :func:`embfast.kernels.topk_cosine`. Without the
     native core, one plain join per block of rows.
     """
     n = x.shape[0]
@@ -89,9 +90,8 @@ def self_topk(x: np.ndarray, k: int, *, threads: int = 0,
             d = min(c + t, n)
             scores = x[a:b] @ x[c:d].T
             core.topk_merge_block(scores, c, None, None, heap_s[a:b], heap_i[a:b], heap_n[a:b], threads)
-            if c != a:
-                core.topk_merge_block(np.ascontiguousarray(scores.T), a, None, None, heap_s[c:d], heap_i[c:d],
-                                      heap_n[c:d], threads)
+            if c != a:  # the tile's columns feed the heaps of rows c:d (no transposed copy)
+                core.topk_merge_block_columns(scores, a, heap_s[c:d], heap_i[c:d], heap_n[c:d], threads)
         if progress is not None:
             progress(b - a)
     core.topk_finalize(heap_s, heap_i, heap_n)

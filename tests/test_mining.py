@@ -79,13 +79,52 @@ def test_paraphrase_mining_threshold_and_errors():
 
 @pytest.mark.parametrize("n", [1, 7, 2048, 2049, 4500])
 def test_self_topk_equals_a_plain_join(n):
-    """The symmetric join (upper tiles, transposed merges) finds what a plain top-k over every row finds."""
+    """The symmetric join (upper tiles, row and column merges) finds what a plain top-k over every row finds."""
     x = reference.l2_normalize(clustered(max(n, 101), dim=24, seed=n)[:n])
     s, i = mining.self_topk(x, 9)
     ref_s, ref_i = kernels.topk_cosine(x, x, 9, assume_normalized=True, backend="reference")
     np.testing.assert_allclose(s, ref_s, rtol=0, atol=TIE)
     true = cosines(x)
     np.testing.assert_allclose(np.take_along_axis(true, i, axis=1), ref_s, rtol=0, atol=TIE)
+
+
+@pytest.mark.skipif(not kernels.HAS_NATIVE, reason="the native core is not built")
+@pytest.mark.parametrize(("heaps", "k", "rows", "blocks"), [(300, 7, 50, 4), (40, 101, 30, 5), (513, 3, 17, 2),
+                                                          (5, 0, 4, 1)])
+def test_column_merge_equals_a_row_merge_of_the_transpose(heaps, k, rows, blocks):
+    """topk_merge_block_columns (the self-join's merge without a transposed copy) gives, bit for bit, what
+    topk_merge_block gives on the transpose, and both give the reference top-k: best first, ties to the lower
+    index, NaN never kept. Scores come from a few values, so ties are everywhere; heaps fill across blocks."""
+    core = kernels._core
+    rng = np.random.default_rng(heaps + k)
+    state = [(np.empty((heaps, k), np.float32), np.empty((heaps, k), np.int64), np.zeros(heaps, np.int64))
+             for _ in range(2)]
+    seen = []
+    for b in range(blocks):
+        scores = rng.choice(np.float32([-1.0, 0.25, 0.5, 0.5, 0.75, 1.0]), size=(rows, heaps))
+        scores[rng.random(scores.shape) < 0.05] = np.nan
+        seen.append(scores)
+        core.topk_merge_block_columns(scores, b * rows, *state[0], 2)
+        core.topk_merge_block(np.ascontiguousarray(scores.T), b * rows, None, None, *state[1], 2)
+    for heap_s, heap_i, heap_n in state:
+        core.topk_finalize(heap_s, heap_i, heap_n)
+    np.testing.assert_array_equal(state[0][0], state[1][0])
+    np.testing.assert_array_equal(state[0][1], state[1][1])
+    full = np.vstack(seen).T  # (heaps, all rows)
+    for h in range(heaps):
+        ok = np.flatnonzero(~np.isnan(full[h]))
+        best = ok[np.lexsort((ok, -full[h, ok]))][:k]  # score descending, then the lower index
+        np.testing.assert_array_equal(state[0][1][h, :len(best)], best)
+        assert (state[0][1][h, len(best):] == -1).all()
+
+
+def test_column_merge_rejects_mismatched_heaps():
+    if not kernels.HAS_NATIVE:
+        pytest.skip("the native core is not built")
+    scores = np.zeros((4, 6), np.float32)
+    with pytest.raises(ValueError, match="num_heaps = scores.shape"):
+        kernels._core.topk_merge_block_columns(scores, 0, np.empty((4, 3), np.float32), np.empty((4, 3), np.int64),
+                                               np.zeros(4, np.int64), 1)
 
 
 @pytest.mark.parametrize("threshold", [0.95, 0.8, 0.0])

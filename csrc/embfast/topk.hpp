@@ -290,6 +290,9 @@ inline void topk_scan(const float* Q, const float* qscale, std::size_t nq, const
     });
 }
 
+// Scores a merge checks at once against the heap threshold before looking at any one of them.
+constexpr std::size_t kMergeRun = 16;
+
 // Merge a block of precomputed scores into running heaps.
 // scores (nq, b) float32 holds raw dot products of every query with corpus rows
 // [offset, offset + b); score = scores * row_scale[q] * col_scale[j] (either
@@ -303,12 +306,80 @@ inline void topk_merge_block(const float* scores, std::size_t nq, std::size_t b,
         TopKHeap h(heap_s + q * k, heap_i + q * k, k, static_cast<std::size_t>(heap_n[q]));
         const float* row = scores + q * b;
         float rs = row_scale ? row_scale[q] : 1.0f;
-        for (std::size_t j = 0; j < b; ++j) {
+        float thr = h.threshold();  // -inf until the heap is full; NaN never passes (push drops it anyway)
+        std::size_t j = 0;
+        if (!row_scale && !col_scale) {  // raw scores: skip runs of kMergeRun that cannot enter at once
+            for (; j + kMergeRun <= b; j += kMergeRun) {
+                bool any = false;
+                for (std::size_t u = 0; u < kMergeRun; ++u) any |= row[j + u] >= thr;
+                if (!any) continue;
+                for (std::size_t u = 0; u < kMergeRun; ++u) {
+                    if (row[j + u] >= thr) {
+                        h.push(row[j + u], offset + static_cast<std::int64_t>(j + u));
+                        thr = h.threshold();
+                    }
+                }
+            }
+        }
+        for (; j < b; ++j) {
             float sc = row[j] * rs;
             if (col_scale) sc *= col_scale[j];
-            if (sc > h.threshold() || !h.full()) h.push(sc, offset + static_cast<std::int64_t>(j));
+            if (sc >= thr) {
+                h.push(sc, offset + static_cast<std::int64_t>(j));
+                thr = h.threshold();
+            }
         }
         heap_n[q] = static_cast<std::int64_t>(h.size);
+    }
+}
+
+// Merge the columns of a block of scores into running heaps: scores (nr, b) holds raw dot products of
+// the rows [offset, offset + nr) with the b owners of the heaps; column j's candidates go to heap j.
+// The same result as topk_merge_block on the transposed block (candidates offered in row order), without
+// writing the transpose: each thread owns strips of columns and streams the rows, so reads stay
+// contiguous and the pre-check reads a small array of heap thresholds.
+inline void topk_merge_block_columns(const float* scores, std::size_t nr, std::size_t b, std::int64_t offset,
+                                     float* heap_s, std::int64_t* heap_i, std::int64_t* heap_n, std::size_t k,
+                                     int threads) {
+    if (k == 0) return;
+    constexpr std::size_t kStrip = 256;
+    const std::int64_t strips = static_cast<std::int64_t>((b + kStrip - 1) / kStrip);
+    int t = resolve_threads(threads, static_cast<double>(nr) * b, 2.0e5);
+#pragma omp parallel for num_threads(t) schedule(dynamic) if (t > 1)
+    for (std::int64_t st = 0; st < strips; ++st) {
+        const std::size_t j0 = static_cast<std::size_t>(st) * kStrip, j1 = std::min(b, j0 + kStrip);
+        float thr[kStrip];
+        for (std::size_t j = j0; j < j1; ++j) {
+            TopKHeap h(heap_s + j * k, heap_i + j * k, k, static_cast<std::size_t>(heap_n[j]));
+            thr[j - j0] = h.threshold();
+        }
+        for (std::size_t r = 0; r < nr; ++r) {
+            const float* row = scores + r * b;
+            std::size_t j = j0;
+            for (; j + kMergeRun <= j1; j += kMergeRun) {  // skip runs that cannot enter at once
+                bool any = false;
+                for (std::size_t u = 0; u < kMergeRun; ++u) any |= row[j + u] >= thr[j - j0 + u];
+                if (!any) continue;
+                for (std::size_t u = 0; u < kMergeRun; ++u) {
+                    if (row[j + u] >= thr[j - j0 + u]) {
+                        TopKHeap h(heap_s + (j + u) * k, heap_i + (j + u) * k, k,
+                                   static_cast<std::size_t>(heap_n[j + u]));
+                        h.push(row[j + u], offset + static_cast<std::int64_t>(r));
+                        heap_n[j + u] = static_cast<std::int64_t>(h.size);
+                        thr[j - j0 + u] = h.threshold();
+                    }
+                }
+            }
+            for (; j < j1; ++j) {
+                const float sc = row[j];
+                if (sc >= thr[j - j0]) {  // NaN never passes (push drops it anyway)
+                    TopKHeap h(heap_s + j * k, heap_i + j * k, k, static_cast<std::size_t>(heap_n[j]));
+                    h.push(sc, offset + static_cast<std::int64_t>(r));
+                    heap_n[j] = static_cast<std::int64_t>(h.size);
+                    thr[j - j0] = h.threshold();
+                }
+            }
+        }
     }
 }
 
