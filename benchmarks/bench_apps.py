@@ -51,6 +51,15 @@ import numpy as np  # noqa: E402
 
 
 def rss_mib() -> float:
+    """Peak RSS of this process, MiB: VmHWM on Linux (ru_maxrss survives exec, so a child started by a big
+    parent would inherit the parent's peak and report no growth), ru_maxrss elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -14,7 +14,11 @@ scores plus the results, never an (n, n) matrix.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -24,13 +28,46 @@ from embfast import kernels
 BLOCK_SCORES = 16 * 2**20
 
 
+#: rows :func:`unit_rows` converts at a time (its temporaries stay small)
+UNIT_CHUNK = 16384
+
+
+def _release_pages(vectors) -> None:
+    """Drop the resident pages of a read-only memory-mapped array (madvise DONTNEED: the file is untouched and
+    pages come back from it on the next read), so reading it once does not keep it all in RSS."""
+    mm = getattr(vectors, "_mmap", None)
+    if mm is None or getattr(vectors, "mode", None) != "r":
+        return
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        mm.madvise(mmap.MADV_DONTNEED)
+
+
 def unit_rows(vectors, name: str = "vectors") -> np.ndarray:
-    """``vectors`` (n, dim) as C-contiguous float32 unit rows (zero rows stay zero); ValueError for NaN/inf."""
-    x = kernels.as_float32(vectors, name, 2)
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        raise ValueError(f"{name} must be finite, got NaN or inf in row {int(np.flatnonzero(bad)[0])}")
-    return kernels.l2_normalize(x)
+    """``vectors`` (n, dim) as a new C-contiguous float32 array of unit rows (zero rows stay zero).
+
+    Converted in chunks of :data:`UNIT_CHUNK` rows; a read-only memory-mapped input (``np.load(path,
+    mmap_mode="r")``) has its pages released after each chunk, so only the float32 copy stays resident.
+
+    Raises:
+        TypeError: non-numeric data. ValueError: not 2-D, or NaN / inf (the first bad row is named).
+    """
+    arr = np.asarray(vectors)
+    kernels.as_float32(arr[:0] if arr.ndim == 2 else arr, name, 2)  # dtype and shape errors, nothing copied
+    if arr.shape[0] <= UNIT_CHUNK and not isinstance(vectors, np.memmap):
+        chunks = [arr]
+    else:
+        chunks = (arr[a:a + UNIT_CHUNK] for a in range(0, arr.shape[0], UNIT_CHUNK))
+    out = np.empty(arr.shape, np.float32)
+    a = 0
+    for chunk in chunks:
+        x = kernels.as_float32(chunk, name, 2)
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            raise ValueError(f"{name} must be finite, got NaN or inf in row {a + int(np.flatnonzero(bad)[0])}")
+        out[a:a + x.shape[0]] = kernels.l2_normalize(x)
+        a += x.shape[0]
+        _release_pages(vectors)
+    return out
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -56,6 +93,52 @@ def _row_blocks(n: int, cols: int, progress: Callable[[int], None] | None = None
             progress(min(start + rows, n) - start)
 
 
+_BLAS_LOCK = threading.Lock()
+_blas_users = 0
+_blas_limiter = None
+
+
+@contextlib.contextmanager
+def _blas_on_one_thread():
+    """NumPy's BLAS on one thread while inside (threadpoolctl; for the whole process, restored when the last
+    of concurrent users leaves). The joins split each product by rows among their own threads instead:
+    BLAS's idle worker threads spin after each product and take the cores from the native merges that
+    follow it (measured: the merges then run no faster on 2 threads than on 1)."""
+    global _blas_users, _blas_limiter
+    from threadpoolctl import threadpool_limits
+
+    with _BLAS_LOCK:
+        if _blas_users == 0:
+            _blas_limiter = threadpool_limits(1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
+
+
+def _join_threads(threads: int) -> int:
+    return threads if threads > 0 else (kernels._core.max_threads() if kernels.HAS_NATIVE else 1)
+
+
+def _row_parts(a: int, b: int, parts: int) -> list[tuple[int, int]]:
+    bounds = np.linspace(a, b, max(1, min(parts, b - a)) + 1).astype(int)
+    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
+
+
+def _product(pool: ThreadPoolExecutor, parts: int, x: np.ndarray, a: int, b: int, c: int, d: int,
+             out: np.ndarray) -> None:
+    """``out[:] = x[a:b] @ x[c:d].T``, its rows split among the pool's threads (each BLAS call on one thread)."""
+    xt = x[c:d].T
+    jobs = [pool.submit(np.matmul, x[lo:hi], xt, out=out[lo - a:hi - a]) for lo, hi in _row_parts(a, b, parts)]
+    for job in jobs:
+        job.result()
+
+
 #: rows (and columns) of one square score tile of the symmetric self-join (2048 x 2048 float32 = 16 MiB)
 SELF_TILE = 2048
 
@@ -71,6 +154,7 @@ def self_topk(x: np.ndarray, k: int, *, threads: int = 0,
     to the lower index, as :func:`embfast.kernels.topk_cosine`. Without the
     native core, one plain join per block of rows.
     """
+    x = np.ascontiguousarray(x, dtype=np.float32)
     n = x.shape[0]
     k = min(k, n)
     if not kernels.HAS_NATIVE or n == 0 or k == 0:
@@ -84,16 +168,20 @@ def self_topk(x: np.ndarray, k: int, *, threads: int = 0,
     heap_i = np.empty((n, k), np.int64)
     heap_n = np.zeros(n, np.int64)
     t = SELF_TILE
-    for a in range(0, n, t):
-        b = min(a + t, n)
-        for c in range(a, n, t):
-            d = min(c + t, n)
-            scores = x[a:b] @ x[c:d].T
-            core.topk_merge_block(scores, c, None, None, heap_s[a:b], heap_i[a:b], heap_n[a:b], threads)
-            if c != a:  # the tile's columns feed the heaps of rows c:d (no transposed copy)
-                core.topk_merge_block_columns(scores, a, heap_s[c:d], heap_i[c:d], heap_n[c:d], threads)
-        if progress is not None:
-            progress(b - a)
+    parts = _join_threads(threads)
+    buf = np.empty(min(t, n) ** 2, np.float32)
+    with _blas_on_one_thread(), ThreadPoolExecutor(parts, thread_name_prefix="embfast-join") as pool:
+        for a in range(0, n, t):
+            b = min(a + t, n)
+            for c in range(a, n, t):
+                d = min(c + t, n)
+                scores = buf[:(b - a) * (d - c)].reshape(b - a, d - c)
+                _product(pool, parts, x, a, b, c, d, scores)
+                core.topk_merge_block(scores, c, None, None, heap_s[a:b], heap_i[a:b], heap_n[a:b], threads)
+                if c != a:  # the tile's columns feed the heaps of rows c:d (no transposed copy)
+                    core.topk_merge_block_columns(scores, a, heap_s[c:d], heap_i[c:d], heap_n[c:d], threads)
+            if progress is not None:
+                progress(b - a)
     core.topk_finalize(heap_s, heap_i, heap_n)
     return heap_s, heap_i
 
@@ -184,27 +272,40 @@ def near_duplicate_pairs(vectors, threshold: float, *, progress: Callable[[int],
 
 
 def upper_pairs(x: np.ndarray, threshold: float, *, start_row: int = 0, stop_row: int | None = None,
-                progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`near_duplicate_pairs` on rows that are already unit length (float32, C-contiguous or memory-mapped)."""
+                progress: Callable[[int], None] | None = None,
+                threads: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`near_duplicate_pairs` on rows that are already unit length (float32, C-contiguous or memory-mapped).
+
+    ``threads``: threads that split each block's rows (0 = all cores), each running its rows' product on a
+    one-thread BLAS, then thresholding them."""
     n = x.shape[0]
     stop = n if stop_row is None else min(stop_row, n)
     out_i, out_j, out_s = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.float32)]
     rows = 2048  # square-ish tiles: each column tile is read once per 2048 rows
     cols = max(1, BLOCK_SCORES // rows)
     thr = np.float32(threshold)
-    for a in range(start_row, stop, rows):
-        b = min(a + rows, stop)
-        for c in range(a, n, cols):
-            d = min(c + cols, n)
-            scores = x[a:b] @ x[c:d].T
-            if c < b:  # the block touches the diagonal: keep j > i only
-                scores[np.arange(c, d)[None, :] <= np.arange(a, b)[:, None]] = -np.inf
-            r, q = np.nonzero(scores >= thr)
-            out_i.append(r.astype(np.int64) + a)
-            out_j.append(q.astype(np.int64) + c)
-            out_s.append(scores[r, q])
-        if progress is not None:
-            progress(b - a)
+
+    def pairs(a: int, b: int, c: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scores = x[a:b] @ x[c:d].T
+        if c < b:  # the block touches the diagonal: keep j > i only
+            scores[np.arange(c, d)[None, :] <= np.arange(a, b)[:, None]] = -np.inf
+        r, q = np.nonzero(scores >= thr)
+        return r.astype(np.int64) + a, q.astype(np.int64) + c, scores[r, q]
+
+    parts = _join_threads(threads)
+    with _blas_on_one_thread(), ThreadPoolExecutor(parts, thread_name_prefix="embfast-join") as pool:
+        for a in range(start_row, stop, rows):
+            b = min(a + rows, stop)
+            for c in range(a, n, cols):
+                d = min(c + cols, n)
+                # each thread: its rows' product (BLAS on one thread), threshold and pairs
+                for job in [pool.submit(pairs, lo, hi, c, d) for lo, hi in _row_parts(a, b, parts)]:
+                    r, q, v = job.result()
+                    out_i.append(r)
+                    out_j.append(q)
+                    out_s.append(v)
+            if progress is not None:
+                progress(b - a)
     i, j, s = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
     order = np.lexsort((j, i))
     return i[order], j[order], s[order]

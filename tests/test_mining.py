@@ -77,6 +77,32 @@ def test_paraphrase_mining_threshold_and_errors():
         mining.paraphrase_mining(x[0])
 
 
+def test_unit_rows_in_chunks_and_from_a_memory_map(tmp_path, monkeypatch):
+    """unit_rows converts in chunks (same result as in one go), reads a memory-mapped file without changing it
+    (its pages are released after each chunk, the file stays readable), and names the first non-finite row."""
+    monkeypatch.setattr(mining, "UNIT_CHUNK", 64)
+    x = clustered(300, dim=16) * 3.0
+    x[11] = 0.0
+    whole = reference.l2_normalize(x)
+    np.testing.assert_allclose(mining.unit_rows(x), whole, rtol=0, atol=1e-6)
+    assert not mining.unit_rows(x)[11].any()
+    np.save(tmp_path / "v.npy", x)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    got = mining.unit_rows(mapped)
+    assert type(got) is np.ndarray and got.flags.c_contiguous and got.dtype == np.float32
+    np.testing.assert_array_equal(got, mining.unit_rows(x))
+    np.testing.assert_array_equal(mapped, x)  # the file (and the map) unchanged after the pages were dropped
+    np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), x)
+    assert mining.paraphrase_mining(mapped, top_k=5) == mining.paraphrase_mining(x, top_k=5)
+    bad = x.copy()
+    bad[200, 3] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf in row 200"):
+        mining.unit_rows(bad)
+    with pytest.raises(TypeError, match="numeric"):
+        mining.unit_rows(np.array([["a", "b"]]))
+    assert mining.unit_rows(np.zeros((0, 4))).shape == (0, 4)
+
+
 @pytest.mark.parametrize("n", [1, 7, 2048, 2049, 4500])
 def test_self_topk_equals_a_plain_join(n):
     """The symmetric join (upper tiles, row and column merges) finds what a plain top-k over every row finds."""
