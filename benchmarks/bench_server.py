@@ -37,10 +37,12 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,6 +103,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="measure every point this many times; with more than one, all servers are started at once "
                         "and each round measures every server at a point before moving on, so drift on a shared "
                         "machine hits all of them alike; the table gives each point's median over the rounds")
+    p.add_argument("--load", default="httpx", choices=["httpx", "wrk"],
+                   help="load generator for HTTP servers: httpx (asyncio, this process; checks every answer's "
+                        "vector count, but costs 1-50 ms of CPU per request on the same cores) or wrk (the C "
+                        "tool, Debian's wrk, one thread, cycling the same bodies; counts non-2xx answers as "
+                        "errors; a few microseconds per request, so the server gets the cores)")
     p.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--startup-timeout-s", type=float, default=300.0, help="wait this long for a server to start")
     args = p.parse_args(argv)
@@ -111,6 +118,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.modes = modes
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
+    if args.load == "wrk" and "two-processes" in modes:
+        p.error("--load wrk sends to one server; two-processes needs --load httpx")
+    if args.load == "wrk" and shutil.which("wrk") is None:
+        p.error("--load wrk needs the wrk binary (apt-get install wrk)")
     if args.duration_s <= 0 or args.warmup_s < 0:
         p.error("--duration-s must be > 0 and --warmup-s >= 0")
     return args
@@ -381,6 +392,72 @@ def _snapshot(server) -> dict:
             "wall": time.perf_counter()}
 
 
+_WRK_SCRIPT = """
+bodies = {%(bodies)s}
+counter = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, "%(path)s", nil, bodies[(counter %% #bodies) + 1])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests": %%d, "duration_us": %%d, "p50_us": %%d, "p99_us": %%d, '
+    .. '"mean_us": %%.1f, "non2xx": %%d, "socket_errors": %%d}\\n', summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), latency.mean, e.status, e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+def wait_idle(server: Server, timeout: float = 600.0) -> float:
+    """Wait until the server has no request in flight (embfast's /metrics); returns the seconds waited. wrk
+    closes its connections at the end of a run with requests still queued, and the server still computes
+    them: without this, the next point would start behind that backlog."""
+    import httpx
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        busy = 0.0
+        for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines():
+            if line.startswith("embfast_inflight_requests"):
+                busy += float(line.rsplit(" ", 1)[1])
+        if busy == 0:
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    raise RuntimeError(f"{server.name} still busy after {timeout} s")
+
+
+def run_wrk(server: Server, sentences: list[str], clients: int, k: int, seconds: float, api: str = "openai") -> dict:
+    """The same closed-loop load from wrk (one thread, ``clients`` connections): the bodies of the first 2,000
+    requests the httpx clients would send, cycled; model names alternate per request as the clients do.
+    Returns counts and the latency summary (ms): wrk keeps no per-request list."""
+    names = [name for _, name in server.targets]
+    path, make = (server.path, APIS["openai"][1]) if api == "openai" else APIS[api][:2]
+    bodies = []
+    for b in range(2000):
+        chunk = [sentences[(b * k + j) % len(sentences)] for j in range(k)]
+        text = json.dumps(make(chunk, names[b % len(names)]))
+        bodies.append("[==[" + text + "]==]")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
+        fh.write(_WRK_SCRIPT % {"bodies": ",\n".join(bodies), "path": path})
+        script = fh.name
+    try:
+        out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "120s",
+                              "-s", script, server.targets[0][0]], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(script)
+    if server.name.startswith("embfast"):
+        wait_idle(server)
+    line = next((ln for ln in out.splitlines() if ln.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary:\n{out}")
+    w = json.loads(line[len("WRKJSON "):])
+    ok = w["requests"] - w["non2xx"]
+    return {"ok": ok, "errors": w["non2xx"] + w["socket_errors"], "texts": ok * k, "seconds": w["duration_us"] / 1e6,
+            "p50_ms": w["p50_us"] / 1000, "p99_ms": w["p99_us"] / 1000, "mean_ms": w["mean_us"] / 1000}
+
+
 def measure(server, sentences: list[str], clients: int, k: int, args, api: str = "openai") -> dict:
     """One point: ``server`` a Server (HTTP, through ``api``) or a DynamicBatcher (in-process)."""
     import numpy as np
@@ -394,6 +471,22 @@ def measure(server, sentences: list[str], clients: int, k: int, args, api: str =
             return run_inprocess(server, sentences, clients, k, seconds)
         name, extra = "in-process", {"dynamic_batching": server.merge_requests, "workers": server.workers,
                                      "api": "python"}
+    if getattr(args, "load", "httpx") == "wrk" and isinstance(server, Server):
+        if args.warmup_s > 0:
+            run_wrk(server, sentences, clients, k, args.warmup_s, api)
+        profiling = getattr(args, "profile", False) and name == "embfast"
+        before = _snapshot(server) if profiling else None
+        w = run_wrk(server, sentences, clients, k, args.duration_s, api)
+        n = w["ok"]
+        if profiling:
+            extra = {**extra, "profile": _profile(server, before, _snapshot(server), n)}
+        return {
+            "bench": "server", "server": name, **extra, "load": "wrk", "concurrency": clients,
+            "texts_per_request": k, "requests": n, "errors": w["errors"], "seconds": round(w["seconds"], 3),
+            "requests_per_s": round(n / w["seconds"], 2), "texts_per_s": round(w["texts"] / w["seconds"], 2),
+            "p50_ms": round(w["p50_ms"], 2) if n else None, "p99_ms": round(w["p99_ms"], 2) if n else None,
+            "mean_ms": round(w["mean_ms"], 2) if n else None,
+        }
     if args.warmup_s > 0:
         asyncio.run(load(args.warmup_s))
     profiling = getattr(args, "profile", False) and isinstance(server, Server) and name == "embfast"
@@ -404,7 +497,8 @@ def measure(server, sentences: list[str], clients: int, k: int, args, api: str =
     if profiling:
         extra = {**extra, "profile": _profile(server, before, _snapshot(server), n)}
     return {
-        "bench": "server", "server": name, **extra, "concurrency": clients,
+        "bench": "server", "server": name, **extra, "load": "httpx" if name != "in-process" else "python",
+        "concurrency": clients,
         "texts_per_request": k, "requests": n, "errors": res["errors"], "seconds": round(res["seconds"], 3),
         "requests_per_s": round(n / res["seconds"], 2), "texts_per_s": round(res["texts"] / res["seconds"], 2),
         "p50_ms": round(float(np.percentile(lat, 50)), 2) if n else None,
