@@ -17,6 +17,7 @@ never asserts; timings are only meaningful on a quiet machine.
     python benchmarks/bench_server.py --infinity /tmp/infinity-venv/bin/infinity_emb
     python benchmarks/bench_server.py --model /tmp/tiny --concurrency 1,8 --duration-s 1 --warmup-s 0.5  # smoke
     python benchmarks/bench_server.py --modes on,two-models,two-processes --concurrency 8,32,128
+    python benchmarks/bench_server.py --load wrk --rounds 3     # wrk (apt-get install wrk) as the load generator
 
 ``--modes two-models`` serves the model twice in one ``embfast serve`` (``--model M --model M``, names a and
 b; the two share the cores through one run lock), clients alternating between the names; ``two-processes``
