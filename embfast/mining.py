@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -93,52 +91,6 @@ def _row_blocks(n: int, cols: int, progress: Callable[[int], None] | None = None
             progress(min(start + rows, n) - start)
 
 
-_BLAS_LOCK = threading.Lock()
-_blas_users = 0
-_blas_limiter = None
-
-
-@contextlib.contextmanager
-def _blas_on_one_thread():
-    """NumPy's BLAS on one thread while inside (threadpoolctl; for the whole process, restored when the last
-    of concurrent users leaves). The joins split each product by rows among their own threads instead:
-    BLAS's idle worker threads spin after each product and take the cores from the native merges that
-    follow it (measured: the merges then run no faster on 2 threads than on 1)."""
-    global _blas_users, _blas_limiter
-    from threadpoolctl import threadpool_limits
-
-    with _BLAS_LOCK:
-        if _blas_users == 0:
-            _blas_limiter = threadpool_limits(1, user_api="blas")
-        _blas_users += 1
-    try:
-        yield
-    finally:
-        with _BLAS_LOCK:
-            _blas_users -= 1
-            if _blas_users == 0:
-                _blas_limiter.restore_original_limits()
-                _blas_limiter = None
-
-
-def _join_threads(threads: int) -> int:
-    return threads if threads > 0 else (kernels._core.max_threads() if kernels.HAS_NATIVE else 1)
-
-
-def _row_parts(a: int, b: int, parts: int) -> list[tuple[int, int]]:
-    bounds = np.linspace(a, b, max(1, min(parts, b - a)) + 1).astype(int)
-    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
-
-
-def _product(pool: ThreadPoolExecutor, parts: int, x: np.ndarray, a: int, b: int, c: int, d: int,
-             out: np.ndarray) -> None:
-    """``out[:] = x[a:b] @ x[c:d].T``, its rows split among the pool's threads (each BLAS call on one thread)."""
-    xt = x[c:d].T
-    jobs = [pool.submit(np.matmul, x[lo:hi], xt, out=out[lo - a:hi - a]) for lo, hi in _row_parts(a, b, parts)]
-    for job in jobs:
-        job.result()
-
-
 #: rows (and columns) of one square score tile of the symmetric self-join (2048 x 2048 float32 = 16 MiB)
 SELF_TILE = 2048
 
@@ -168,20 +120,16 @@ def self_topk(x: np.ndarray, k: int, *, threads: int = 0,
     heap_i = np.empty((n, k), np.int64)
     heap_n = np.zeros(n, np.int64)
     t = SELF_TILE
-    parts = _join_threads(threads)
-    buf = np.empty(min(t, n) ** 2, np.float32)
-    with _blas_on_one_thread(), ThreadPoolExecutor(parts, thread_name_prefix="embfast-join") as pool:
-        for a in range(0, n, t):
-            b = min(a + t, n)
-            for c in range(a, n, t):
-                d = min(c + t, n)
-                scores = buf[:(b - a) * (d - c)].reshape(b - a, d - c)
-                _product(pool, parts, x, a, b, c, d, scores)
-                core.topk_merge_block(scores, c, None, None, heap_s[a:b], heap_i[a:b], heap_n[a:b], threads)
-                if c != a:  # the tile's columns feed the heaps of rows c:d (no transposed copy)
-                    core.topk_merge_block_columns(scores, a, heap_s[c:d], heap_i[c:d], heap_n[c:d], threads)
-            if progress is not None:
-                progress(b - a)
+    for a in range(0, n, t):
+        b = min(a + t, n)
+        for c in range(a, n, t):
+            d = min(c + t, n)
+            scores = x[a:b] @ x[c:d].T
+            core.topk_merge_block(scores, c, None, None, heap_s[a:b], heap_i[a:b], heap_n[a:b], threads)
+            if c != a:  # the tile's columns feed the heaps of rows c:d (no transposed copy)
+                core.topk_merge_block_columns(scores, a, heap_s[c:d], heap_i[c:d], heap_n[c:d], threads)
+        if progress is not None:
+            progress(b - a)
     core.topk_finalize(heap_s, heap_i, heap_n)
     return heap_s, heap_i
 
@@ -272,12 +220,8 @@ def near_duplicate_pairs(vectors, threshold: float, *, progress: Callable[[int],
 
 
 def upper_pairs(x: np.ndarray, threshold: float, *, start_row: int = 0, stop_row: int | None = None,
-                progress: Callable[[int], None] | None = None,
-                threads: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`near_duplicate_pairs` on rows that are already unit length (float32, C-contiguous or memory-mapped).
-
-    ``threads``: threads that split each block's rows (0 = all cores), each running its rows' product on a
-    one-thread BLAS, then thresholding them."""
+                progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`near_duplicate_pairs` on rows that are already unit length (float32, C-contiguous or memory-mapped)."""
     n = x.shape[0]
     stop = n if stop_row is None else min(stop_row, n)
     out_i, out_j, out_s = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.float32)]
@@ -285,27 +229,19 @@ def upper_pairs(x: np.ndarray, threshold: float, *, start_row: int = 0, stop_row
     cols = max(1, BLOCK_SCORES // rows)
     thr = np.float32(threshold)
 
-    def pairs(a: int, b: int, c: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        scores = x[a:b] @ x[c:d].T
-        if c < b:  # the block touches the diagonal: keep j > i only
-            scores[np.arange(c, d)[None, :] <= np.arange(a, b)[:, None]] = -np.inf
-        r, q = np.nonzero(scores >= thr)
-        return r.astype(np.int64) + a, q.astype(np.int64) + c, scores[r, q]
-
-    parts = _join_threads(threads)
-    with _blas_on_one_thread(), ThreadPoolExecutor(parts, thread_name_prefix="embfast-join") as pool:
-        for a in range(start_row, stop, rows):
-            b = min(a + rows, stop)
-            for c in range(a, n, cols):
-                d = min(c + cols, n)
-                # each thread: its rows' product (BLAS on one thread), threshold and pairs
-                for job in [pool.submit(pairs, lo, hi, c, d) for lo, hi in _row_parts(a, b, parts)]:
-                    r, q, v = job.result()
-                    out_i.append(r)
-                    out_j.append(q)
-                    out_s.append(v)
-            if progress is not None:
-                progress(b - a)
+    for a in range(start_row, stop, rows):
+        b = min(a + rows, stop)
+        for c in range(a, n, cols):
+            d = min(c + cols, n)
+            scores = x[a:b] @ x[c:d].T
+            if c < b:  # the block touches the diagonal: keep j > i only
+                scores[np.arange(c, d)[None, :] <= np.arange(a, b)[:, None]] = -np.inf
+            r, q = np.nonzero(scores >= thr)
+            out_i.append(r.astype(np.int64) + a)
+            out_j.append(q.astype(np.int64) + c)
+            out_s.append(scores[r, q])
+        if progress is not None:
+            progress(b - a)
     i, j, s = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
     order = np.lexsort((j, i))
     return i[order], j[order], s[order]

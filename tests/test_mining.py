@@ -153,6 +153,24 @@ def test_column_merge_rejects_mismatched_heaps():
                                                np.zeros(4, np.int64), 1)
 
 
+def test_joins_give_the_same_answers_from_many_threads_at_once():
+    """Paraphrase mining and near-duplicate pairs called from several threads at once (and from worker threads
+    rather than the main one) give exactly what one call from the main thread gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = clustered(4500, dim=24)
+    alone = mining.paraphrase_mining(x, top_k=5)
+    alone_pairs = mining.near_duplicate_pairs(x, 0.9)
+    with ThreadPoolExecutor(4) as pool:
+        mined = list(pool.map(lambda _: mining.paraphrase_mining(x, top_k=5), range(4)))
+        dup = list(pool.map(lambda _: mining.near_duplicate_pairs(x, 0.9), range(4)))
+    for got in mined:
+        assert got == alone
+    for got in dup:
+        for a, b in zip(got, alone_pairs, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("threshold", [0.95, 0.8, 0.0])
 def test_near_duplicate_pairs_are_every_pair_above_the_threshold(threshold):
     x = clustered(700, dim=16, centers=12, noise=0.3)
