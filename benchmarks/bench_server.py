@@ -463,48 +463,42 @@ def measure(server, sentences: list[str], clients: int, k: int, args, api: str =
     """One point: ``server`` a Server (HTTP, through ``api``) or a DynamicBatcher (in-process)."""
     import numpy as np
 
+    wrk = getattr(args, "load", "httpx") == "wrk" and isinstance(server, Server)
     if isinstance(server, (Server, ServerGroup)):
-        def load(seconds):
-            return run_load(server, sentences, clients, k, seconds, api)
         name, extra = server.name.split("-")[0], {**server.extra, "api": api}
+        if wrk:  # returns the latency summary (wrk keeps no per-request list)
+            def run(seconds):
+                return run_wrk(server, sentences, clients, k, seconds, api)
+        else:
+            def run(seconds):
+                return asyncio.run(run_load(server, sentences, clients, k, seconds, api))
     else:
-        def load(seconds):
-            return run_inprocess(server, sentences, clients, k, seconds)
         name, extra = "in-process", {"dynamic_batching": server.merge_requests, "workers": server.workers,
                                      "api": "python"}
-    if getattr(args, "load", "httpx") == "wrk" and isinstance(server, Server):
-        if args.warmup_s > 0:
-            run_wrk(server, sentences, clients, k, args.warmup_s, api)
-        profiling = getattr(args, "profile", False) and name == "embfast"
-        before = _snapshot(server) if profiling else None
-        w = run_wrk(server, sentences, clients, k, args.duration_s, api)
-        n = w["ok"]
-        if profiling:
-            extra = {**extra, "profile": _profile(server, before, _snapshot(server), n)}
-        return {
-            "bench": "server", "server": name, **extra, "load": "wrk", "concurrency": clients,
-            "texts_per_request": k, "requests": n, "errors": w["errors"], "seconds": round(w["seconds"], 3),
-            "requests_per_s": round(n / w["seconds"], 2), "texts_per_s": round(w["texts"] / w["seconds"], 2),
-            "p50_ms": round(w["p50_ms"], 2) if n else None, "p99_ms": round(w["p99_ms"], 2) if n else None,
-            "mean_ms": round(w["mean_ms"], 2) if n else None,
-        }
+
+        def run(seconds):
+            return asyncio.run(run_inprocess(server, sentences, clients, k, seconds))
     if args.warmup_s > 0:
-        asyncio.run(load(args.warmup_s))
+        run(args.warmup_s)
     profiling = getattr(args, "profile", False) and isinstance(server, Server) and name == "embfast"
     before = _snapshot(server) if profiling else None
-    res = asyncio.run(load(args.duration_s))
-    lat = np.array(res["latencies"]) * 1000
-    n = len(lat)
+    res = run(args.duration_s)
+    if wrk:
+        n, p50, p99, mean = res["ok"], res["p50_ms"], res["p99_ms"], res["mean_ms"]
+    else:
+        lat = np.array(res["latencies"]) * 1000
+        n = len(lat)
+        p50, p99, mean = ((float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), float(lat.mean()))
+                          if n else (None, None, None))
     if profiling:
         extra = {**extra, "profile": _profile(server, before, _snapshot(server), n)}
     return {
-        "bench": "server", "server": name, **extra, "load": "httpx" if name != "in-process" else "python",
-        "concurrency": clients,
+        "bench": "server", "server": name, **extra,
+        "load": "wrk" if wrk else ("httpx" if name != "in-process" else "python"), "concurrency": clients,
         "texts_per_request": k, "requests": n, "errors": res["errors"], "seconds": round(res["seconds"], 3),
         "requests_per_s": round(n / res["seconds"], 2), "texts_per_s": round(res["texts"] / res["seconds"], 2),
-        "p50_ms": round(float(np.percentile(lat, 50)), 2) if n else None,
-        "p99_ms": round(float(np.percentile(lat, 99)), 2) if n else None,
-        "mean_ms": round(float(lat.mean()), 2) if n else None,
+        **{key: round(v, 2) if n and v is not None else None
+           for key, v in (("p50_ms", p50), ("p99_ms", p99), ("mean_ms", mean))},
     }
 
 

@@ -106,7 +106,6 @@ def self_topk(x: np.ndarray, k: int, *, threads: int = 0,
     to the lower index, as :func:`embfast.kernels.topk_cosine`. Without the
     native core, one plain join per block of rows.
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
     n = x.shape[0]
     k = min(k, n)
     if not kernels.HAS_NATIVE or n == 0 or k == 0:
@@ -228,7 +227,6 @@ def upper_pairs(x: np.ndarray, threshold: float, *, start_row: int = 0, stop_row
     rows = 2048  # square-ish tiles: each column tile is read once per 2048 rows
     cols = max(1, BLOCK_SCORES // rows)
     thr = np.float32(threshold)
-
     for a in range(start_row, stop, rows):
         b = min(a + rows, stop)
         for c in range(a, n, cols):
