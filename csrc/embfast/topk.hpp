@@ -290,6 +290,9 @@ inline void topk_scan(const float* Q, const float* qscale, std::size_t nq, const
     });
 }
 
+// Scores a merge checks at once against the heap threshold before looking at any one of them.
+constexpr std::size_t kMergeRun = 16;
+
 // Merge a block of precomputed scores into running heaps.
 // scores (nq, b) float32 holds raw dot products of every query with corpus rows
 // [offset, offset + b); score = scores * row_scale[q] * col_scale[j] (either
@@ -304,10 +307,24 @@ inline void topk_merge_block(const float* scores, std::size_t nq, std::size_t b,
         const float* row = scores + q * b;
         float rs = row_scale ? row_scale[q] : 1.0f;
         float thr = h.threshold();  // -inf until the heap is full; NaN never passes (push drops it anyway)
-        for (std::size_t j = 0; j < b; ++j) {
+        std::size_t j = 0;
+        if (!row_scale && !col_scale) {  // raw scores: skip runs of kMergeRun that cannot enter at once
+            for (; j + kMergeRun <= b; j += kMergeRun) {
+                bool any = false;
+                for (std::size_t u = 0; u < kMergeRun; ++u) any |= row[j + u] >= thr;
+                if (!any) continue;
+                for (std::size_t u = 0; u < kMergeRun; ++u) {
+                    if (row[j + u] >= thr) {
+                        h.push(row[j + u], offset + static_cast<std::int64_t>(j + u));
+                        thr = h.threshold();
+                    }
+                }
+            }
+        }
+        for (; j < b; ++j) {
             float sc = row[j] * rs;
             if (col_scale) sc *= col_scale[j];
-            if (sc >= thr) {  // >=: a tie with a lower index may still enter, whatever the order of arrival
+            if (sc >= thr) {
                 h.push(sc, offset + static_cast<std::int64_t>(j));
                 thr = h.threshold();
             }
@@ -320,7 +337,7 @@ inline void topk_merge_block(const float* scores, std::size_t nq, std::size_t b,
 // the rows [offset, offset + nr) with the b owners of the heaps; column j's candidates go to heap j.
 // The same result as topk_merge_block on the transposed block (candidates offered in row order), without
 // writing the transpose: each thread owns strips of columns and streams the rows, so reads stay
-// contiguous and the threshold check reads a small array of heap thresholds.
+// contiguous and the pre-check reads a small array of heap thresholds.
 inline void topk_merge_block_columns(const float* scores, std::size_t nr, std::size_t b, std::int64_t offset,
                                      float* heap_s, std::int64_t* heap_i, std::int64_t* heap_n, std::size_t k,
                                      int threads) {
@@ -338,7 +355,22 @@ inline void topk_merge_block_columns(const float* scores, std::size_t nr, std::s
         }
         for (std::size_t r = 0; r < nr; ++r) {
             const float* row = scores + r * b;
-            for (std::size_t j = j0; j < j1; ++j) {
+            std::size_t j = j0;
+            for (; j + kMergeRun <= j1; j += kMergeRun) {  // skip runs that cannot enter at once
+                bool any = false;
+                for (std::size_t u = 0; u < kMergeRun; ++u) any |= row[j + u] >= thr[j - j0 + u];
+                if (!any) continue;
+                for (std::size_t u = 0; u < kMergeRun; ++u) {
+                    if (row[j + u] >= thr[j - j0 + u]) {
+                        TopKHeap h(heap_s + (j + u) * k, heap_i + (j + u) * k, k,
+                                   static_cast<std::size_t>(heap_n[j + u]));
+                        h.push(row[j + u], offset + static_cast<std::int64_t>(r));
+                        heap_n[j + u] = static_cast<std::int64_t>(h.size);
+                        thr[j - j0 + u] = h.threshold();
+                    }
+                }
+            }
+            for (; j < j1; ++j) {
                 const float sc = row[j];
                 if (sc >= thr[j - j0]) {  // NaN never passes (push drops it anyway)
                     TopKHeap h(heap_s + j * k, heap_i + j * k, k, static_cast<std::size_t>(heap_n[j]));
