@@ -71,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sentences per request: 1 sends a string, k > 1 a list (default 1,8)")
     p.add_argument("--modes", default="on,off",
                    help="embfast servers: on (dynamic batching), off, two-models (two models in one process), "
-                        "two-processes (one model each); on-wN / off-wN: with --workers N (N batches at once, "
-                        "each on cores / N threads); comma-separated (default on,off)")
+                        "two-processes (one model each); on-wN / off-wN / two-models-wN: with --workers N (N "
+                        "batches at once, each on cores / N threads); comma-separated (default on,off)")
     p.add_argument("--duration-s", type=float, default=15.0, help="measured seconds per point (default 15)")
     p.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each point (default 3)")
     p.add_argument("--threads", type=int, default=None, help="embfast ONNX Runtime threads (default: all cores)")
@@ -113,8 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--startup-timeout-s", type=float, default=300.0, help="wait this long for a server to start")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not all(m in ("two-models", "two-processes") or re.fullmatch(r"(on|off)(-w[1-9][0-9]*)?", m) for m in modes):
-        p.error(f"--modes must be a comma-separated list of on, off, on-wN, off-wN, two-models, two-processes, got "
+    if not all(m == "two-processes" or re.fullmatch(r"(on|off|two-models)(-w[1-9][0-9]*)?", m) for m in modes):
+        p.error(f"--modes must be a comma-separated list of on, off, on-wN, off-wN, two-models, two-models-wN, "
+                f"two-processes, got "
                 f"{args.modes!r}")
     args.modes = modes
     if args.rounds < 1:
@@ -589,8 +590,8 @@ def main(argv=None) -> int:
         if mode.startswith(("on", "off")):
             batching, _, w = mode.partition("-w")
             servers.append(embfast_server(args, batching == "on", workers=int(w or 1)))
-        elif mode == "two-models":
-            servers.append(embfast_server(args, True, models=2))
+        elif mode.startswith("two-models"):
+            servers.append(embfast_server(args, True, models=2, workers=int(mode.partition("-w")[2] or 1)))
         else:
             servers.append(ServerGroup([embfast_server(args, True), embfast_server(args, True)],
                                        "two processes"))
