@@ -1008,6 +1008,7 @@ class DynamicBatcher(SparseCalls):
             self._load_tokens -= tokens
             if fut.cancelled():
                 self._counts["cancelled"] += 1
+                self._purge()  # its texts leave the queue now (the queue gauges stay true)
             if self._closing:  # a worker waiting to exit once nothing is in flight
                 self._wake_all()
 

@@ -511,3 +511,37 @@ def test_queue_and_body_timeout_flags_and_env(tiny, monkeypatch):
         info = httpx.get(f"{url}/info", timeout=30).json()
     assert (info["batching"]["max_queue_texts"], info["batching"]["max_queue_tokens"]) == (100, 5000)
     assert info["limits"]["body_timeout_s"] is None
+
+
+@pytest.mark.parametrize("path, key", [("/v1/embeddings", "input"), ("/embed", "inputs")])
+def test_a_client_that_goes_away_takes_its_queued_texts_with_it(tiny, path, key):
+    """A client that closes its connection while its texts wait: the request is cancelled, its texts leave the
+    queue without being computed (status 499 in the metrics), and the server serves the next client."""
+    app = create_app(tiny)
+    batcher = app.state.batcher
+    gate = Gate()
+    batcher.add_batch_listener(gate)
+    texts = [f"nobody will read this {i}" for i in range(40)]
+    body = json.dumps({key: texts}).encode()
+    with serve(app) as (url, _):
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, f"{url}/v1/embeddings", json={"input": "first"}, timeout=60)
+            assert gate.entered.wait(30)  # the worker is parked after the first batch
+            with raw_request(url, b"POST " + path.encode() + b" HTTP/1.1\r\nhost: x\r\ncontent-type: "
+                             b"application/json\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n", body):
+                wait_for(lambda: batcher.stats()["queued_texts"] == len(texts), "the texts in the queue")
+            # the socket is closed: the request leaves the queue while the worker is still parked
+            wait_for(lambda: batcher.stats()["in_flight_requests"] == 0, "the request to be dropped")
+            stats = batcher.stats()
+            assert stats["queued_texts"] == 0 and stats["cancelled"] == 1 and stats["texts"] == 1
+            gate.release.set()
+            assert first.result(60).status_code == 200
+        with httpx.Client(base_url=url, timeout=60) as c:
+            r = c.post("/v1/embeddings", json={"input": "next"})
+            assert r.status_code == 200
+            assert cosine(r.json()["data"][0]["embedding"], tiny.encode("next")) >= 0.9999
+            text = c.get("/metrics").text
+    assert batcher.stats()["texts"] == 2  # "first" and "next": none of the 40
+    assert re.search(r"embfast_cancelled_total 1(\.0)?\n", text)
+    assert re.search(r'embfast_requests_total\{code="499",endpoint="' + re.escape(path) + r'"\} 1(\.0)?\n', text)
+    assert re.search(r'embfast_errors_total\{kind="client_disconnected"\} 1(\.0)?\n', text)

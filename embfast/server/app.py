@@ -42,6 +42,40 @@ def family_of(path: str) -> str:
     return "cohere" if path in COHERE_PATHS else "openai"
 
 
+class _DisconnectWatch:
+    """An ASGI ``receive`` for the app that also lets the guard wait for ``http.disconnect`` once the body is
+    read: the one call to the server's ``receive`` after the body is shared by the guard and the app (Starlette
+    may ask too), so no message is taken twice."""
+
+    def __init__(self, receive):
+        self._receive = receive
+        self._body_read = asyncio.Event()
+        self._after_body: asyncio.Future | None = None  # the server's next message after the body
+        self.responded = False  # the whole answer was handed to the server (then a disconnect is the normal end)
+
+    async def receive(self):
+        if self._body_read.is_set():
+            return await asyncio.shield(self._next())
+        msg = await self._receive()
+        if msg["type"] != "http.request" or not msg.get("more_body", False):
+            self._body_read.set()
+        return msg
+
+    def _next(self) -> asyncio.Future:
+        if self._after_body is None:
+            self._after_body = asyncio.ensure_future(self._receive())
+        return self._after_body
+
+    async def wait_for_disconnect(self) -> None:
+        """Return when the client has gone (after the whole body was read)."""
+        await self._body_read.wait()
+        while True:
+            msg = await asyncio.shield(self._next())
+            if msg["type"] == "http.disconnect":
+                return
+            self._after_body = None  # not expected after a whole body; read on
+
+
 class _Guard:
     """ASGI middleware: API key check (all but /health), request latency and status counts."""
 
@@ -75,10 +109,45 @@ class _Guard:
                     (b"www-authenticate", b"Bearer")]})
                 await send_status({"type": "http.response.body", "body": body})
                 return
-            await self.app(scope, receive, send_status)
+            if scope.get("method") in ("POST", "PUT"):
+                await self._run_watched(scope, receive, send_status, status)
+            else:
+                await self.app(scope, receive, send_status)
         finally:
             self.metrics.observe_request(endpoint, time.perf_counter() - t0)
             self.metrics.inc("embfast_requests_total", (endpoint, str(status[0])))
+
+    async def _run_watched(self, scope, receive, send, status: list) -> None:
+        """Run the app; once it has read the whole body, listen for the client going away, and if it goes
+        before the answer is sent, cancel the app's task: its queued texts leave the batcher's queue instead
+        of being computed for nobody (status 499 in the metrics). vLLM's ``with_cancellation`` does the same;
+        Starlette itself does not cancel a handler whose client left."""
+        watch = _DisconnectWatch(receive)
+
+        async def send_tracked(message):
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                watch.responded = True  # before the send: the server reports http.disconnect once it completes
+            await send(message)
+
+        app = asyncio.ensure_future(self.app(scope, watch.receive, send_tracked))
+        gone = asyncio.ensure_future(watch.wait_for_disconnect())
+        try:
+            done, _ = await asyncio.wait({app, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if app in done or watch.responded:
+                await app
+                return
+            app.cancel()
+            try:
+                await app
+            except asyncio.CancelledError:
+                if getattr(asyncio.current_task(), "cancelling", lambda: 0)():  # the server is being stopped
+                    raise
+            status[0] = 499  # nginx's code for "client closed request"
+            self.metrics.inc("embfast_errors_total", ("client_disconnected",))
+        finally:
+            gone.cancel()
+            if not app.done():  # this task was cancelled (server shutdown): take the app down with it
+                app.cancel()
 
     def _authorized(self, scope) -> bool:
         for name, value in scope.get("headers", []):

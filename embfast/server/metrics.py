@@ -11,7 +11,8 @@ Names (documented in the README; TEI's ``te_*`` metrics were the guide):
   ``embfast_batch_padded_tokens_total`` counters (their ratio is the padding overhead).
 - Gauges read from the batcher at scrape time: ``embfast_queue_texts``, ``embfast_queue_tokens``,
   ``embfast_queue_requests``, ``embfast_inflight_requests``, ``embfast_inflight_texts``, ``embfast_inflight_tokens``;
-  and ``embfast_rejected_total`` (429s).
+  ``embfast_rejected_total`` (429s) and ``embfast_cancelled_total`` (requests whose client went away, or
+  that timed out, before all their texts ran: their texts left the queue; such requests count as code 499).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class _BatcherCollector:
             yield GaugeMetricFamily(name, help_, value=st.get(key, 0))
         yield CounterMetricFamily("embfast_rejected", "requests refused because the queue was full",
                                   value=st.get("rejected", 0))
+        yield CounterMetricFamily("embfast_cancelled", "requests dropped from the queue before all their texts "
+                                  "ran (the client went away, or a timeout)", value=st.get("cancelled", 0))
 
 
 class Metrics:
