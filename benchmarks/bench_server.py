@@ -201,8 +201,7 @@ def embfast_server(args, batching: bool, models: int = 1, workers: int = 1) -> S
         cmd += ["--threads", str(args.threads)]
     if args.call_cost_tokens is not None:
         cmd += ["--call-cost-tokens", str(args.call_cost_tokens)]
-    if workers > 1:
-        cmd += ["--workers", str(workers)]
+    cmd += ["--workers", str(workers)]  # explicit: the server's default (auto) is 2 on a multi-core CPU
     extra = {"dynamic_batching": batching, "workers": workers, "max_wait_ms": args.max_wait_ms,
              "max_batch_tokens": args.max_batch_tokens, "precision": args.precision,
              "call_cost_tokens": args.call_cost_tokens}

@@ -397,6 +397,22 @@ def test_cli_serve_flags_env_and_sigterm(tiny_dir, tiny, tmp_path):
     assert "Traceback" not in out, out
 
 
+def test_workers_auto_is_two_for_batched_multi_thread_cpu_models(tiny_dir):
+    from embfast import Embedder
+    from embfast.cli import build_parser
+    from embfast.server.cli import _parse_workers, _workers
+
+    assert build_parser().parse_args(["serve"]).workers == "auto"
+    two, one = Embedder(tiny_dir, threads=2), Embedder(tiny_dir, threads=1)
+    assert _workers(_parse_workers("auto"), [two], True) == 2
+    assert _workers("auto", [two, one], True) == 1  # a one-thread model has nothing to split
+    assert _workers("auto", [two], False) == 1  # dynamic batching off: one request per call, first come first served
+    assert _workers(_parse_workers(" 3 "), [one], True) == 3
+    for bad in ("0", "-1", "two", "1.5", ""):
+        with pytest.raises(ValueError, match="--workers must be an int >= 1 or auto"):
+            _parse_workers(bad)
+
+
 @pytest.mark.slow
 def test_real_model_under_32_clients(minilm):
     texts = [line for line in SENTENCES * 4]

@@ -21,6 +21,31 @@ def _env_flag(name: str, default: bool) -> bool:
     return value.strip().lower() not in ("0", "false", "no", "off", "")
 
 
+def _parse_workers(value) -> int | str:
+    """``--workers``: an int >= 1 or "auto" (resolved by :func:`_workers` once the models are loaded)."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise ValueError(f"--workers must be an int >= 1 or auto, got {value!r}")
+    return workers
+
+
+def _workers(value: int | str, models: list, dynamic_batching: bool) -> int:
+    """Resolve ``--workers auto``: 2 when every model runs on the CPU on 2 or more ONNX Runtime threads and
+    requests are batched together, else 1. Measured on 2 cores (benchmarks/README.md, "Workers"): 2 workers
+    served 1.07-1.22x the throughput of 1 worker at 1 to 512 clients over HTTP, single sentences and 8 texts per
+    request; on CUDA a second worker has no session of its own to run on."""
+    if value != "auto":
+        return int(value)
+    cpu = all(getattr(m, "device", "cpu") == "cpu" and getattr(getattr(m, "session", None), "threads", 1) >= 2
+              for m in models)
+    return 2 if cpu and dynamic_batching else 1
+
+
 def register_cli(subparsers) -> None:
     """Add ``embfast serve`` (flags mirror EMBFAST_* environment variables)."""
     p = subparsers.add_parser("serve", help="OpenAI-compatible embedding server (FastAPI + uvicorn)",
@@ -46,10 +71,11 @@ def register_cli(subparsers) -> None:
     p.add_argument("--precision", default=_env("PRECISION", "fp32"), choices=["fp32", "int8", "fp16", "auto"])
     p.add_argument("--threads", type=int, default=_env("THREADS"),
                    help="ONNX Runtime threads (default: all cores)")
-    p.add_argument("--workers", type=int, default=_env("WORKERS", 1),
-                   help="batches each model may run at once (default 1). With N > 1, under load N batches run side "
-                        "by side on threads / N threads each (a second ONNX Runtime session: the model's memory "
-                        "twice), and a batch that would run alone still gets all the threads")
+    p.add_argument("--workers", default=_env("WORKERS", "auto"),
+                   help="batches each model may run at once: N >= 1, or auto (default): 2 with dynamic batching on "
+                        "the CPU when the models have 2 or more threads, else 1. With N > 1, under load N batches "
+                        "run side by side on threads / N threads each (a second ONNX Runtime session: the model's "
+                        "weights twice in memory), and a batch that would run alone still gets all the threads")
     p.add_argument("--max-batch-tokens", type=int, default=_env("MAX_BATCH_TOKENS", 16384),
                    help="padded tokens per ONNX Runtime batch (default 16384)")
     p.add_argument("--max-wait-ms", type=float, default=_env("MAX_WAIT_MS", 2.0),
@@ -142,9 +168,7 @@ def cmd_serve(args) -> int:
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
     t0 = time.perf_counter()
-    workers = int(args.workers)
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
+    workers = _parse_workers(args.workers)
     model_args = {"device": args.device, "precision": args.precision, "threads": args.threads}
     specs = args.model if args.model else [m.strip() for m in (_env("MODEL") or "").split(",") if m.strip()] or [None]
     names = list(args.served_model_name or ([_env("SERVED_MODEL_NAME")] if _env("SERVED_MODEL_NAME") else []))
@@ -157,6 +181,7 @@ def cmd_serve(args) -> int:
     if args.sparse:
         loaded.append((measured_load(SparseEncoder, args.sparse, **model_args), None))
     embedder = loaded[0][0]
+    workers = _workers(workers, [m for m, _ in loaded], args.dynamic_batching)
     app = create_app(models=loaded, max_batch_tokens=args.max_batch_tokens,
                      max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, dynamic_batching=args.dynamic_batching,
                      call_cost_tokens=_call_cost(args.call_cost_tokens),
