@@ -215,9 +215,13 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
             more than one model, every model's ONNX Runtime calls share one :class:`~embfast.dynamic.RunLock`:
             one model runs at a time with all its threads, so the models' thread pools never oversubscribe the
             cores.
-        workers: worker threads per model's batcher (default 1; see DynamicBatcher): under load up to N ONNX
-            Runtime calls at once, each on the model's threads / N; a call that would run alone gets all of them.
-            With several models, the shared RunLock has N slots.
+        workers: worker threads per model's batcher (default 1; ``embfast serve`` defaults to 2 on a multi-core
+            CPU, see its ``--workers auto``; see DynamicBatcher): under load up to N ONNX Runtime calls at once,
+            each on the model's threads / N; a call that would run alone gets all of them. With several models,
+            the shared RunLock has N slots.
+
+    Every POST whose client goes away before its answer is sent is cancelled: its queued texts leave the batcher
+    uncomputed (code 499 in ``embfast_requests_total``, ``embfast_cancelled_total``).
         strict_requests: refuse (422) request fields the route does not know; default False ignores them (logged
             once per name), as TEI and vLLM do with what proxies and SDKs add.
         token_ids: what ``input`` given as token ids means on /v1/embeddings and /embed: None (default) answers
