@@ -412,16 +412,17 @@ end
 
 
 def wait_idle(server: Server, timeout: float = 600.0) -> float:
-    """Wait until the server has no request in flight (embfast's /metrics); returns the seconds waited. wrk
-    closes its connections at the end of a run with requests still queued, and the server still computes
-    them: without this, the next point would start behind that backlog."""
+    """Wait until the server has no request in flight and no batch running (embfast's /metrics); returns the
+    seconds waited. wrk closes its connections at the end of a run with requests still queued: the server
+    cancels those, but batches already running finish (at 512 clients x 8 texts, up to a second each); without
+    this, the next point would start behind them."""
     import httpx
 
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         busy = 0.0
         for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines():
-            if line.startswith("embfast_inflight_requests"):
+            if line.startswith(("embfast_inflight_requests", "embfast_running_batches")):
                 busy += float(line.rsplit(" ", 1)[1])
         if busy == 0:
             return time.monotonic() - t0

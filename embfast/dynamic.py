@@ -541,6 +541,7 @@ class DynamicBatcher(SparseCalls):
         self._tok_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._worker_threads: list[threading.Thread] = []  # started by the first request
         self._claimed = False  # a worker is between _wait_for_work and _take_batch (waiting for a run slot)
+        self._running = 0  # batches being computed now (their callers may have gone: see close / cancel)
 
     # ---- public API --------------------------------------------------------------------------
     def encode(self, sentences, normalize_embeddings: bool | None = None, *, prompt: str | None = None,
@@ -731,13 +732,14 @@ class DynamicBatcher(SparseCalls):
     def stats(self) -> dict:
         """A snapshot: queued_texts, queued_tokens, queued_requests (waiting for a batch), in_flight_requests,
         in_flight_texts, in_flight_tokens (admitted and not finished: what max_queue, max_queue_texts and
-        max_queue_tokens count), closed, and the running totals requests, rejected (refused as overloaded),
-        cancelled, failed, batches, texts."""
+        max_queue_tokens count), running_batches (being computed now, also for callers that have gone),
+        closed, and the running totals requests, rejected (refused as overloaded), cancelled, failed, batches,
+        texts."""
         with self._cond:
             return {"queued_texts": self._pending_texts, "queued_tokens": self._pending_tokens,
                     "queued_requests": len(self._pending), "in_flight_requests": self._in_flight,
                     "in_flight_texts": self._load_texts, "in_flight_tokens": self._load_tokens,
-                    "closed": self._closing, **self._counts}
+                    "running_batches": self._running, "closed": self._closing, **self._counts}
 
     @property
     def closed(self) -> bool:
@@ -1032,17 +1034,21 @@ class DynamicBatcher(SparseCalls):
                     continue
                 if not batch:  # everything waiting was cancelled meanwhile
                     continue
-                model = self.embedder
-                if self._narrow is not None:
-                    # alone (nothing left queued, no other call running or waiting): all the cores; else its share
-                    wide = queued == 0 and slots.widen()
-                    model = self.embedder if wide else self._narrow
-                try:
+                try:  # _take_batch counted the batch in _running
+                    model = self.embedder
+                    if self._narrow is not None:
+                        # alone (nothing left queued, no other call running or waiting): all the cores; else its
+                        # share
+                        wide = queued == 0 and slots.widen()
+                        model = self.embedder if wide else self._narrow
                     self._execute(batch, queued, plan_seconds, model)
                 except BaseException as exc:  # pragma: no cover - never leave callers waiting on a dead worker
                     log.exception("embfast batcher: batch execution failed")
                     for req, _ in batch:
                         self._fail(req, exc)
+                finally:
+                    with self._cond:
+                        self._running -= 1
             finally:
                 if slots is not None:
                     slots.release(wide)
@@ -1119,7 +1125,8 @@ class DynamicBatcher(SparseCalls):
 
     def _take_batch(self) -> tuple[list[tuple[_Request, np.ndarray]], int, float]:
         """Take one batch from what is pending now: ([(request, rows), ...], texts left queued, seconds spent
-        planning); the list is empty when nothing is pending any more."""
+        planning); the list is empty when nothing is pending any more. A batch returned counts in ``_running``
+        until the caller takes it out."""
         with self._cond:
             self._claimed = False
             self._purge()
@@ -1127,6 +1134,7 @@ class DynamicBatcher(SparseCalls):
                 return [], 0, 0.0
             t_plan = time.perf_counter()
             batch = self._select()
+            self._running += 1
             if self._pending:  # texts are left after this batch: another worker may claim them
                 self._wake_one()
             return batch, self._pending_texts, time.perf_counter() - t_plan

@@ -42,6 +42,15 @@ def family_of(path: str) -> str:
     return "cohere" if path in COHERE_PATHS else "openai"
 
 
+def _sum_stats(stats: list[dict]) -> dict:
+    """The batchers' stats added up (numbers summed, ``closed`` if any is): the server's queue gauges."""
+    out: dict = {}
+    for st in stats:
+        for k, v in st.items():
+            out[k] = (out.get(k, False) or v) if isinstance(v, bool) else out.get(k, 0) + v
+    return out
+
+
 class _DisconnectWatch:
     """An ASGI ``receive`` for the app that also lets the guard wait for ``http.disconnect`` once the body is
     read: the one call to the server's ``receive`` after the body is shared by the guard and the app (Starlette
@@ -506,7 +515,7 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
 
     @route("/metrics", "GET")
     async def prometheus(request: Request):
-        return PlainTextResponse(metrics.render(batchers[0].stats()),
+        return PlainTextResponse(metrics.render(_sum_stats([b.stats() for b in batchers])),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     from embfast.server.cohere import add_cohere_routes

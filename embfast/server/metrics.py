@@ -10,7 +10,8 @@ Names (documented in the README; TEI's ``te_*`` metrics were the guide):
   ``embfast_batch_duration_seconds`` histograms; ``embfast_batch_real_tokens_total`` /
   ``embfast_batch_padded_tokens_total`` counters (their ratio is the padding overhead).
 - Gauges read from the batcher at scrape time: ``embfast_queue_texts``, ``embfast_queue_tokens``,
-  ``embfast_queue_requests``, ``embfast_inflight_requests``, ``embfast_inflight_texts``, ``embfast_inflight_tokens``;
+  ``embfast_queue_requests``, ``embfast_inflight_requests``, ``embfast_inflight_texts``, ``embfast_inflight_tokens``,
+  ``embfast_running_batches`` (summed over the served models);
   ``embfast_rejected_total`` (429s) and ``embfast_cancelled_total`` (requests whose client went away, or
   that timed out, before all their texts ran: their texts left the queue; such requests count as code 499).
 """
@@ -25,7 +26,9 @@ _QUEUE_GAUGES = (("embfast_queue_texts", "queued_texts", "texts waiting for a ba
                  ("embfast_queue_requests", "queued_requests", "requests with texts waiting"),
                  ("embfast_inflight_requests", "in_flight_requests", "requests admitted and not finished"),
                  ("embfast_inflight_texts", "in_flight_texts", "texts admitted and not finished (max_queue_texts)"),
-                 ("embfast_inflight_tokens", "in_flight_tokens", "tokens admitted and not finished (max_queue_tokens)"))
+                 ("embfast_inflight_tokens", "in_flight_tokens", "tokens admitted and not finished (max_queue_tokens)"),
+                 ("embfast_running_batches", "running_batches", "batches being computed now (also for clients that "
+                  "have gone)"))
 
 
 class _BatcherCollector:
