@@ -1099,9 +1099,8 @@ class DynamicBatcher(SparseCalls):
 
         Workers are woken one at a time, the last to go idle first (a stack, as thread pools do): with one
         caller at a time the same thread runs every call, and the other workers stay asleep. Waking them all
-        (``notify_all``), or the longest idle one, moved the calls from thread to thread; measured with 1
-        client and 2 workers, that made the same ONNX Runtime call 10-16% slower and doubled its p99 (the
-        newly woken caller lands on the core where ONNX Runtime's pool thread still spins)."""
+        (``notify_all``) woke both of 2 workers about twice per call, and with one caller made its batches
+        5-30% slower than 1 worker's and its p99 1.4-2.1x (benchmarks/bench_workers_one_caller.py)."""
         me = threading.get_ident()
         cond = self._wakers.get(me)
         if cond is None:

@@ -190,6 +190,9 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
                call_cost_tokens: float | str | None = None, workers: int = 1):
     """Build the FastAPI app serving ``embedder`` (and any other models).
 
+    Every POST whose client goes away before its answer is sent is cancelled: its queued texts leave the batcher
+    uncomputed (code 499 in ``embfast_requests_total``, ``embfast_cancelled_total``).
+
     Args:
         embedder: an :class:`~embfast.Embedder`, or a :class:`~embfast.CrossEncoder` for a server that
             only reranks (its embedding routes then answer 424), or None with ``reranker`` / ``sparse`` / ``models``.
@@ -228,9 +231,6 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
             CPU, see its ``--workers auto``; see DynamicBatcher): under load up to N ONNX Runtime calls at once,
             each on the model's threads / N; a call that would run alone gets all of them. With several models,
             the shared RunLock has N slots.
-
-    Every POST whose client goes away before its answer is sent is cancelled: its queued texts leave the batcher
-    uncomputed (code 499 in ``embfast_requests_total``, ``embfast_cancelled_total``).
         strict_requests: refuse (422) request fields the route does not know; default False ignores them (logged
             once per name), as TEI and vLLM do with what proxies and SDKs add.
         token_ids: what ``input`` given as token ids means on /v1/embeddings and /embed: None (default) answers

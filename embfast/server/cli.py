@@ -36,9 +36,9 @@ def _parse_workers(value) -> int | str:
 
 def _workers(value: int | str, models: list, dynamic_batching: bool) -> int:
     """Resolve ``--workers auto``: 2 when every model runs on the CPU on 2 or more ONNX Runtime threads and
-    requests are batched together, else 1. Measured on 2 cores (benchmarks/README.md, "Workers"): 2 workers
-    served 1.07-1.22x the throughput of 1 worker at 1 to 512 clients over HTTP, single sentences and 8 texts per
-    request; on CUDA a second worker has no session of its own to run on."""
+    requests are batched together, else 1. Measured on 2 cores (benchmarks/README.md, "Two workers by default"):
+    2 workers served 1.02-1.16x the throughput of 1 worker at 1 to 512 clients over HTTP, single sentences and 8
+    texts per request; on CUDA a second worker has no session of its own to run on."""
     if value != "auto":
         return int(value)
     cpu = all(getattr(m, "device", "cpu") == "cpu" and getattr(getattr(m, "session", None), "threads", 1) >= 2
