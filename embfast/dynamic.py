@@ -445,8 +445,9 @@ class DynamicBatcher(SparseCalls):
             the model's threads / N, so the model's weights are in memory twice). Under load, up to N batches
             then run side by side on the twin, each on its share of the cores, instead of one at a time across
             all of them: small batches scale badly across threads (all-MiniLM-L6-v2, single sentences, 2 cores:
-            see benchmarks/README.md). A batch that would run alone (nothing else queued or running) takes every
-            slot and runs on the model itself, with all its threads, so a lone caller is not slowed down. With a
+            see benchmarks/README.md). A batch that would run alone (nothing else queued or running, or only the rest
+            of the one request in flight) takes every slot and runs on the model itself, with all its threads, so
+            a lone caller is not slowed down. With a
             ``run_lock``, give it ``slots=N``; on CUDA the workers share the one session.
 
     The worker thread starts with the first request. Use as a context manager,
@@ -1027,7 +1028,7 @@ class DynamicBatcher(SparseCalls):
                 slots.acquire()
             try:
                 try:
-                    batch, queued, plan_seconds = self._take_batch()
+                    batch, queued, plan_seconds, lone = self._take_batch()
                 except BaseException:  # pragma: no cover - a bug in assembly must not kill the worker
                     log.exception("embfast batcher: batch assembly failed")
                     time.sleep(0.01)
@@ -1037,9 +1038,9 @@ class DynamicBatcher(SparseCalls):
                 try:  # _take_batch counted the batch in _running
                     model = self.embedder
                     if self._narrow is not None:
-                        # alone (nothing left queued, no other call running or waiting): all the cores; else its
-                        # share
-                        wide = queued == 0 and slots.widen()
+                        # alone (nothing left queued, or only the rest of the one request in flight; no other call
+                        # running or waiting): all the cores; else its share
+                        wide = (queued == 0 or lone) and slots.widen()
                         model = self.embedder if wide else self._narrow
                     self._execute(batch, queued, plan_seconds, model)
                 except BaseException as exc:  # pragma: no cover - never leave callers waiting on a dead worker
@@ -1122,21 +1123,29 @@ class DynamicBatcher(SparseCalls):
         while self._idle:
             self._idle.pop().notify()
 
-    def _take_batch(self) -> tuple[list[tuple[_Request, np.ndarray]], int, float]:
+    def _take_batch(self) -> tuple[list[tuple[_Request, np.ndarray]], int, float, bool]:
         """Take one batch from what is pending now: ([(request, rows), ...], texts left queued, seconds spent
-        planning); the list is empty when nothing is pending any more. A batch returned counts in ``_running``
-        until the caller takes it out."""
+        planning, lone); the list is empty when nothing is pending any more. ``lone``: the batch's request is the
+        only one in flight, so what is left queued is its own rest. A batch returned counts in ``_running`` until
+        the caller takes it out.
+
+        Texts left queued wake another worker, except a lone request's rest: its batches run one after the other,
+        each on all the cores, as with one worker. Run side by side on a core each, a request's unequal batches
+        (the planner splits by length) finish with the slower one: one caller sending 8 sentences per request
+        was 7% slower at p50 and 25% at p99 with 2 workers than with 1 (benchmarks/bench_workers_one_caller.py
+        --texts-per-call 8)."""
         with self._cond:
             self._claimed = False
             self._purge()
             if not self._pending:
-                return [], 0, 0.0
+                return [], 0, 0.0, False
             t_plan = time.perf_counter()
             batch = self._select()
             self._running += 1
-            if self._pending:  # texts are left after this batch: another worker may claim them
+            lone = self._in_flight == 1
+            if self._pending and not lone:  # texts of other requests are left: another worker may claim them
                 self._wake_one()
-            return batch, self._pending_texts, time.perf_counter() - t_plan
+            return batch, self._pending_texts, time.perf_counter() - t_plan, lone
 
     def _select(self) -> list[tuple[_Request, np.ndarray]]:
         """Plan the most urgent pending texts (earliest deadline, see ``queue_policy``) into length-sorted batches;

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from embfast import DynamicBatcher, InputTooLongError, OverloadedError
-from embfast.dynamic import BatcherClosedError, BatchStats, plan_by_cost
+from embfast.dynamic import BatcherClosedError, BatchStats, RunLock, plan_by_cost
 from embfast.tokenization import Tokenized
 
 TEXTS = ["short", "a somewhat longer sentence about cats and dogs", "x", "Привет мир", "🙂 emoji",
@@ -80,8 +80,9 @@ def test_threads_get_their_own_rows_in_order(tiny, workers):
 
 
 def test_two_workers_run_alone_on_all_threads_and_side_by_side_on_half(tiny_dir):
-    """workers=2 on a 2-thread model: a lone batch runs on both threads; two batches queued together run at once,
-    one thread each (both calls meet in a listener: one worker alone could never get the second there)."""
+    """workers=2 on a 2-thread model: a lone request runs on both threads, its batches one after the other; two
+    requests queued together run at once, one thread each (both calls meet in a listener: one worker alone could
+    never get the second there)."""
     from embfast import Embedder
 
     model = Embedder(tiny_dir, threads=2)
@@ -93,18 +94,35 @@ def test_two_workers_run_alone_on_all_threads_and_side_by_side_on_half(tiny_dir)
         if st.threads == 1:
             both_inside.wait()  # raises BrokenBarrierError (the test fails) if the other call never comes
 
-    with DynamicBatcher(model, workers=2, max_batch_size=1) as b:
+    slots = RunLock(slots=2)
+    with DynamicBatcher(model, workers=2, max_batch_size=1, run_lock=slots) as b:
         b.add_batch_listener(listener)
         lone = b.encode(TEXTS[0])
         wait_for(lambda: len(stats) == 1, "the lone batch's listener")  # answers go out before listeners run
         assert [st.threads for st in stats] == [2]
-        pair = b.encode(TEXTS[1:3])  # max_batch_size=1: two batches, queued together
-        wait_for(lambda: len(stats) == 3, "the two batches' listeners")
-        assert sorted(st.threads for st in stats[1:]) == [1, 1] and not both_inside.broken
+        rest = b.encode(TEXTS[1:3])  # max_batch_size=1: one request, two batches, both on all the threads
+        wait_for(lambda: len(stats) == 3, "the lone request's two listeners")
+        assert [st.threads for st in stats[1:]] == [2, 2] and [st.requests for st in stats[1:]] == [1, 1]
+        # Two callers' requests queued together (the run slots held meanwhile): one thread each, side by side.
+        slots.acquire()
+        slots.acquire()
+        pair: dict[int, np.ndarray] = {}
+        callers = [threading.Thread(target=lambda i=i: pair.__setitem__(i, b.encode(TEXTS[3 + i]))) for i in (0, 1)]
+        for t in callers:
+            t.start()
+        wait_for(lambda: b.stats()["queued_requests"] == 2, "both requests queued")
+        slots.release()
+        slots.release()
+        for t in callers:
+            t.join()
+        wait_for(lambda: len(stats) == 5, "the two callers' listeners")
+        assert sorted(st.threads for st in stats[3:]) == [1, 1] and not both_inside.broken
         names = {t.name for t in threading.enumerate()}
         assert {"embfast-batcher-0", "embfast-batcher-1"} <= names
     assert cosine_rows(lone[None], model.encode([TEXTS[0]])).min() >= 0.9999
-    assert cosine_rows(pair, model.encode(TEXTS[1:3])).min() >= 0.9999
+    assert cosine_rows(rest, model.encode(TEXTS[1:3])).min() >= 0.9999
+    for i in (0, 1):
+        assert cosine_rows(pair[i][None], model.encode([TEXTS[3 + i]])).min() >= 0.9999
     assert not {"embfast-batcher-0", "embfast-batcher-1"} & {t.name for t in threading.enumerate()}
 
 
