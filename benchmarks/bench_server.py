@@ -412,6 +412,12 @@ end
 """
 
 
+def rotated(items: list, n: int) -> list:
+    """``items`` rotated left by ``n`` (round n's turn order)."""
+    n = n % len(items) if items else 0
+    return items[n:] + items[:n]
+
+
 def wait_idle(server: Server, timeout: float = 600.0) -> float:
     """Wait until the server has no request in flight and no batch running (embfast's /metrics); returns the
     seconds waited. wrk closes its connections at the end of a run with requests still queued: the server
@@ -650,7 +656,7 @@ def main(argv=None) -> int:
                 for rnd in range(args.rounds):
                     for k in args.texts_per_request:
                         for clients in args.concurrency:
-                            for server in running[rnd % len(running):] + running[:rnd % len(running)]:
+                            for server in rotated(running, rnd):
                                 for api in apis_of(server):
                                     emit({**measure(server, sentences, clients, k, args, api), "round": rnd})
             finally:
@@ -678,7 +684,7 @@ def main(argv=None) -> int:
                 for rnd in range(args.rounds):
                     for k in args.texts_per_request:
                         for clients in args.concurrency:
-                            for batcher in batchers[rnd % len(batchers):] + batchers[:rnd % len(batchers)]:
+                            for batcher in rotated(batchers, rnd):
                                 emit({**measure(batcher, sentences, clients, k, args), "round": rnd})
             finally:
                 for batcher in batchers:
