@@ -11,7 +11,8 @@ with ``workers=2`` per batcher, as ``embfast serve`` runs by default on a multi-
   every call reads one copy of the weights (this isolates the cost of a second copy of the weights).
 
 Reports texts/s, p50 / p99 ms per request, and from the batch listener: texts per batch, how busy the
-2 cores were with ONNX Runtime calls (sum of batch seconds x threads / wall / 2), and core-milliseconds per text.
+2 cores were with ONNX Runtime calls (sum of batch seconds x threads / wall / 2), core-milliseconds per text and
+core-microseconds per padded token (a batch's seconds are pad + ONNX Runtime + pooling, ORT 97% of it).
 
     python benchmarks/bench_two_models_inprocess.py --sentences ../shared/data/throughput/sentences.txt
 
@@ -94,9 +95,9 @@ def main(argv=None) -> int:
         order = LAYOUTS[rnd % len(LAYOUTS):] + LAYOUTS[:rnd % len(LAYOUTS)]
         for layout in order:
             batchers = make(layout, first, second, args.max_wait_ms)
-            stats: list[tuple[int, float, int]] = []
+            stats: list[tuple[int, float, int, int]] = []
             for b in batchers:
-                b.add_batch_listener(lambda st: stats.append((st.texts, st.seconds, st.threads)))
+                b.add_batch_listener(lambda st: stats.append((st.texts, st.seconds, st.threads, st.padded_tokens)))
             try:
                 load(batchers, sentences, args.clients, args.texts_per_request, 1.0)  # warm-up
                 stats.clear()
@@ -112,20 +113,24 @@ def main(argv=None) -> int:
             row = {"layout": layout, "round": rnd, "texts_per_s": round(texts / wall, 1),
                    "p50_ms": round(float(np.median(ms)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
                    "texts_per_batch": round(float(a[:, 0].mean()), 2), "ort_busy": round(core_s / wall / 2, 3),
-                   "core_ms_per_text": round(core_s / a[:, 0].sum() * 1e3, 3)}
+                   "core_ms_per_text": round(core_s / a[:, 0].sum() * 1e3, 3),
+                   "core_us_per_padded_token": round(core_s / a[:, 3].sum() * 1e6, 1)}
             lines.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print("| layout | texts/s (median) | x one | texts per batch | ORT busy | core ms per text |")
-    print("|---|---|---|---|---|---|")
+    print("| layout | texts/s (median) | x one | texts per batch | ORT busy | core ms per text "
+          "| core us per padded token |")
+    print("|---|---|---|---|---|---|---|")
     med = {}
     for layout in LAYOUTS:
         rows = [r for r in lines[1:] if r["layout"] == layout]
         med[layout] = {key: float(np.median([r[key] for r in rows]))
-                       for key in ("texts_per_s", "texts_per_batch", "ort_busy", "core_ms_per_text")}
+                       for key in ("texts_per_s", "texts_per_batch", "ort_busy", "core_ms_per_text",
+                                   "core_us_per_padded_token")}
     for layout, m in med.items():
         print(f"| {layout} | {m['texts_per_s']:.1f} | {m['texts_per_s'] / med['one']['texts_per_s']:.2f} | "
-              f"{m['texts_per_batch']:.2f} | {m['ort_busy']:.2f} | {m['core_ms_per_text']:.2f} |")
+              f"{m['texts_per_batch']:.2f} | {m['ort_busy']:.2f} | {m['core_ms_per_text']:.2f} | "
+              f"{m['core_us_per_padded_token']:.0f} |")
     if args.json_out:
         with open(args.json_out, "a", encoding="utf-8") as fh:
             for line in lines:
