@@ -1129,8 +1129,8 @@ class DynamicBatcher(SparseCalls):
         only one in flight, so what is left queued is its own rest. A batch returned counts in ``_running`` until
         the caller takes it out.
 
-        Texts left queued wake another worker, except a lone request's rest: its batches run one after the other,
-        each on all the cores, as with one worker. Run side by side on a core each, a request's unequal batches
+        Texts left queued wake another worker, except a lone request's rest on the CPU: its batches run one after
+        the other, each on all the cores, as with one worker. Run side by side on a core each, a request's unequal batches
         (the planner splits by length) finish with the slower one: one caller sending 8 sentences per request
         was 7% slower at p50 and 25% at p99 with 2 workers than with 1 (benchmarks/bench_workers_one_caller.py
         --texts-per-call 8)."""
@@ -1142,7 +1142,9 @@ class DynamicBatcher(SparseCalls):
             t_plan = time.perf_counter()
             batch = self._select()
             self._running += 1
-            lone = self._in_flight == 1
+            # (on CUDA a second worker overlaps its host work with the first one's GPU call: worth it even for
+            # one request)
+            lone = self._in_flight == 1 and getattr(self.embedder, "device", "cpu") == "cpu"
             if self._pending and not lone:  # texts of other requests are left: another worker may claim them
                 self._wake_one()
             return batch, self._pending_texts, time.perf_counter() - t_plan, lone
