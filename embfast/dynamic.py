@@ -1130,10 +1130,10 @@ class DynamicBatcher(SparseCalls):
         the caller takes it out.
 
         Texts left queued wake another worker, except a lone request's rest on the CPU: its batches run one after
-        the other, each on all the cores, as with one worker. Run side by side on a core each, a request's unequal batches
-        (the planner splits by length) finish with the slower one: one caller sending 8 sentences per request
-        was 7% slower at p50 and 25% at p99 with 2 workers than with 1 (benchmarks/bench_workers_one_caller.py
-        --texts-per-call 8)."""
+        the other, each on all the cores, as with one worker. Run side by side on a core each, a request's
+        unequal batches (the planner splits by length) finish with the slower one: one caller sending 8
+        sentences per request was 7% slower at p50 and 25% at p99 with 2 workers than with 1
+        (benchmarks/bench_workers_one_caller.py --texts-per-call 8)."""
         with self._cond:
             self._claimed = False
             self._purge()
