@@ -47,8 +47,10 @@ def make(layout: str, first, second, max_wait_ms: float) -> list:
     return batchers
 
 
-def load(batchers: list, sentences: list[str], clients: int, k: int, seconds: float) -> tuple[int, list[float]]:
-    """Closed loop: ``clients`` threads, request i of a caller goes to batcher i % len(batchers)."""
+def load(batchers: list, sentences: list[str], clients: int, k: int, seconds: float,
+         first_only: bool = False) -> tuple[int, list[float]]:
+    """Closed loop: ``clients`` threads, request i of a caller goes to batcher i % len(batchers) (or always to
+    the first)."""
     stop = time.monotonic() + seconds
     done = [0] * clients
     took: list[float] = []
@@ -56,7 +58,7 @@ def load(batchers: list, sentences: list[str], clients: int, k: int, seconds: fl
     def caller(c: int) -> None:
         i = c
         while time.monotonic() < stop:
-            b = batchers[i % len(batchers)]
+            b = batchers[0 if first_only else i % len(batchers)]
             j = (i * k) % (len(sentences) - k)
             t0 = time.perf_counter()
             b.encode(sentences[j] if k == 1 else sentences[j:j + k])
@@ -81,6 +83,9 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=4.0, help="measured seconds per layout and round (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, layouts in rotated order (default 3)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="the batchers' max_wait_ms (default 2)")
+    p.add_argument("--load-on", choices=["both", "first"], default="both",
+                   help="both: callers alternate between the models (default); first: only the first model is "
+                        "busy, the second idles (an embedder under load next to an idle reranker)")
     p.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
     os.environ.setdefault("EMBFAST_ORT_SPIN", "0")  # as `embfast serve` runs
@@ -99,10 +104,12 @@ def main(argv=None) -> int:
             for b in batchers:
                 b.add_batch_listener(lambda st: stats.append((st.texts, st.seconds, st.threads, st.padded_tokens)))
             try:
-                load(batchers, sentences, args.clients, args.texts_per_request, 1.0)  # warm-up
+                first_only = args.load_on == "first"
+                load(batchers, sentences, args.clients, args.texts_per_request, 1.0, first_only)  # warm-up
                 stats.clear()
                 t0 = time.monotonic()
-                texts, took = load(batchers, sentences, args.clients, args.texts_per_request, args.seconds)
+                texts, took = load(batchers, sentences, args.clients, args.texts_per_request, args.seconds,
+                                   first_only)
                 wall = time.monotonic() - t0
             finally:
                 for b in batchers:

@@ -68,6 +68,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -223,6 +224,21 @@ class RunLock:
         self._next = 0  # the ticket handed to the next caller that has to wait
         self._active = 0  # slots held now
         self.waits = 0
+        self._users: list[weakref.ref] = []  # the batchers sharing this lock (see others_busy)
+
+    def register(self, user) -> None:
+        """Record a batcher sharing this lock, for :meth:`others_busy` (a weak reference)."""
+        self._users.append(weakref.ref(user))
+
+    def others_busy(self, me) -> bool:
+        """True when a registered batcher other than ``me`` has texts queued or a batch running (read without
+        their locks: a hint, not a promise)."""
+        for ref in self._users:
+            user = ref()
+            if user is not None and user is not me \
+                    and (getattr(user, "_pending", None) or getattr(user, "_running", 0)):
+                return True
+        return False
 
     def acquire(self) -> None:
         """Take one slot, after every caller that was waiting before."""
@@ -432,7 +448,11 @@ class DynamicBatcher(SparseCalls):
         run_lock: a :class:`RunLock` shared with the batchers of other models in the same process (what
             ``embfast serve`` with several models does): each batch is planned and run holding it, so one model
             runs at a time with all its threads, and a batch waiting for the lock takes every text that arrived
-            meanwhile. Default None: this batcher's calls take no lock.
+            meanwhile. With ``workers`` > 1, a model's second and later workers run only while every other model
+            on the lock is idle, or while this model has at least ``lookahead_texts`` texts queued: with two
+            models busy under a light load, each runs one call at a time beside the other's, instead of splitting
+            its few queued texts into smaller batches (benchmarks/README.md, "Two models in one server").
+            Default None: this batcher's calls take no lock.
         lookahead_texts: how many pending texts, in order of urgency (whole requests: at least the most urgent
             one), the planner looks at when it forms the next batch (default 32 on the CPU, ``max(max_batch_size,
             256)`` on CUDA). Within them, texts of similar length are grouped to save padding, so younger texts
@@ -500,6 +520,8 @@ class DynamicBatcher(SparseCalls):
         if run_lock is not None and not isinstance(run_lock, RunLock):
             raise TypeError(f"run_lock must be an embfast.dynamic.RunLock or None, got {type(run_lock).__name__}")
         self.run_lock = run_lock
+        if run_lock is not None:
+            run_lock.register(self)
         if queue_policy not in QUEUE_POLICIES:
             raise ValueError(f"queue_policy must be one of {', '.join(QUEUE_POLICIES)}, got {queue_policy!r}")
         self.queue_policy = queue_policy
@@ -999,7 +1021,7 @@ class DynamicBatcher(SparseCalls):
         if not self._worker_threads:
             for i in range(self.workers):
                 name = "embfast-batcher" if self.workers == 1 else f"embfast-batcher-{i}"
-                thread = threading.Thread(target=self._run, args=(name,), name=name, daemon=True)
+                thread = threading.Thread(target=self._run, args=(name, i), name=name, daemon=True)
                 self._worker_threads.append(thread)
                 thread.start()
 
@@ -1016,10 +1038,10 @@ class DynamicBatcher(SparseCalls):
                 self._wake_all()
 
     # ---- worker side -----------------------------------------------------------------------------
-    def _run(self, name: str = "embfast-batcher") -> None:
+    def _run(self, name: str = "embfast-batcher", index: int = 0) -> None:
         name_os_thread(name)
         while True:
-            if not self._wait_for_work():
+            if not self._wait_for_work(index):
                 return
             # The batch is planned only once this model may run: with a shared run lock (several models), the
             # texts that arrived while another model ran join this batch instead of waiting for the next one.
@@ -1070,7 +1092,7 @@ class DynamicBatcher(SparseCalls):
     def _budget_reached(self) -> bool:
         return self._pending_texts >= self.max_batch_size or self._pending_tokens >= self.max_batch_tokens
 
-    def _wait_for_work(self) -> bool:
+    def _wait_for_work(self, index: int = 0) -> bool:
         """Wait until this worker should take a batch (work pending, no other worker about to take one, and, in a
         crowd, ``max_wait_ms`` of company waited for); False when the batcher is closed and drained. True claims
         the next batch: :meth:`_take_batch` must follow."""
@@ -1085,6 +1107,15 @@ class DynamicBatcher(SparseCalls):
                 if self._claimed:  # another worker takes the next batch first; then this one looks again
                     self._sleep()
                     continue
+                if index > 0 and self._pending_texts < self.lookahead_texts and self.run_lock is not None \
+                        and self.run_lock.others_busy(self):
+                    # Another model sharing the cores has work and this one has less than a full look-ahead
+                    # queued: this model keeps one call at a time (its first worker), beside the other model's,
+                    # instead of splitting its few texts into smaller batches. Pass the wake-up on to the first
+                    # worker; look again in 2 ms.
+                    self._wake_one()
+                    self._sleep(0.002, last=True)
+                    continue
                 # Wait for company only when requests have had company lately: a lone sequential
                 # caller (always alone in flight) is never made to wait; a crowd merges into fuller batches.
                 if self.merge_requests and not self._closing and self.max_wait_ms > 0 and self._company > 1.2:
@@ -1095,8 +1126,9 @@ class DynamicBatcher(SparseCalls):
                 self._claimed = True
                 return True
 
-    def _sleep(self, timeout: float | None = None) -> None:
-        """Wait, as an idle worker, until woken or ``timeout`` s. Lock held.
+    def _sleep(self, timeout: float | None = None, last: bool = False) -> None:
+        """Wait, as an idle worker, until woken or ``timeout`` s (``last``: at the bottom of the stack of idle
+        workers, woken after every other). Lock held.
 
         Workers are woken one at a time, the last to go idle first (a stack, as thread pools do): with one
         caller at a time the same thread runs every call, and the other workers stay asleep. Waking them all
@@ -1106,7 +1138,10 @@ class DynamicBatcher(SparseCalls):
         cond = self._wakers.get(me)
         if cond is None:
             cond = self._wakers[me] = threading.Condition(self._lock)
-        self._idle.append(cond)
+        if last:
+            self._idle.insert(0, cond)
+        else:
+            self._idle.append(cond)
         try:
             cond.wait(timeout)
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,76 @@ def wait_for(predicate, what: str) -> None:
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_a_models_second_worker_waits_while_another_model_has_work(tiny_dir):
+    """Two models on one run lock: while the other model has work (and this one less than its look-ahead
+    queued), a model runs one call at a time (its first worker); once the other is idle, its second worker runs
+    beside the first again."""
+    from embfast import Embedder
+
+    model = Embedder(tiny_dir, threads=2)
+    slots = RunLock(slots=4)  # B takes one, A's two workers could take two more: only the rule holds one back
+    b_inside, b_go = threading.Event(), threading.Event()
+
+    def hold_b(st: BatchStats) -> None:  # B's batch counts as running until its listener returns
+        b_inside.set()
+        assert b_go.wait(30)
+
+    a_workers: list[str] = []  # the worker thread of each of A's batches
+
+    def hold_slots(n: int) -> None:
+        for _ in range(n):
+            slots.acquire()
+
+    def free_slots(n: int) -> None:
+        for _ in range(n):
+            slots.release()
+
+    with DynamicBatcher(model, workers=2, max_batch_size=1, run_lock=slots) as a, \
+            DynamicBatcher(model, workers=2, run_lock=slots) as b:
+        a.add_batch_listener(lambda st: a_workers.append(threading.current_thread().name))
+        b.add_batch_listener(hold_b)
+        hold_slots(1)  # so that B's call does not widen to every slot
+        caller_b = threading.Thread(target=b.encode, args=(TEXTS[0],))
+        caller_b.start()
+        assert b_inside.wait(30)
+        free_slots(1)
+        # B is busy: six texts for A from two callers (so not one lone request), one batch each
+        with ThreadPoolExecutor(2) as pool:
+            outs = list(pool.map(a.encode, [TEXTS[1:4], TEXTS[4:7]]))
+        assert len(a_workers) == 6 and set(a_workers) == {"embfast-batcher-0"}, a_workers
+        # ... unless A has a full look-ahead (32 texts) queued: 2 x 120 texts, so that the second worker, once
+        # woken, still finds more than 32 (the first one runs this tiny model's batches fast), and both run
+        many = [[f"{t} {i}" for i, t in enumerate((TEXTS * 24)[:120])] for _ in range(2)]
+        a_workers.clear()
+        hold_slots(3)  # A's workers wait until both requests are queued
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(a.encode, texts) for texts in many]
+            wait_for(lambda: a.stats()["queued_texts"] == 240, "both requests queued")
+            free_slots(3)
+            outs_many = [f.result(timeout=60) for f in futures]
+        assert len(a_workers) == 240 and set(a_workers) == {"embfast-batcher-0", "embfast-batcher-1"}
+        b_go.set()
+        caller_b.join()
+        wait_for(lambda: b.stats()["in_flight_requests"] == 0 and b.stats()["running_batches"] == 0, "B idle")
+        # B idle: A's two workers run side by side again (they meet in a listener)
+        both_inside = threading.Barrier(2, timeout=30)
+        a.add_batch_listener(lambda st: both_inside.wait())
+        hold_slots(4)
+        pair: dict[int, np.ndarray] = {}
+        callers = [threading.Thread(target=lambda i=i: pair.__setitem__(i, a.encode(TEXTS[i]))) for i in (0, 1)]
+        for t in callers:
+            t.start()
+        wait_for(lambda: a.stats()["queued_requests"] == 2, "both requests queued")
+        free_slots(4)
+        for t in callers:
+            t.join()
+        assert not both_inside.broken
+    for out, texts in zip(outs + outs_many, [TEXTS[1:4], TEXTS[4:7], *many], strict=True):
+        assert cosine_rows(out, model.encode(texts)).min() >= 0.9999
+    for i in (0, 1):
+        assert cosine_rows(pair[i][None], model.encode([TEXTS[i]])).min() >= 0.9999
 
 
 @pytest.mark.parametrize("workers", [1, 3])

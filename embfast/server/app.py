@@ -230,7 +230,8 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
         workers: worker threads per model's batcher (default 1; ``embfast serve`` defaults to 2 on a multi-core
             CPU, see its ``--workers auto``; see DynamicBatcher): under load up to N ONNX Runtime calls at once,
             each on the model's threads / N; a call that would run alone gets all of them. With several models,
-            the shared RunLock has N slots.
+            the shared RunLock has N slots, and a model's second and later workers run only while the other
+            models are idle or its own queue is long (see DynamicBatcher's ``run_lock``).
         strict_requests: refuse (422) request fields the route does not know; default False ignores them (logged
             once per name), as TEI and vLLM do with what proxies and SDKs add.
         token_ids: what ``input`` given as token ids means on /v1/embeddings and /embed: None (default) answers
