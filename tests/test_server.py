@@ -439,9 +439,11 @@ def test_token_budget_429_with_retry_after_on_every_api_family(tiny, tmp_path):
 
     ce = CrossEncoder(build_ce_bert(tmp_path / "ce"), threads=1)
     app = create_app(tiny, reranker=ce, max_queue_tokens=4096)
-    gates = [Gate(), Gate()]
-    app.state.batcher.add_batch_listener(gates[0])
-    app.state.rerank_batcher.add_batch_listener(gates[1])
+    # The two models share one run lock: holding it parks both workers before their next batch. (A batch
+    # listener that parks a worker would hold the lock too, and block the other model's first request.)
+    run_lock = app.state.batcher.run_lock
+    assert run_lock is not None and app.state.rerank_batcher.run_lock is run_lock
+    held = False
     long = ["word " * 200] * 16  # 16 x 64 tokens: a quarter of the budget, a "large" request
     doc = "word " * 200
     routes = {"/v1/embeddings": lambda n: {"input": long[:n]}, "/embed": lambda n: {"inputs": long[:n]},
@@ -460,7 +462,8 @@ def test_token_budget_429_with_retry_after_on_every_api_family(tiny, tmp_path):
         try:
             assert post("/v1/embeddings", {"input": "first"}).status_code == 200
             assert post("/rerank", {"query": "q", "texts": ["first"]}).status_code == 200
-            assert gates[0].entered.wait(30) and gates[1].entered.wait(30)  # both workers parked
+            run_lock.acquire()  # both workers parked from here on
+            held = True
             burst = [pool.submit(post, "/v1/embeddings", {"input": long}) for _ in range(3)]
             burst += [pool.submit(post, "/rerank", {"query": "q", "texts": [doc] * 16}) for _ in range(3)]
             wait_for(lambda: app.state.batcher.stats()["in_flight_tokens"] == 3 * 1024, "3 long requests admitted")
@@ -480,8 +483,8 @@ def test_token_budget_429_with_retry_after_on_every_api_family(tiny, tmp_path):
             assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
             assert "split it" in r.json()["error"]["message"] and "retry-after" not in r.headers
         finally:
-            for g in gates:
-                g.release.set()
+            if held:
+                run_lock.release()
         for f in burst + small:
             assert f.result(60).status_code == 200
         assert cosine(small[0].result().json()["data"][0]["embedding"], tiny.encode(long[0])) >= 0.9999
