@@ -231,14 +231,8 @@ class RunLock:
         self._users.append(weakref.ref(user))
 
     def others_busy(self, me) -> bool:
-        """True when a registered batcher other than ``me`` has texts queued or a batch running (read without
-        their locks: a hint, not a promise)."""
-        for ref in self._users:
-            user = ref()
-            if user is not None and user is not me \
-                    and (getattr(user, "_pending", None) or getattr(user, "_running", 0)):
-                return True
-        return False
+        """True when a registered batcher other than ``me`` has work (its ``has_work()``)."""
+        return any(user is not None and user is not me and user.has_work() for user in (r() for r in self._users))
 
     def acquire(self) -> None:
         """Take one slot, after every caller that was waiting before."""
@@ -467,8 +461,8 @@ class DynamicBatcher(SparseCalls):
             all of them: small batches scale badly across threads (all-MiniLM-L6-v2, single sentences, 2 cores:
             see benchmarks/README.md). A batch that would run alone (nothing else queued or running, or only the rest
             of the one request in flight) takes every slot and runs on the model itself, with all its threads, so
-            a lone caller is not slowed down. With a
-            ``run_lock``, give it ``slots=N``; on CUDA the workers share the one session.
+            a lone caller is not slowed down. With a ``run_lock``, give it ``slots=N``; on CUDA the workers share
+            the one session.
 
     The worker thread starts with the first request. Use as a context manager,
     or call :meth:`close`, which finishes what was admitted; a closed batcher
@@ -520,8 +514,6 @@ class DynamicBatcher(SparseCalls):
         if run_lock is not None and not isinstance(run_lock, RunLock):
             raise TypeError(f"run_lock must be an embfast.dynamic.RunLock or None, got {type(run_lock).__name__}")
         self.run_lock = run_lock
-        if run_lock is not None:
-            run_lock.register(self)
         if queue_policy not in QUEUE_POLICIES:
             raise ValueError(f"queue_policy must be one of {', '.join(QUEUE_POLICIES)}, got {queue_policy!r}")
         self.queue_policy = queue_policy
@@ -565,8 +557,14 @@ class DynamicBatcher(SparseCalls):
         self._worker_threads: list[threading.Thread] = []  # started by the first request
         self._claimed = False  # a worker is between _wait_for_work and _take_batch (waiting for a run slot)
         self._running = 0  # batches being computed now (their callers may have gone: see close / cancel)
+        if run_lock is not None:  # once built: the other models' workers may ask has_work() from now on
+            run_lock.register(self)
 
     # ---- public API --------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        """Texts queued or a batch running now (read without the lock: a hint, not a promise)."""
+        return bool(self._pending) or self._running > 0
+
     def encode(self, sentences, normalize_embeddings: bool | None = None, *, prompt: str | None = None,
                prompt_name: str | None = None, truncate: bool = True, truncate_dim: int | None = None,
                precision: str = "float32", convert_to_numpy: bool = True, return_info: bool = False,
@@ -1167,8 +1165,8 @@ class DynamicBatcher(SparseCalls):
         Texts left queued wake another worker, except a lone request's rest on the CPU: its batches run one after
         the other, each on all the cores, as with one worker. Run side by side on a core each, a request's
         unequal batches (the planner splits by length) finish with the slower one: one caller sending 8
-        sentences per request was 7% slower at p50 and 25% at p99 with 2 workers than with 1
-        (benchmarks/bench_workers_one_caller.py --texts-per-call 8)."""
+        sentences per request had a p99 of 45-50 ms with 2 workers against 42-43 ms with 1, and 34-40 ms
+        against 36-40 ms since (benchmarks/bench_workers_one_caller.py --texts-per-call 8)."""
         with self._cond:
             self._claimed = False
             self._purge()
