@@ -52,37 +52,71 @@ def _sum_stats(stats: list[dict]) -> dict:
 
 
 class _DisconnectWatch:
-    """An ASGI ``receive`` for the app that also lets the guard wait for ``http.disconnect`` once the body is
-    read: the one call to the server's ``receive`` after the body is shared by the guard and the app (Starlette
-    may ask too), so no message is taken twice."""
+    """An ASGI ``receive`` for the app that also listens for ``http.disconnect`` once the body is read: when the
+    app has taken the last chunk, one task awaits the server's next message (the one call to the server's
+    ``receive`` after the body, shared with the app should it ask too, so no message is taken twice) and calls
+    ``on_gone`` when the client has gone before the answer was handed over."""
 
-    def __init__(self, receive):
+    def __init__(self, receive, on_gone):
         self._receive = receive
-        self._body_read = asyncio.Event()
-        self._after_body: asyncio.Future | None = None  # the server's next message after the body
+        self._on_gone = on_gone
+        self.listener: asyncio.Future | None = None  # the server's next message after the body
         self.responded = False  # the whole answer was handed to the server (then a disconnect is the normal end)
 
     async def receive(self):
-        if self._body_read.is_set():
-            return await asyncio.shield(self._next())
+        if self.listener is not None:
+            return await asyncio.shield(self.listener)
         msg = await self._receive()
         if msg["type"] != "http.request" or not msg.get("more_body", False):
-            self._body_read.set()
+            self.listener = asyncio.ensure_future(self._receive())
+            self.listener.add_done_callback(self._heard)
         return msg
 
-    def _next(self) -> asyncio.Future:
-        if self._after_body is None:
-            self._after_body = asyncio.ensure_future(self._receive())
-        return self._after_body
+    def _heard(self, fut: asyncio.Future) -> None:
+        if not fut.cancelled() and fut.exception() is None and fut.result()["type"] == "http.disconnect" \
+                and not self.responded:
+            self._on_gone()
 
-    async def wait_for_disconnect(self) -> None:
-        """Return when the client has gone (after the whole body was read)."""
-        await self._body_read.wait()
-        while True:
-            msg = await asyncio.shield(self._next())
-            if msg["type"] == "http.disconnect":
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.remove_done_callback(self._heard)
+            self.listener.cancel()
+
+
+class _DirectRoutes:
+    """ASGI middleware: the POST routes that carry the load (each API family's embedding and reranking routes)
+    called straight from their endpoint function, past FastAPI's router and its own middleware stack; every other
+    request goes on to the FastAPI app.
+
+    The endpoint, its errors (the app's exception handlers, looked up by class as Starlette does) and its answer
+    are the same as through FastAPI, which stays the source of /openapi.json and /docs. What is skipped is
+    per-request machinery these routes do not use (route matching over every route, dependency solving, the
+    exception and body-limit middlewares, an exit stack): about 0.1 ms of the event loop's time per request, a
+    third of the server's HTTP cost on one short text (benchmarks/README.md, issue 19)."""
+
+    def __init__(self, app, *, routes: dict, handlers: dict):
+        self.app, self.routes, self.handlers = app, routes, handlers
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            fn = self.routes.get((scope["method"], scope["path"]))
+            if fn is not None:
+                from starlette.requests import Request
+
+                request = Request(scope, receive, send)
+                try:
+                    response = await fn(request)
+                except Exception as exc:
+                    for cls in type(exc).__mro__:  # the handler of the nearest class, as Starlette picks it
+                        handler = self.handlers.get(cls)
+                        if handler is not None:
+                            break
+                    else:  # pragma: no cover - Exception has one
+                        raise
+                    response = await handler(request, exc)
+                await response(scope, receive, send)
                 return
-            self._after_body = None  # not expected after a whole body; read on
+        await self.app(scope, receive, send)
 
 
 class _Guard:
@@ -128,35 +162,37 @@ class _Guard:
 
     async def _run_watched(self, scope, receive, send, status: list) -> None:
         """Run the app; once it has read the whole body, listen for the client going away, and if it goes
-        before the answer is sent, cancel the app's task: its queued texts leave the batcher's queue instead
+        before the answer is sent, cancel the app: its queued texts leave the batcher's queue instead
         of being computed for nobody (status 499 in the metrics). vLLM's ``with_cancellation`` does the same;
-        Starlette itself does not cancel a handler whose client left."""
-        watch = _DisconnectWatch(receive)
+        Starlette itself does not cancel a handler whose client left.
+
+        The app runs in this task, and one listener task per request cancels it (before: the app in a task of
+        its own, a listener and an ``asyncio.wait`` on both, part of issue 19's per-request cost)."""
+        me = asyncio.current_task()
+        left = []  # set when the listener cancelled this task because the client went away
+
+        def on_gone() -> None:
+            left.append(True)
+            me.cancel()
+
+        watch = _DisconnectWatch(receive, on_gone)
 
         async def send_tracked(message):
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 watch.responded = True  # before the send: the server reports http.disconnect once it completes
             await send(message)
 
-        app = asyncio.ensure_future(self.app(scope, watch.receive, send_tracked))
-        gone = asyncio.ensure_future(watch.wait_for_disconnect())
         try:
-            done, _ = await asyncio.wait({app, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if app in done or watch.responded:
-                await app
-                return
-            app.cancel()
-            try:
-                await app
-            except asyncio.CancelledError:
-                if getattr(asyncio.current_task(), "cancelling", lambda: 0)():  # the server is being stopped
-                    raise
+            await self.app(scope, watch.receive, send_tracked)
+        except asyncio.CancelledError:
+            if not left:
+                raise  # the server is being stopped
+            if getattr(me, "uncancel", None) is not None:  # Python 3.11+: this cancellation is handled here
+                me.uncancel()
             status[0] = 499  # nginx's code for "client closed request"
             self.metrics.inc("embfast_errors_total", ("client_disconnected",))
         finally:
-            gone.cancel()
-            if not app.done():  # this task was cancelled (server shutdown): take the app down with it
-                app.cancel()
+            watch.close()
 
     def _authorized(self, scope) -> bool:
         for name, value in scope.get("headers", []):
@@ -360,14 +396,31 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
             for b in owned:  # uvicorn runs this after the in-flight requests finished; close() drains what is left
                 await asyncio.get_running_loop().run_in_executor(None, b.close)
 
-    app = FastAPI(title="embfast", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    class ServerApp(FastAPI):
+        """FastAPI with the guard and the direct routes in front of its own middleware stack: an HTTP request
+        enters the guard (API key, metrics, cancellation), then the direct routes (the load-carrying POST routes,
+        see :class:`_DirectRoutes`), then FastAPI for everything else."""
+
+        front = None
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http" and self.front is not None:
+                await self.front(scope, receive, send)
+            else:
+                await super().__call__(scope, receive, send)
+
+        async def behind(self, scope, receive, send):
+            await super().__call__(scope, receive, send)
+
+    app = ServerApp(title="embfast", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.metrics = metrics
     app.state.batcher = batcher
     app.state.rerank_batcher = rerank_batcher
     app.state.sparse_batcher = sparse_batcher
     app.state.registry = registry
-    app.add_middleware(_Guard, api_key=api_key, metrics=metrics, max_request_bytes=max_request_bytes,
-                       body_timeout_s=body_timeout_s)
+    direct: dict = {}  # (method, path) -> endpoint: the routes _DirectRoutes calls past FastAPI's router
+    app.front = _Guard(_DirectRoutes(app.behind, routes=direct, handlers=app.exception_handlers), api_key=api_key,
+                       metrics=metrics, max_request_bytes=max_request_bytes, body_timeout_s=body_timeout_s)
 
     from embfast.server.schemas import ROUTES, request_body
 
@@ -384,6 +437,8 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
                 schema_defs.update(extra.pop("x-embfast-defs"))
             answer = ROUTES.get(path, (None, None))[1] if method == "POST" else None
             app.add_api_route(path, fn, methods=[method], openapi_extra=extra, response_model=answer)
+            if method == "POST":
+                direct[(method, path)] = fn
             return fn
         return register
 

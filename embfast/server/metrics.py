@@ -91,14 +91,22 @@ class Metrics:
         self._batcher = _BatcherCollector()
         reg.register(self._batcher)
         self._render_lock = threading.Lock()
+        self._children: dict = {}  # (name, labels) -> the labelled child: .labels() costs a lock and a lookup
+
+    def _child(self, name: str, labels: tuple):
+        key = (name, labels)
+        child = self._children.get(key)
+        if child is None:
+            metric = self.request_seconds if name is None else self._counters[name]
+            child = self._children[key] = metric.labels(*labels) if labels else metric
+        return child
 
     def inc(self, name: str, labels: tuple = (), value: float = 1) -> None:
         """Add ``value`` to the counter ``name`` (its exposed name, ``..._total``) with label values ``labels``."""
-        counter = self._counters[name]
-        (counter.labels(*labels) if labels else counter).inc(value)
+        self._child(name, labels).inc(value)
 
     def observe_request(self, endpoint: str, seconds: float) -> None:
-        self.request_seconds.labels(endpoint).observe(seconds)
+        self._child(None, (endpoint,)).observe(seconds)
 
     def on_batch(self, s) -> None:
         """Batch listener (runs on the batcher's worker thread)."""
