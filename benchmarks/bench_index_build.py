@@ -22,6 +22,7 @@ build replaced (``Index.add`` of 4,096 rows at a time, then ``Index.save``), for
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -70,7 +71,9 @@ def inmem(texts: str, vectors: str, out: str, precision: str) -> None:
 
 def run(args: list[str], command: list[str] | None = None) -> dict:
     command = command or [sys.executable, "-m", "embfast.cli", "index", "build", *args]
-    r = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+    # EMBFAST_REQUIRE_NATIVE: run from this repository, `python -m` would import its source tree (no compiled core)
+    r = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True,
+                       env={**os.environ, "EMBFAST_REQUIRE_NATIVE": "1"})
     if r.returncode != 0:
         raise SystemExit(r.stdout + r.stderr)
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))

@@ -95,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-http", action="store_true",
                    help="with --in-process: skip the HTTP servers (the batcher alone, with a load generator that "
                         "costs next to nothing)")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="also run each on/off mode's server from another build of embfast installed in DIR (e.g. "
+                        "`pip install --no-deps --target DIR` of an earlier commit; put first on the server's "
+                        "PYTHONPATH), named embfast-...-baseline: old and new code measured in one run")
     p.add_argument("--profile", action="store_true",
                    help="also say where the time goes for embfast servers: CPU seconds per request of each server "
                         "thread group (event loop, batcher worker, ONNX Runtime's pool, tokenizer pool) and of "
@@ -160,7 +164,10 @@ class Server:
     def start(self, timeout: float) -> None:
         import httpx
 
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        # from a neutral folder: `python -m` puts the current folder first on sys.path, and a source checkout there
+        # (this repository, without its compiled core) would shadow the installed package
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     cwd=tempfile.gettempdir())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -185,9 +192,9 @@ class Server:
                 self.proc.wait()
 
 
-def embfast_server(args, batching: bool, models: int = 1, workers: int = 1) -> Server:
+def embfast_server(args, batching: bool, models: int = 1, workers: int = 1, baseline: str | None = None) -> Server:
     """``embfast serve``; ``models`` 2 serves the model twice in the process, as "a" and "b"; ``workers``:
-    its ``--workers``."""
+    its ``--workers``; ``baseline``: a folder holding another build of embfast, run instead of this one."""
     port = free_port()
     cmd = [sys.executable, "-m", "embfast.cli", "serve", "--port", str(port), "--log-level", "warning",
            "--max-wait-ms", str(args.max_wait_ms), "--max-batch-tokens", str(args.max_batch_tokens),
@@ -208,8 +215,12 @@ def embfast_server(args, batching: bool, models: int = 1, workers: int = 1) -> S
              "call_cost_tokens": args.call_cost_tokens}
     if names:
         extra.update(served_names=names, layout="two models, one process")
-    return Server(f"embfast-{'on' if batching else 'off'}-w{workers}", cmd, port, "/v1/embeddings",
-                  names[0] if names else "embfast", extra=extra)
+    env = {"EMBFAST_REQUIRE_NATIVE": "1"}  # the native kernels, as in-process: never a silent fallback
+    if baseline:
+        env["PYTHONPATH"] = os.pathsep.join([baseline, *filter(None, [os.environ.get("PYTHONPATH")])])
+        extra["baseline"] = baseline
+    return Server(f"embfast-{'on' if batching else 'off'}-w{workers}{'-baseline' if baseline else ''}", cmd, port,
+                  "/v1/embeddings", names[0] if names else "embfast", env=env, extra=extra)
 
 
 def _default_model():
@@ -545,7 +556,7 @@ def median_rows(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         key = (r["server"], r.get("dynamic_batching"), r.get("workers"), r.get("layout"), r.get("api"),
-               r["concurrency"], r["texts_per_request"])
+               r.get("baseline"), r["concurrency"], r["texts_per_request"])
         groups.setdefault(key, []).append(r)
     out = []
     for group in groups.values():
@@ -566,7 +577,7 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     one = {(r["concurrency"], r["texts_per_request"]): r["texts_per_s"] for r in rows
            if r["server"] == "embfast" and r.get("dynamic_batching") and "layout" not in r and r.get("workers", 1) == 1
-           and r.get("api", "openai") == "openai"}
+           and r.get("api", "openai") == "openai" and not r.get("baseline")}
     for r in rows:
         batching = {True: "on", False: "off"}.get(r.get("dynamic_batching"), f"batch {r.get('batch_size', '-')}")
         if r.get("workers", 1) > 1:
@@ -575,11 +586,13 @@ def table(rows: list[dict]) -> str:
         base = one.get((r["concurrency"], r["texts_per_request"]))
         if "layout" in r and base:
             layout += f" ({r['texts_per_s'] / base:.0%} of one)"
-        out.append(f"| {r['server']} | {r.get('api', 'openai')} | {batching} | {layout} | {r['concurrency']} | "
+        server = r["server"] + (" (baseline)" if r.get("baseline") else "")
+        out.append(f"| {server} | {r.get('api', 'openai')} | {batching} | {layout} | {r['concurrency']} | "
                    f"{r['texts_per_request']} | {r['requests_per_s']} | {r['texts_per_s']} | {r['p50_ms']} | "
                    f"{r['p99_ms']} | {r['errors']} |")
     base = {(r["concurrency"], r["texts_per_request"]): r["p50_ms"] for r in rows if r["server"] == "in-process"}
-    extra = [f"- HTTP cost per request ({r['api']}, {r['concurrency']} clients, {r['texts_per_request']} "
+    extra = [f"- HTTP cost per request ({r['api']}{' baseline' if r.get('baseline') else ''}, {r['concurrency']} "
+             f"clients, {r['texts_per_request']} "
              f"text(s)): p50 {r['p50_ms']} - {base[(r['concurrency'], r['texts_per_request'])]} = "
              f"{r['p50_ms'] - base[(r['concurrency'], r['texts_per_request'])]:.2f} ms"
              for r in rows if r["server"] == "embfast" and r.get("dynamic_batching")
@@ -598,6 +611,8 @@ def main(argv=None) -> int:
         return 2
     with path.open(encoding="utf-8") as fh:
         sentences = [line.strip() for line in fh if line.strip()][: args.limit]
+    if args.model and Path(args.model).exists():  # the servers run from another folder
+        args.model = str(Path(args.model).resolve())
     model_dir = args.model or str(default_model_path())
     header = {"bench": "server", "machine": machine(), "build": build_info(), "model": model_dir,
               "sentences": str(path), "n_sentences": len(sentences), "duration_s": args.duration_s,
@@ -608,6 +623,8 @@ def main(argv=None) -> int:
         if mode.startswith(("on", "off")):
             batching, _, w = mode.partition("-w")
             servers.append(embfast_server(args, batching == "on", workers=int(w or 1)))
+            if args.baseline:
+                servers.append(embfast_server(args, batching == "on", workers=int(w or 1), baseline=args.baseline))
         elif mode.startswith("two-models"):
             servers.append(embfast_server(args, True, models=2, workers=int(mode.partition("-w")[2] or 1)))
         else:
