@@ -72,12 +72,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default="on,off",
                    help="embfast servers: on (dynamic batching), off, two-models (two models in one process), "
                         "two-processes (one model each); on-wN / off-wN / two-models-wN: with --workers N (N "
-                        "batches at once, each on cores / N threads); comma-separated (default on,off)")
+                        "batches at once, each on cores / N threads); a suffix -oldest or -deadline sets that "
+                        "server's --queue-policy (on-w2-oldest); comma-separated (default on,off)")
     p.add_argument("--duration-s", type=float, default=15.0, help="measured seconds per point (default 15)")
     p.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each point (default 3)")
     p.add_argument("--threads", type=int, default=None, help="embfast ONNX Runtime threads (default: all cores)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="embfast --max-wait-ms (default 2)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="embfast --max-batch-tokens (default 16384)")
+    p.add_argument("--queue-policy", default=None, choices=["deadline", "oldest"],
+                   help="embfast servers' --queue-policy (default: theirs, deadline)")
     p.add_argument("--call-cost-tokens", default=None, help="embfast --call-cost-tokens (default: the server's)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="embfast model precision")
     p.add_argument("--infinity", default=None,
@@ -118,9 +121,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--startup-timeout-s", type=float, default=300.0, help="wait this long for a server to start")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not all(m == "two-processes" or re.fullmatch(r"(on|off|two-models)(-w[1-9][0-9]*)?", m) for m in modes):
-        p.error(f"--modes must be a comma-separated list of on, off, on-wN, off-wN, two-models, two-models-wN, "
-                f"two-processes, got "
+    pattern = r"(on|off)(-w[1-9][0-9]*)?(-oldest|-deadline)?|two-models(-w[1-9][0-9]*)?|two-processes"
+    if not all(re.fullmatch(pattern, m) for m in modes):
+        p.error(f"--modes must be a comma-separated list of on, off, on-wN, off-wN (each optionally -oldest or "
+                f"-deadline), two-models, two-models-wN, two-processes, got "
                 f"{args.modes!r}")
     args.modes = modes
     if args.rounds < 1:
@@ -192,9 +196,12 @@ class Server:
                 self.proc.wait()
 
 
-def embfast_server(args, batching: bool, models: int = 1, workers: int = 1, baseline: str | None = None) -> Server:
+def embfast_server(args, batching: bool, models: int = 1, workers: int = 1, baseline: str | None = None,
+                   queue_policy: str | None = None) -> Server:
     """``embfast serve``; ``models`` 2 serves the model twice in the process, as "a" and "b"; ``workers``:
-    its ``--workers``; ``baseline``: a folder holding another build of embfast, run instead of this one."""
+    its ``--workers``; ``baseline``: a folder holding another build of embfast, run instead of this one;
+    ``queue_policy``: its ``--queue-policy`` (default: ``--queue-policy``'s)."""
+    queue_policy = queue_policy or args.queue_policy
     port = free_port()
     cmd = [sys.executable, "-m", "embfast.cli", "serve", "--port", str(port), "--log-level", "warning",
            "--max-wait-ms", str(args.max_wait_ms), "--max-batch-tokens", str(args.max_batch_tokens),
@@ -209,17 +216,20 @@ def embfast_server(args, batching: bool, models: int = 1, workers: int = 1, base
         cmd += ["--threads", str(args.threads)]
     if args.call_cost_tokens is not None:
         cmd += ["--call-cost-tokens", str(args.call_cost_tokens)]
+    if queue_policy is not None:
+        cmd += ["--queue-policy", queue_policy]
     cmd += ["--workers", str(workers)]  # explicit: the server's default (auto) is 2 on a multi-core CPU
     extra = {"dynamic_batching": batching, "workers": workers, "max_wait_ms": args.max_wait_ms,
              "max_batch_tokens": args.max_batch_tokens, "precision": args.precision,
-             "call_cost_tokens": args.call_cost_tokens}
+             "call_cost_tokens": args.call_cost_tokens, "queue_policy": queue_policy}
     if names:
         extra.update(served_names=names, layout="two models, one process")
     env = {"EMBFAST_REQUIRE_NATIVE": "1"}  # the native kernels, as in-process: never a silent fallback
     if baseline:
         env["PYTHONPATH"] = os.pathsep.join([baseline, *filter(None, [os.environ.get("PYTHONPATH")])])
         extra["baseline"] = baseline
-    return Server(f"embfast-{'on' if batching else 'off'}-w{workers}{'-baseline' if baseline else ''}", cmd, port,
+    tag = ("-baseline" if baseline else "") + (f"-{queue_policy}" if queue_policy else "")
+    return Server(f"embfast-{'on' if batching else 'off'}-w{workers}{tag}", cmd, port,
                   "/v1/embeddings", names[0] if names else "embfast", env=env, extra=extra)
 
 
@@ -556,7 +566,7 @@ def median_rows(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         key = (r["server"], r.get("dynamic_batching"), r.get("workers"), r.get("layout"), r.get("api"),
-               r.get("baseline"), r["concurrency"], r["texts_per_request"])
+               r.get("baseline"), r.get("queue_policy"), r["concurrency"], r["texts_per_request"])
         groups.setdefault(key, []).append(r)
     out = []
     for group in groups.values():
@@ -586,7 +596,8 @@ def table(rows: list[dict]) -> str:
         base = one.get((r["concurrency"], r["texts_per_request"]))
         if "layout" in r and base:
             layout += f" ({r['texts_per_s'] / base:.0%} of one)"
-        server = r["server"] + (" (baseline)" if r.get("baseline") else "")
+        server = r["server"] + (" (baseline)" if r.get("baseline") else "") + \
+            (f" ({r['queue_policy']})" if r.get("queue_policy") else "")
         out.append(f"| {server} | {r.get('api', 'openai')} | {batching} | {layout} | {r['concurrency']} | "
                    f"{r['texts_per_request']} | {r['requests_per_s']} | {r['texts_per_s']} | {r['p50_ms']} | "
                    f"{r['p99_ms']} | {r['errors']} |")
@@ -621,8 +632,11 @@ def main(argv=None) -> int:
     servers: list = []
     for mode in args.modes:
         if mode.startswith(("on", "off")):
+            policy = next((p for p in ("oldest", "deadline") if mode.endswith("-" + p)), None)
+            if policy:
+                mode = mode[: -len(policy) - 1]
             batching, _, w = mode.partition("-w")
-            servers.append(embfast_server(args, batching == "on", workers=int(w or 1)))
+            servers.append(embfast_server(args, batching == "on", workers=int(w or 1), queue_policy=policy))
             if args.baseline:
                 servers.append(embfast_server(args, batching == "on", workers=int(w or 1), baseline=args.baseline))
         elif mode.startswith("two-models"):

@@ -434,11 +434,12 @@ class DynamicBatcher(SparseCalls):
             measured here). "auto": fitted online from the batches run so far
             (:class:`CallCostEstimator`), 32 until then.
         queue_policy: which pending texts the next batch serves. "deadline" (default): each request gets a
-            deadline, its arrival plus its own estimated run time (its tokens times the seconds per padded token
-            measured on recent batches), and the batch holding the earliest deadline's next text runs first; a
-            short request arriving behind a burst of long ones runs before them (as shortest-job-first), a long
-            one is never starved (its deadline only comes closer), and same-sized requests are served in arrival
-            order. "oldest": arrival order (first in, first out), whatever the sizes.
+            deadline, its arrival plus its own estimated run time (its tokens, at least one text of
+            max_seq_length, times the seconds per padded token measured on recent batches), and the batch holding
+            the earliest deadline's next text runs first; a short request arriving behind a burst of long ones
+            runs before them (as shortest-job-first), a long one is never starved (its deadline only comes
+            closer), and requests of one text each (or of similar sizes) are served in arrival order, whatever
+            their lengths. "oldest": arrival order (first in, first out), whatever the sizes.
         run_lock: a :class:`RunLock` shared with the batchers of other models in the same process (what
             ``embfast serve`` with several models does): each batch is planned and run holding it, so one model
             runs at a time with all its threads, and a batch waiting for the lock takes every text that arrived
@@ -520,6 +521,10 @@ class DynamicBatcher(SparseCalls):
         self.workers = _check_int("workers", workers, 1)
         # seconds per padded token of recent batches (moving average); the first guess is a small CPU model's
         self._s_per_token = 2e-4 if getattr(embedder, "device", "cpu") != "cuda" else 1e-6
+        # deadlines: a request no larger than one text of max_seq_length tokens counts as that large, so texts sent
+        # one per request are served in arrival order whatever their lengths (issue 13: with its own length, a long
+        # sentence was overtaken by shorter later ones and set the p99); larger requests still go by size
+        self._deadline_floor = float(getattr(getattr(embedder, "tokenizer", None), "max_seq_length", None) or 512)
         self._seq = 0
         # Slots for this batcher's calls: the shared lock, or one of its own when several workers share the cores.
         self._slots = run_lock if run_lock is not None else (RunLock(self.workers) if self.workers > 1 else None)
@@ -1006,7 +1011,7 @@ class DynamicBatcher(SparseCalls):
             self._seq += 1
             req.seq = self._seq
             if self.queue_policy == "deadline":
-                req.deadline = req.t_enqueue + float(req.lengths.sum()) * self._s_per_token
+                req.deadline = req.t_enqueue + max(float(req.lengths.sum()), self._deadline_floor) * self._s_per_token
             bisect.insort(self._pending, req, key=_urgency)
             self._pending_texts += len(req.ids)
             self._pending_tokens += tokens

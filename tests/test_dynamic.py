@@ -576,6 +576,43 @@ def test_a_burst_of_long_requests_does_not_starve_a_short_one(tiny, policy):
     # is still answered right (checked above), the order is not asserted
 
 
+def test_single_texts_are_served_in_arrival_order_whatever_their_lengths(tiny):
+    """Deadline policy: a request no larger than one text of max_seq_length tokens counts as that large, so a long
+    single text queued first is not overtaken by shorter single texts queued after it (issue 13: with each
+    request's own length, long sentences waited longest and set the p99)."""
+    order: list[str] = []
+    parked, release = threading.Event(), threading.Event()
+
+    def gate(stats) -> None:
+        if not release.is_set():
+            parked.set()
+            assert release.wait(30)
+
+    with DynamicBatcher(tiny, max_batch_size=2, max_wait_ms=0) as b:
+        b.add_batch_listener(gate)
+        first = threading.Thread(target=b.encode, args=(["warm"],))
+        first.start()
+        assert parked.wait(30)
+
+        def call(name: str, text: str) -> None:
+            np.testing.assert_allclose(b.encode(text), tiny.encode(text), atol=2e-5)
+            order.append(name)
+
+        threads = []
+        calls = [("long", "a long sentence " + "with many words " * 12)] + [(f"short{i}", "hi") for i in range(6)]
+        for name, text in calls:
+            before = b.stats()["queued_requests"]
+            t = threading.Thread(target=call, args=(name, text))
+            t.start()
+            threads.append(t)
+            wait_for(lambda before=before: b.stats()["queued_requests"] == before + 1, f"{name} queued")
+        release.set()
+        for t in threads + [first]:
+            t.join(60)
+    assert sorted(order) == sorted(name for name, _ in calls)
+    assert order.index("long") <= 1, order  # in the first batch after the gate (of at most 2)
+
+
 def test_queue_policy_is_checked(tiny):
     with pytest.raises(ValueError, match="queue_policy must be one of deadline, oldest"):
         DynamicBatcher(tiny, queue_policy="lifo")

@@ -523,6 +523,13 @@ def test_queue_and_body_timeout_flags_and_env(tiny, monkeypatch):
 
     args = build_parser().parse_args(["serve"])
     assert (args.max_queue_texts, args.max_queue_tokens, args.body_timeout_s) == (None, None, 30.0)
+    assert args.queue_policy == "deadline"
+    assert build_parser().parse_args(["serve", "--queue-policy", "oldest"]).queue_policy == "oldest"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--queue-policy", "lifo"])
+    assert create_app(tiny, queue_policy="oldest").state.batcher.queue_policy == "oldest"
+    monkeypatch.setenv("EMBFAST_QUEUE_POLICY", "oldest")
+    assert build_parser().parse_args(["serve"]).queue_policy == "oldest"
     monkeypatch.setenv("EMBFAST_MAX_QUEUE_TOKENS", "5000")
     monkeypatch.setenv("EMBFAST_BODY_TIMEOUT_S", "0")
     args = build_parser().parse_args(["serve", "--max-queue-texts", "100"])
@@ -569,3 +576,51 @@ def test_a_client_that_goes_away_takes_its_queued_texts_with_it(tiny, path, key)
     assert re.search(r'embfast_requests_total\{code="499",endpoint="' + re.escape(path) + r'"\} 1(\.0)?\n', text)
     assert re.search(r'embfast_errors_total\{kind="client_disconnected"\} 1(\.0)?\n', text)
     assert re.search(r"embfast_running_batches 0(\.0)?\n", text)
+
+
+async def _asgi_post(asgi, path: str, body: bytes) -> tuple[int, list, bytes]:
+    """POST ``body`` to ``path`` through the ASGI callable ``asgi``: (status, headers, body)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"x"), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    messages, sent = [{"type": "http.request", "body": body, "more_body": False}], []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    await asgi(scope, receive, send)
+    return sent[0]["status"], sent[0]["headers"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_direct_routes_answer_as_fastapi_routing_does(tiny):
+    """The load-carrying POST routes are called past FastAPI's router (``_DirectRoutes``, issue 19): for good and
+    bad requests on each API family, the answer (status, headers, body) is the one FastAPI's own routing gives."""
+    import asyncio
+
+    app = create_app(tiny)
+    direct = app.front.app
+    assert {("POST", p) for p in ("/v1/embeddings", "/embed", "/", "/v2/embed", "/rerank", "/v1/search")} \
+        <= set(direct.routes)
+    cases = [("/v1/embeddings", {"input": "hello there", "model": "m"}), ("/v1/embeddings", {"input": ""}),
+             ("/v1/embeddings", {"input": [1, 2, 3]}), ("/v1/embeddings", b"{not json"),
+             ("/v1/embeddings", {"input": "x", "dimensions": 8, "encoding_format": "base64"}),
+             ("/embed", {"inputs": ["a", "b"], "normalize": False}), ("/embed", {"inputs": 3}), ("/", {"inputs": "c"}),
+             ("/v2/embed", {"texts": ["x"], "input_type": "search_query", "embedding_types": ["float", "int8"]}),
+             ("/v2/embed", {"texts": []}), ("/rerank", {"query": "q", "texts": ["a"]}), ("/v1/search", {"query": "x"})]
+    try:
+        for path, body in cases:
+            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            got = asyncio.run(_asgi_post(direct, path, raw))
+            want = asyncio.run(_asgi_post(app.behind, path, raw))
+            if path == "/v2/embed" and got[0] == 200:  # Cohere's answers carry a random id
+                got, want = [(s, h, {**json.loads(b), "id": None}) for s, h, b in (got, want)]
+            assert got == want, (path, body)
+            got = (got[0], got[1], json.dumps(got[2]).encode()) if isinstance(got[2], dict) else got
+            assert got[0] == 200 or {"error", "message"} & set(json.loads(got[2])), (path, got)  # Cohere: message
+    finally:
+        app.state.batcher.close()

@@ -223,7 +223,7 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
                max_inputs: int = DEFAULT_MAX_INPUTS, api_key: str | None = None, corpus=None, corpus_texts=None,
                model_name: str | None = None, reranker=None, strict_requests: bool = False,
                token_ids: str | None = None, sparse=None, models: list | None = None,
-               call_cost_tokens: float | str | None = None, workers: int = 1):
+               call_cost_tokens: float | str | None = None, workers: int = 1, queue_policy: str = "deadline"):
     """Build the FastAPI app serving ``embedder`` (and any other models).
 
     Every POST whose client goes away before its answer is sent is cancelled: its queued texts leave the batcher
@@ -236,8 +236,8 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
             closes it); default: the app makes one from the arguments below
             (``app.state.batcher``) and closes it at shutdown, after in-flight
             requests, so such an app serves once.
-        max_batch_tokens / max_wait_ms / max_queue / max_queue_texts / max_queue_tokens / call_cost_tokens: the
-            batcher's (see DynamicBatcher), for every model: the queue is counted in requests, texts and tokens;
+        max_batch_tokens / max_wait_ms / max_queue / max_queue_texts / max_queue_tokens / call_cost_tokens /
+            queue_policy: the batcher's (see DynamicBatcher), for every model: the queue is counted in requests, texts and tokens;
             over any of them a request gets 429 with ``retry-after`` (whole seconds, estimated from the backlog and
             the recent throughput); one request over a whole texts or tokens budget gets 413 (it could never fit).
         body_timeout_s: a request body that sends nothing for this many seconds (per chunk, not in total;
@@ -337,7 +337,7 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
         b = DynamicBatcher(model, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, max_queue=max_queue,
                            max_queue_texts=max_queue_texts, max_queue_tokens=max_queue_tokens,
                            merge_requests=dynamic_batching, run_lock=run_lock,
-                           call_cost_tokens=call_cost_tokens, workers=workers)
+                           call_cost_tokens=call_cost_tokens, workers=workers, queue_policy=queue_policy)
         entries.append(ServedModel(names, kind, model, b, owned=True,
                                    rss_load_bytes=getattr(model, "load_rss_bytes", None)))
     registry = ModelRegistry(entries)

@@ -80,6 +80,9 @@ def register_cli(subparsers) -> None:
                    help="padded tokens per ONNX Runtime batch (default 16384)")
     p.add_argument("--max-wait-ms", type=float, default=_env("MAX_WAIT_MS", 2.0),
                    help="an idle worker waits this long for more texts to merge (default 2 ms)")
+    p.add_argument("--queue-policy", default=_env("QUEUE_POLICY", "deadline"), choices=["deadline", "oldest"],
+                   help="which waiting texts the next batch serves: deadline (default; arrival plus the request's own "
+                        "estimated run time, earliest first) or oldest (arrival order); see DynamicBatcher")
     p.add_argument("--call-cost-tokens", default=_env("CALL_COST_TOKENS"),
                    help="the batcher's fixed cost of one ONNX Runtime call in padded tokens, or 'auto' (fitted while "
                         "serving); default: DynamicBatcher's")
@@ -184,7 +187,7 @@ def cmd_serve(args) -> int:
     workers = _workers(workers, [m for m, _ in loaded], args.dynamic_batching)
     app = create_app(models=loaded, max_batch_tokens=args.max_batch_tokens,
                      max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, dynamic_batching=args.dynamic_batching,
-                     call_cost_tokens=_call_cost(args.call_cost_tokens),
+                     call_cost_tokens=_call_cost(args.call_cost_tokens), queue_policy=args.queue_policy,
                      max_queue_texts=None if args.max_queue_texts is None else int(args.max_queue_texts),
                      max_queue_tokens=None if args.max_queue_tokens is None else int(args.max_queue_tokens),
                      body_timeout_s=float(args.body_timeout_s) or None,
