@@ -237,9 +237,10 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
             (``app.state.batcher``) and closes it at shutdown, after in-flight
             requests, so such an app serves once.
         max_batch_tokens / max_wait_ms / max_queue / max_queue_texts / max_queue_tokens / call_cost_tokens /
-            queue_policy: the batcher's (see DynamicBatcher), for every model: the queue is counted in requests, texts and tokens;
-            over any of them a request gets 429 with ``retry-after`` (whole seconds, estimated from the backlog and
-            the recent throughput); one request over a whole texts or tokens budget gets 413 (it could never fit).
+            queue_policy: the batcher's (see DynamicBatcher), for every model: the queue is counted in requests,
+            texts and tokens; over any of them a request gets 429 with ``retry-after`` (whole seconds, estimated
+            from the backlog and the recent throughput); one request over a whole texts or tokens budget gets 413
+            (it could never fit).
         body_timeout_s: a request body that sends nothing for this many seconds (per chunk, not in total;
             default 30) is answered 408 ``body_timeout`` and its connection closed, so a stalled upload holds
             nothing; None waits forever.
