@@ -223,7 +223,9 @@ def test_one_caller_at_a_time_wakes_one_worker_only(tiny):
     busy = ran[1]
     idle = next(t.ident for t in workers if t.ident != busy)
     assert after[idle] - before[idle] <= 2, (before, after)  # 20 requests, no wakeup of the idle worker
-    assert after[busy] - before[busy] >= 20
+    # the measure sees wake-ups (so the check above is not vacuous); fewer than 20 when a request's notify lands
+    # before its worker has blocked (Condition.wait then returns without sleeping): 13 of 20 seen under load
+    assert after[busy] - before[busy] >= 5
 
 
 def run_held(b: DynamicBatcher, calls: list[list[str]]) -> tuple[Gate, dict[int, np.ndarray]]:
@@ -580,37 +582,38 @@ def test_single_texts_are_served_in_arrival_order_whatever_their_lengths(tiny):
     """Deadline policy: a request no larger than one text of max_seq_length tokens counts as that large, so a long
     single text queued first is not overtaken by shorter single texts queued after it (issue 13: with each
     request's own length, long sentences waited longest and set the p99)."""
-    order: list[str] = []
+    batches: list[int] = []  # real tokens of each batch after the gate
     parked, release = threading.Event(), threading.Event()
 
     def gate(stats) -> None:
         if not release.is_set():
             parked.set()
             assert release.wait(30)
+        else:
+            batches.append(stats.tokens)
 
+    long_text = "a long sentence " + "with many words " * 12
+    assert len(tiny.tokenizer.tokenize([long_text]).ids[0]) >= 30
     with DynamicBatcher(tiny, max_batch_size=2, max_wait_ms=0) as b:
         b.add_batch_listener(gate)
         first = threading.Thread(target=b.encode, args=(["warm"],))
         first.start()
         assert parked.wait(30)
-
-        def call(name: str, text: str) -> None:
-            np.testing.assert_allclose(b.encode(text), tiny.encode(text), atol=2e-5)
-            order.append(name)
-
+        # one second per token (the batcher's estimate, learnt from batches; none runs while parked): a deadline
+        # from each request's own length would put the short texts, queued a few ms later, tens of seconds ahead
+        b._s_per_token = 1.0
         threads = []
-        calls = [("long", "a long sentence " + "with many words " * 12)] + [(f"short{i}", "hi") for i in range(6)]
-        for name, text in calls:
+        for text in [long_text] + ["hi"] * 6:  # "hi": 3 tokens with [CLS] and [SEP]
             before = b.stats()["queued_requests"]
-            t = threading.Thread(target=call, args=(name, text))
+            t = threading.Thread(target=b.encode, args=(text,))
             t.start()
             threads.append(t)
-            wait_for(lambda before=before: b.stats()["queued_requests"] == before + 1, f"{name} queued")
+            wait_for(lambda before=before: b.stats()["queued_requests"] == before + 1, "queued")
         release.set()
         for t in threads + [first]:
             t.join(60)
-    assert sorted(order) == sorted(name for name, _ in calls)
-    assert order.index("long") <= 1, order  # in the first batch after the gate (of at most 2)
+    assert sum(batches) >= 30 + 6 * 3 and len(batches) >= 4
+    assert batches[0] >= 30, batches  # the long text goes in the first batch after the gate (of at most 2)
 
 
 def test_queue_policy_is_checked(tiny):

@@ -73,9 +73,13 @@ class _DisconnectWatch:
         return msg
 
     def _heard(self, fut: asyncio.Future) -> None:
-        if not fut.cancelled() and fut.exception() is None and fut.result()["type"] == "http.disconnect" \
-                and not self.responded:
+        if fut.cancelled() or fut.exception() is not None or self.responded:
+            return
+        if fut.result()["type"] == "http.disconnect":
             self._on_gone()
+        else:  # not expected after a whole body: listen on
+            self.listener = asyncio.ensure_future(self._receive())
+            self.listener.add_done_callback(self._heard)
 
     def close(self) -> None:
         if self.listener is not None:
