@@ -98,17 +98,18 @@ def test_a_models_second_worker_waits_while_another_model_has_work(tiny_dir):
         with ThreadPoolExecutor(2) as pool:
             outs = list(pool.map(a.encode, [TEXTS[1:4], TEXTS[4:7]]))
         assert len(a_workers) == 6 and set(a_workers) == {"embfast-batcher-0"}, a_workers
-        # ... unless A has a full look-ahead (32 texts) queued: 2 x 120 texts, so that the second worker, once
-        # woken, still finds more than 32 (the first one runs this tiny model's batches fast), and both run
-        many = [[f"{t} {i}" for i, t in enumerate((TEXTS * 24)[:120])] for _ in range(2)]
+        # ... unless A has a full look-ahead (32 texts) queued: 2 x 600 texts, so that the second worker, once
+        # woken, still finds more than 32 (the first one runs this tiny model's one-text batches in about 0.3 ms
+        # each: 2 x 120 left a slow wake-up on a loaded machine too little time), and both run
+        many = [[f"{t} {i}" for i, t in enumerate((TEXTS * 120)[:600])] for _ in range(2)]
         a_workers.clear()
         hold_slots(3)  # A's workers wait until both requests are queued
         with ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(a.encode, texts) for texts in many]
-            wait_for(lambda: a.stats()["queued_texts"] == 240, "both requests queued")
+            wait_for(lambda: a.stats()["queued_texts"] == 1200, "both requests queued")
             free_slots(3)
             outs_many = [f.result(timeout=60) for f in futures]
-        assert len(a_workers) == 240 and set(a_workers) == {"embfast-batcher-0", "embfast-batcher-1"}
+        assert len(a_workers) == 1200 and set(a_workers) == {"embfast-batcher-0", "embfast-batcher-1"}
         b_go.set()
         caller_b.join()
         wait_for(lambda: b.stats()["in_flight_requests"] == 0 and b.stats()["running_batches"] == 0, "B idle")
