@@ -9,6 +9,7 @@
 #include <string>
 
 #include "embfast/common.hpp"
+#include "embfast/pairs.hpp"
 #include "embfast/pooling.hpp"
 #include "embfast/quant.hpp"
 #include "embfast/topk.hpp"
@@ -179,6 +180,26 @@ void topk_finalize(f32& heap_s, i64& heap_i, const i64& heap_n) {
     embfast::topk_finalize(hs, hi, hn, nq, k);
 }
 
+py::tuple threshold_pairs(const f32& scores, float threshold, std::int64_t row_offset, std::int64_t col_offset,
+                          bool upper, int threads) {
+    need_ndim("threshold_pairs", "scores", scores, 2, "2-D (rows, cols)");
+    if (threads < 0) fail("threshold_pairs", "threads", ">= 0", std::to_string(threads));
+    std::size_t m = scores.shape(0), n = scores.shape(1);
+    const float* sp = scores.data();
+    embfast::PairList pairs;
+    {
+        py::gil_scoped_release release;
+        pairs = embfast::threshold_pairs(sp, m, n, threshold, row_offset, col_offset, upper, threads);
+    }
+    auto len = static_cast<py::ssize_t>(pairs.i.size());
+    i64 oi(len), oj(len);
+    f32 os(len);
+    std::copy(pairs.i.begin(), pairs.i.end(), oi.mutable_data());
+    std::copy(pairs.j.begin(), pairs.j.end(), oj.mutable_data());
+    std::copy(pairs.s.begin(), pairs.s.end(), os.mutable_data());
+    return py::make_tuple(oi, oj, os);
+}
+
 // ---- quantized corpora ------------------------------------------------------
 
 py::tuple topk_int8(const i8& q, const i8& c, std::int64_t k, int threads) {
@@ -252,6 +273,10 @@ PYBIND11_MODULE(_core, m) {
           "offset + r, in row order) go to heap j; the result of topk_merge_block on scores.T, without the copy.");
     m.def("topk_finalize", &topk_finalize, py::arg("heap_scores").noconvert(), py::arg("heap_indices").noconvert(),
           py::arg("heap_counts").noconvert());
+    m.def("threshold_pairs", &threshold_pairs, py::arg("scores").noconvert(), py::arg("threshold"),
+          py::arg("row_offset") = 0, py::arg("col_offset") = 0, py::arg("upper") = false, py::arg("threads") = 0,
+          "(i, j, score) of every score >= threshold in a (rows, cols) tile, global indices row_offset + r and "
+          "col_offset + c, in row order; upper: only j > i.");
     m.def("topk_int8", &topk_int8, py::arg("queries").noconvert(), py::arg("corpus").noconvert(), py::arg("k"),
           py::arg("threads") = 0, "Top-k by int8 dot product (scores as float32).");
     m.def("topk_hamming", &topk_hamming, py::arg("queries").noconvert(), py::arg("corpus").noconvert(),

@@ -232,12 +232,12 @@ def upper_pairs(x: np.ndarray, threshold: float, *, start_row: int = 0, stop_row
         for c in range(a, n, cols):
             d = min(c + cols, n)
             scores = x[a:b] @ x[c:d].T
-            if c < b:  # the block touches the diagonal: keep j > i only
-                scores[np.arange(c, d)[None, :] <= np.arange(a, b)[:, None]] = -np.inf
-            r, q = np.nonzero(scores >= thr)
-            out_i.append(r.astype(np.int64) + a)
-            out_j.append(q.astype(np.int64) + c)
-            out_s.append(scores[r, q])
+            # j > i only (the block may touch the diagonal); natively 16 scores at a time (np.nonzero over the
+            # tile took 0.39 of 1.66 s in a 20k community detection)
+            i, j, s = kernels.threshold_pairs(scores, thr, row_offset=a, col_offset=c, upper=c < b)
+            out_i.append(i)
+            out_j.append(j)
+            out_s.append(s)
         if progress is not None:
             progress(b - a)
     i, j, s = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)

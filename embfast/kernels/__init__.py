@@ -103,7 +103,8 @@ BLAS_BLOCK_ROWS = 16384
 
 __all__ = [
     "BACKENDS", "HAS_NATIVE", "HAS_NUMBA", "ISAS", "POOLING_MODES", "as_float32", "cls_pool", "isa", "l2_normalize",
-    "set_isa", "last_token_pool", "max_pool", "mean_pool", "pool", "pool_tokens", "topk_cosine", "topk_hamming",
+    "set_isa", "last_token_pool", "max_pool", "mean_pool", "pool", "pool_tokens", "threshold_pairs", "topk_cosine",
+    "topk_hamming",
     "topk_int8", "QuantizedCorpus", "quantize", "topk_quantized",
 ]
 
@@ -282,6 +283,18 @@ def topk_cosine(queries, corpus, k: int, *, assume_normalized: bool = False, thr
         return _topk_blas(q, c, kk, assume_normalized, threads)
     qscale = np.ones(q.shape[0], dtype=np.float32) if assume_normalized else _inv_norms(q)
     return _core.topk_scan(q, qscale, c, k, not assume_normalized, threads)
+
+
+def threshold_pairs(scores, threshold: float, *, row_offset: int = 0, col_offset: int = 0, upper: bool = False,
+                    threads: int = 0, backend: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every score >= ``threshold`` of a (rows, cols) tile: (i, j, score) with i = row_offset + r, j = col_offset + c,
+    in row order (columns increasing within a row); ``upper``: only j > i (the upper triangle of a self-join).
+    int64, int64, float32 arrays. The native kernel skips 16 scores at a time below the threshold, rows split
+    across ``threads``; the spec is :func:`reference.threshold_pairs` (np.nonzero), which numba runs as is."""
+    x = as_float32(scores, "scores", 2)
+    if _backend(backend) == "native":
+        return _core.threshold_pairs(x, float(threshold), int(row_offset), int(col_offset), bool(upper), threads)
+    return reference.threshold_pairs(x, threshold, row_offset, col_offset, upper)
 
 
 def _quantized_pair(queries, corpus, dtype, what: str) -> tuple[np.ndarray, np.ndarray]:

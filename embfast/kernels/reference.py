@@ -148,3 +148,15 @@ def topk_hamming(queries: np.ndarray, corpus: np.ndarray, k: int) -> tuple[np.nd
     cb = np.unpackbits(np.asarray(corpus, dtype=np.uint8), axis=1).astype(np.int64)
     ham = (qb[:, None, :] != cb[None, :, :]).sum(axis=2)
     return _select_topk((qb.shape[1] - ham).astype(np.float64), k)
+
+
+def threshold_pairs(scores: np.ndarray, threshold: float, row_offset: int = 0, col_offset: int = 0,
+                    upper: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (i, j, score) of a (rows, cols) score tile with score >= threshold (NaN never is), with global indices
+    i = row_offset + r, j = col_offset + c; ``upper``: only j > i. In row order, columns increasing (np.nonzero's).
+    Returns int64 i, int64 j, float32 scores."""
+    keep = scores >= np.float32(threshold)
+    if upper:
+        keep &= (np.arange(scores.shape[1])[None, :] + col_offset) > (np.arange(scores.shape[0])[:, None] + row_offset)
+    r, c = np.nonzero(keep)
+    return r.astype(np.int64) + row_offset, c.astype(np.int64) + col_offset, scores[r, c].astype(np.float32)

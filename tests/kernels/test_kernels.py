@@ -337,3 +337,31 @@ def test_quantize_errors():
         kernels.topk_quantized(np.zeros((1, 5)), qc, 1)
     with pytest.raises(ValueError, match="rescore_vectors"):
         kernels.topk_quantized(np.zeros((1, 4)), qc, 1, rescore_vectors=np.zeros((2, 4), np.float32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(0, 70), n=st.integers(0, 90), row_offset=st.integers(0, 100), col_offset=st.integers(0, 100),
+       upper=st.booleans(), threshold=st.sampled_from([-np.inf, -0.5, 0.0, 0.7, 2.0, np.inf]),
+       threads=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_threshold_pairs_equal_the_reference(m, n, row_offset, col_offset, upper, threshold, threads, seed):
+    """The native pairs-over-a-threshold scan (near-duplicates, communities) returns exactly np.nonzero's pairs,
+    in its order, NaN never kept, whatever the tile's shape, offsets and thread count."""
+    rng = np.random.default_rng(seed)
+    scores = rng.uniform(-1, 1, (m, n)).astype(np.float32)
+    scores[rng.random((m, n)) < 0.05] = np.nan
+    want = reference.threshold_pairs(scores, threshold, row_offset, col_offset, upper)
+    for b in [b for b in BACKENDS if _available(b)]:
+        got = kernels.threshold_pairs(scores, threshold, row_offset=row_offset, col_offset=col_offset, upper=upper,
+                                      threads=threads, backend=b)
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype and np.array_equal(g, w), b
+    if upper:
+        assert (want[1] > want[0]).all()
+
+
+def test_threshold_pairs_refuses_bad_input():
+    with pytest.raises(ValueError, match="scores"):
+        kernels.threshold_pairs(np.zeros(3, np.float32), 0.5)
+    if kernels.HAS_NATIVE:
+        with pytest.raises(ValueError, match="threads must be >= 0"):
+            kernels._core.threshold_pairs(np.zeros((2, 2), np.float32), 0.5, 0, 0, False, -1)
