@@ -638,7 +638,8 @@ def main(argv=None) -> int:
             batching, _, w = mode.partition("-w")
             servers.append(embfast_server(args, batching == "on", workers=int(w or 1), queue_policy=policy))
             if args.baseline:
-                servers.append(embfast_server(args, batching == "on", workers=int(w or 1), baseline=args.baseline))
+                servers.append(embfast_server(args, batching == "on", workers=int(w or 1), baseline=args.baseline,
+                                              queue_policy=policy))
         elif mode.startswith("two-models"):
             servers.append(embfast_server(args, True, models=2, workers=int(mode.partition("-w")[2] or 1)))
         else:

@@ -495,9 +495,9 @@ class DynamicBatcher(SparseCalls):
         self.max_queue = _check_int("max_queue", max_queue, 1)
         self.max_queue_texts = (DEFAULT_MAX_QUEUE_TEXTS if max_queue_texts is None
                                 else _check_int("max_queue_texts", max_queue_texts, 1))
+        seq = int(getattr(getattr(embedder, "tokenizer", None), "max_seq_length", None) or 512)
         if max_queue_tokens is None:
-            seq = getattr(getattr(embedder, "tokenizer", None), "max_seq_length", None) or 512
-            max_queue_tokens = DEFAULT_QUEUE_TOKEN_REQUESTS * 2048 * int(seq)
+            max_queue_tokens = DEFAULT_QUEUE_TOKEN_REQUESTS * 2048 * seq
         self.max_queue_tokens = _check_int("max_queue_tokens", max_queue_tokens, 1)
         self.merge_requests = bool(merge_requests)
         self.tokenizer_threads = (_default_tokenizer_threads() if tokenizer_threads is None
@@ -524,7 +524,7 @@ class DynamicBatcher(SparseCalls):
         # deadlines: a request no larger than one text of max_seq_length tokens counts as that large, so texts sent
         # one per request are served in arrival order whatever their lengths (issue 13: with its own length, a long
         # sentence was overtaken by shorter later ones and set the p99); larger requests still go by size
-        self._deadline_floor = float(getattr(getattr(embedder, "tokenizer", None), "max_seq_length", None) or 512)
+        self._deadline_floor = float(seq)
         self._seq = 0
         # Slots for this batcher's calls: the shared lock, or one of its own when several workers share the cores.
         self._slots = run_lock if run_lock is not None else (RunLock(self.workers) if self.workers > 1 else None)

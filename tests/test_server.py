@@ -617,10 +617,10 @@ def test_direct_routes_answer_as_fastapi_routing_does(tiny):
             raw = body if isinstance(body, bytes) else json.dumps(body).encode()
             got = asyncio.run(_asgi_post(direct, path, raw))
             want = asyncio.run(_asgi_post(app.behind, path, raw))
+            got, want = [(s, h, json.loads(b)) for s, h, b in (got, want)]
             if path == "/v2/embed" and got[0] == 200:  # Cohere's answers carry a random id
-                got, want = [(s, h, {**json.loads(b), "id": None}) for s, h, b in (got, want)]
+                got[2]["id"] = want[2]["id"]
             assert got == want, (path, body)
-            got = (got[0], got[1], json.dumps(got[2]).encode()) if isinstance(got[2], dict) else got
-            assert got[0] == 200 or {"error", "message"} & set(json.loads(got[2])), (path, got)  # Cohere: message
+            assert got[0] == 200 or {"error", "message"} & set(got[2]), (path, got)  # Cohere's errors: message
     finally:
         app.state.batcher.close()

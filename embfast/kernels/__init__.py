@@ -290,7 +290,8 @@ def threshold_pairs(scores, threshold: float, *, row_offset: int = 0, col_offset
     """Every score >= ``threshold`` of a (rows, cols) tile: (i, j, score) with i = row_offset + r, j = col_offset + c,
     in row order (columns increasing within a row); ``upper``: only j > i (the upper triangle of a self-join).
     int64, int64, float32 arrays. The native kernel skips 16 scores at a time below the threshold, rows split
-    across ``threads``; the spec is :func:`reference.threshold_pairs` (np.nonzero), which numba runs as is."""
+    across ``threads``; the spec is :func:`reference.threshold_pairs` (np.nonzero), which the numba and reference
+    backends both run (NumPy is already vectorized here)."""
     x = as_float32(scores, "scores", 2)
     if _backend(backend) == "native":
         return _core.threshold_pairs(x, float(threshold), int(row_offset), int(col_offset), bool(upper), threads)

@@ -88,39 +88,34 @@ class _DisconnectWatch:
 
 
 class _DirectRoutes:
-    """ASGI middleware: the POST routes that carry the load (each API family's embedding and reranking routes)
-    called straight from their endpoint function, past FastAPI's router and its own middleware stack; every other
-    request goes on to the FastAPI app.
+    """ASGI middleware: every POST route (the ones that carry the load: each API family's embed, rerank and search
+    routes) called straight from its endpoint function, past FastAPI's router and its own middleware stack; every
+    other request goes on to the FastAPI app.
 
     The endpoint, its errors (the app's exception handlers, looked up by class as Starlette does) and its answer
-    are the same as through FastAPI, which stays the source of /openapi.json and /docs. What is skipped is
-    per-request machinery these routes do not use (route matching over every route, dependency solving, the
-    exception and body-limit middlewares, an exit stack): about 0.1 ms of the event loop's time per request, a
-    third of the server's HTTP cost on one short text (benchmarks/README.md, issue 19)."""
+    are the same as through FastAPI (``test_direct_routes_answer_as_fastapi_routing_does``), which stays the
+    source of /openapi.json and /docs. What is skipped is per-request machinery these routes do not use: route
+    matching over every route, dependency solving, the exception, telemetry and body-limit middlewares, an exit
+    stack. Alone, it took the event loop from 408 to 341 us per request on one short text (ad hoc, per-thread CPU
+    from /proc under wrk; benchmarks/README.md, issue 19, has the measured total of this and the guard's changes)."""
 
     def __init__(self, app, *, routes: dict, handlers: dict):
-        self.app, self.routes, self.handlers = app, routes, handlers
+        from starlette.requests import Request
+
+        self.app, self.routes, self.handlers, self.request = app, routes, handlers, Request
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            fn = self.routes.get((scope["method"], scope["path"]))
-            if fn is not None:
-                from starlette.requests import Request
-
-                request = Request(scope, receive, send)
-                try:
-                    response = await fn(request)
-                except Exception as exc:
-                    for cls in type(exc).__mro__:  # the handler of the nearest class, as Starlette picks it
-                        handler = self.handlers.get(cls)
-                        if handler is not None:
-                            break
-                    else:  # pragma: no cover - Exception has one
-                        raise
-                    response = await handler(request, exc)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        fn = self.routes.get((scope["method"], scope["path"])) if scope["type"] == "http" else None
+        if fn is None:
+            return await self.app(scope, receive, send)
+        request = self.request(scope, receive, send)
+        try:
+            response = await fn(request)
+        except Exception as exc:
+            # the handler of the nearest class, as Starlette picks it (the app registers one for Exception)
+            handler = next(h for h in map(self.handlers.get, type(exc).__mro__) if h is not None)
+            response = await handler(request, exc)
+        await response(scope, receive, send)
 
 
 class _Guard:
@@ -406,10 +401,10 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
         enters the guard (API key, metrics, cancellation), then the direct routes (the load-carrying POST routes,
         see :class:`_DirectRoutes`), then FastAPI for everything else."""
 
-        front = None
+        front = None  # set right below
 
         async def __call__(self, scope, receive, send):
-            if scope["type"] == "http" and self.front is not None:
+            if scope["type"] == "http":
                 await self.front(scope, receive, send)
             else:
                 await super().__call__(scope, receive, send)

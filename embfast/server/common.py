@@ -307,8 +307,10 @@ def overloaded_error(exc, error=ApiError) -> Exception:
 
 
 class _IdleReads:
-    """Idle timeouts for request-body reads without a timer per read (issue 19: a timer per chunk was a heap push
-    and a cancelled handle left in the loop's timer heap for the whole timeout, about 10 us a request). A read
+    """Idle timeouts for request-body reads without a timer per read (issue 19: ``wait_for`` made a task and a
+    timer per chunk, and ``asyncio.timeout`` still a timer, whose cancelled handle stays in the loop's heap for the
+    whole timeout; in an ad-hoc A/B under wrk, 7 alternating runs, the event loop's median CPU per request was
+    401 us with this against 432 us with ``asyncio.timeout``, lower in 5 of 7 pairs). A read
     registers its task and deadline (a dict entry); one checker task per event loop wakes every quarter of the
     shortest timeout (at most every second) and cancels the reads past their deadline, which then answer 408.
     So a stalled body is answered within 1.25x the timeout (or the timeout + 1 s)."""
