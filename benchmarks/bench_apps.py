@@ -31,6 +31,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--cache", default="bench-apps-cache", help="folder for the embedded vectors")
     p.add_argument("--kmeans-k", type=int, default=100)
     p.add_argument("--mining-1m", type=int, default=1_000_000, help="rows for the memory check (0: skip)")
+    p.add_argument("--tasks", nargs="+", default=["mining", "community", "kmeans"],
+                   choices=["mining", "community", "kmeans"], help="what to measure (default: all three)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one measurement in a subprocess
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args()
@@ -208,8 +210,12 @@ def main() -> None:
         for task, ours, theirs, agree in (("paraphrase mining", "ef-mining", "st-mining", agreement_mining),
                                           ("community detection", "ef-community", "st-community",
                                            agreement_communities)):
-            ef = [measure(ours, n) for _ in range(reps)]
-            st = [measure(theirs, n) for _ in range(reps)]
+            if ours[3:] not in ARGS.tasks:
+                continue
+            ef, st = [], []
+            for _ in range(reps):  # alternating, so that a drift of the machine's speed hits both sides alike
+                ef.append(measure(ours, n))
+                st.append(measure(theirs, n))
             t_ef = statistics.median(r["seconds"] for r in ef)
             t_st = statistics.median(r["seconds"] for r in st)
             rows.append((task, n, t_st, t_ef, t_st / t_ef, st[0]["peak_mib"], ef[0]["peak_mib"],
@@ -217,15 +223,16 @@ def main() -> None:
             print(f"| {task} | {n:,} | {t_st:.2f} | {t_ef:.2f} | **{t_st / t_ef:.2f}x** | {st[0]['peak_mib']:.0f} | "
                   f"{ef[0]['peak_mib']:.0f} | {rows[-1][-1]} |", flush=True)
     n = max(ARGS.sizes)
-    sk = measure("sk-kmeans", n)
-    try:
-        fa = measure("faiss-kmeans", n)
-    except SystemExit as exc:
-        fa = None
-        print(f"faiss k-means skipped: {str(exc)[:200]}")
-    print(f"\nk-means, {n:,} vectors, k={ARGS.kmeans_k}, 25 iterations, 1 init: scikit-learn {sk['seconds']:.2f} s "
-          f"(inertia {sk['result']:.1f})" + (f", faiss {fa['seconds']:.2f} s (inertia {fa['result']:.1f}), faiss "
-                                             f"{sk['seconds'] / fa['seconds']:.2f}x" if fa else ""))
+    if "kmeans" in ARGS.tasks:
+        sk = measure("sk-kmeans", n)
+        try:
+            fa = measure("faiss-kmeans", n)
+        except SystemExit as exc:
+            fa = None
+            print(f"faiss k-means skipped: {str(exc)[:200]}")
+        print(f"\nk-means, {n:,} vectors, k={ARGS.kmeans_k}, 25 iterations, 1 init: scikit-learn {sk['seconds']:.2f} s "
+              f"(inertia {sk['result']:.1f})" + (f", faiss {fa['seconds']:.2f} s (inertia {fa['result']:.1f}), faiss "
+                                                 f"{sk['seconds'] / fa['seconds']:.2f}x" if fa else ""))
     if ARGS.mining_1m:
         m = measure("mining-1m", ARGS.mining_1m)
         print(f"\nmining {ARGS.mining_1m:,} x 384 (memory-mapped input): peak {m['join_peak_mib']:.0f} MiB during the "

@@ -200,6 +200,32 @@ py::tuple threshold_pairs(const f32& scores, float threshold, std::int64_t row_o
     return py::make_tuple(oi, oj, os);
 }
 
+py::tuple screen_pairs(const i32& q, const f32& row_terms, const f32& col_terms, std::int64_t row_offset,
+                       std::int64_t col_offset, bool upper, int threads) {
+    need_ndim("screen_pairs", "q", q, 2, "2-D (rows, cols)");
+    need_ndim("screen_pairs", "row_terms", row_terms, 2, "2-D (3, rows)");
+    need_ndim("screen_pairs", "col_terms", col_terms, 2, "2-D (3, cols)");
+    if (threads < 0) fail("screen_pairs", "threads", ">= 0", std::to_string(threads));
+    std::size_t m = q.shape(0), n = q.shape(1);
+    if (row_terms.shape(0) != 3 || static_cast<std::size_t>(row_terms.shape(1)) != m)
+        fail("screen_pairs", "row_terms", "(3, q.shape[0])", "shape " + shape_of(row_terms));
+    if (col_terms.shape(0) != 3 || static_cast<std::size_t>(col_terms.shape(1)) != n)
+        fail("screen_pairs", "col_terms", "(3, q.shape[1])", "shape " + shape_of(col_terms));
+    const float *rp = row_terms.data(), *cp = col_terms.data();
+    embfast::ScreenRows terms{rp, rp + m, rp + 2 * m, cp, cp + n, cp + 2 * n};
+    const std::int32_t* qp = q.data();
+    embfast::PairList pairs;
+    {
+        py::gil_scoped_release release;
+        pairs = embfast::screen_pairs(qp, m, n, terms, row_offset, col_offset, upper, threads);
+    }
+    auto len = static_cast<py::ssize_t>(pairs.i.size());
+    i64 oi(len), oj(len);
+    std::copy(pairs.i.begin(), pairs.i.end(), oi.mutable_data());
+    std::copy(pairs.j.begin(), pairs.j.end(), oj.mutable_data());
+    return py::make_tuple(oi, oj);
+}
+
 // ---- quantized corpora ------------------------------------------------------
 
 py::tuple topk_int8(const i8& q, const i8& c, std::int64_t k, int threads) {
@@ -277,6 +303,12 @@ PYBIND11_MODULE(_core, m) {
           py::arg("row_offset") = 0, py::arg("col_offset") = 0, py::arg("upper") = false, py::arg("threads") = 0,
           "(i, j, score) of every score >= threshold in a (rows, cols) tile, global indices row_offset + r and "
           "col_offset + c, in row order; upper: only j > i.");
+    m.def("screen_pairs", &screen_pairs, py::arg("q").noconvert(), py::arg("row_terms").noconvert(),
+          py::arg("col_terms").noconvert(), py::arg("row_offset") = 0, py::arg("col_offset") = 0,
+          py::arg("upper") = false, py::arg("threads") = 0,
+          "(i, j) of every entry of an int32 tile of quantized products passing the int8 screen "
+          "q * sb[c] + r1[r] * eb[c] + r2[r] * nb[c] >= rt[r] (row_terms = (r1, r2, rt), col_terms = (sb, eb, nb)), "
+          "global indices, row order; upper: only j > i.");
     m.def("topk_int8", &topk_int8, py::arg("queries").noconvert(), py::arg("corpus").noconvert(), py::arg("k"),
           py::arg("threads") = 0, "Top-k by int8 dot product (scores as float32).");
     m.def("topk_hamming", &topk_hamming, py::arg("queries").noconvert(), py::arg("corpus").noconvert(),

@@ -25,7 +25,8 @@ import numpy as np
 
 from embfast import io as jio
 from embfast.jobs import _embedder, _input_args, _lock_job, _model_args, _read_opts, encode_files, work_folder
-from embfast.mining import duplicate_groups, upper_pairs
+from embfast.mining import duplicate_groups, upper_pairs, use_screen
+from embfast.screen import Quantized
 
 DEDUP_FORMAT = 1
 JOIN_ROWS = 4096  # rows of the upper-triangle join saved per block (the unit of --resume for the join)
@@ -97,12 +98,15 @@ def dedup_files(inputs: list[str], output: str | Path, embedder, *, threshold: f
         n = x.shape[0]
         x = np.ascontiguousarray(x, dtype=np.float32)
         bar = _progress(n, "dedup", quiet)
+        quantized = None  # the int8 screen's copy of the rows, made once for every part of the join
         pairs_i, pairs_j, pairs_s = [], [], []
         for a in range(0, n, JOIN_ROWS):
             b = min(a + JOIN_ROWS, n)
             part = folder / f"pairs-{a:012d}.npz"
             if not part.exists():
-                i, j, s = upper_pairs(x, float(threshold), start_row=a, stop_row=b)
+                if quantized is None and use_screen(x, a, b):
+                    quantized = Quantized(x)
+                i, j, s = upper_pairs(x, float(threshold), start_row=a, stop_row=b, quantized=quantized)
                 tmp = part.with_name(part.name + ".tmp.npz")
                 np.savez(tmp, i=i, j=j, s=s)
                 os.replace(tmp, part)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from embfast import kernels
+from embfast import screen as _screen
 
 #: float32 scores held at once by the blocked joins (64 MiB).
 BLOCK_SCORES = 16 * 2**20
@@ -218,11 +219,31 @@ def near_duplicate_pairs(vectors, threshold: float, *, progress: Callable[[int],
     return upper_pairs(unit_rows(vectors), threshold, start_row=start_row, stop_row=stop_row, progress=progress)
 
 
+#: rows x columns of one tile of the int8 screen (int32 products: 2048 x 4096 = 32 MiB)
+SCREEN_ROWS, SCREEN_COLS = 2048, 4096
+#: smallest join (rows x columns) screened in int8; below it, one float32 pass costs as little
+SCREEN_MIN_PAIRS = 2**22
+#: a tile whose candidates exceed this share of its entries (a low threshold) is scored in float32 instead
+SCREEN_MAX_SHARE = 1 / 32
+
+
 def upper_pairs(x: np.ndarray, threshold: float, *, start_row: int = 0, stop_row: int | None = None,
-                progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`near_duplicate_pairs` on rows that are already unit length (float32, C-contiguous or memory-mapped)."""
+                progress: Callable[[int], None] | None = None, screen: bool | None = None,
+                quantized: _screen.Quantized | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`near_duplicate_pairs` on rows that are already unit length (float32, C-contiguous or memory-mapped).
+
+    ``screen``: find candidates with exact int8 products and a proven bound first (:mod:`embfast.screen`), then
+    score only those in float32: the same pairs, scores within float32 rounding of the plain join's. Default
+    (None): screen joins of at least :data:`SCREEN_MIN_PAIRS` scores when the native core is present and
+    ONNX Runtime's integer product is exact on this CPU; False: float32 tiles only. ``quantized``: ``x``
+    already quantized (``embfast.screen.Quantized(x)``), for a caller that joins it in parts (else each call
+    quantizes the rows from ``start_row`` on)."""
     n = x.shape[0]
     stop = n if stop_row is None else min(stop_row, n)
+    if screen is None:
+        screen = use_screen(x, start_row, stop)
+    if screen:
+        return _screened_pairs(x, threshold, start_row, stop, progress, quantized)
     out_i, out_j, out_s = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.float32)]
     rows = 2048  # square-ish tiles: each column tile is read once per 2048 rows
     cols = max(1, BLOCK_SCORES // rows)
@@ -240,9 +261,56 @@ def upper_pairs(x: np.ndarray, threshold: float, *, start_row: int = 0, stop_row
             out_s.append(s)
         if progress is not None:
             progress(b - a)
+    return _sorted_pairs(out_i, out_j, out_s)
+
+
+def use_screen(x: np.ndarray, start_row: int, stop_row: int) -> bool:
+    """Whether :func:`upper_pairs` screens the join of rows start_row..stop_row-1 by default (see there)."""
+    return bool(kernels.HAS_NATIVE and x.shape[1] > 0 and max(stop_row - start_row, 0) * x.shape[0] >= SCREEN_MIN_PAIRS
+                and _screen.exact_products())
+
+
+def _sorted_pairs(out_i: list, out_j: list, out_s: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     i, j, s = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
     order = np.lexsort((j, i))
     return i[order], j[order], s[order]
+
+
+def _screened_pairs(x: np.ndarray, threshold: float, start: int, stop: int, progress: Callable[[int], None] | None,
+                    quantized: _screen.Quantized | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`upper_pairs` through the int8 screen: per tile, exact int32 products (ONNX Runtime), the native
+    screen (:func:`embfast.kernels.screen_pairs`), then the candidates scored in float32 and kept at or above
+    the threshold. A tile with too many candidates (:data:`SCREEN_MAX_SHARE`) is scored in float32 whole."""
+    n = x.shape[0]
+    if quantized is not None:
+        if quantized.qa.shape != x.shape:
+            raise ValueError(f"quantized holds {quantized.qa.shape} rows, not those of x {x.shape}")
+        q, base = quantized, 0
+    else:  # the rows a part of the join reads: its own, and the columns after them
+        q, base = _screen.Quantized(x[start:]), start
+    thr = np.float32(threshold)
+    buffer = np.empty(SCREEN_ROWS * SCREEN_COLS, np.int32)
+    out_i, out_j, out_s = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.float32)]
+    for a in range(start, stop, SCREEN_ROWS):
+        b = min(a + SCREEN_ROWS, stop)
+        row_terms = q.row_terms(a - base, b - base, threshold)
+        for c in range(a, n, SCREEN_COLS):
+            d = min(c + SCREEN_COLS, n)
+            tile = _screen.products(q, a - base, b - base, c - base, d - base, out=buffer)
+            ci, cj = kernels.screen_pairs(tile, row_terms, q.col_terms(c - base, d - base), row_offset=a,
+                                          col_offset=c, upper=c < b)
+            if len(ci) > SCREEN_MAX_SHARE * (b - a) * (d - c):
+                i, j, s = kernels.threshold_pairs(x[a:b] @ x[c:d].T, thr, row_offset=a, col_offset=c, upper=c < b)
+            else:
+                s = np.einsum("ij,ij->i", x[ci], x[cj])
+                keep = s >= thr
+                i, j, s = ci[keep], cj[keep], s[keep]
+            out_i.append(i)
+            out_j.append(j)
+            out_s.append(s)
+        if progress is not None:
+            progress(b - a)
+    return _sorted_pairs(out_i, out_j, out_s)
 
 
 def duplicate_groups(n: int, i: np.ndarray, j: np.ndarray) -> list[list[int]]:

@@ -59,6 +59,29 @@ def test_dedup_cli_keeps_the_first_of_each_group(minilm_dir, minilm, tmp_path):
     assert not (tmp_path / "unique.txt.parts").exists(), "the work folder goes once the output is written"
 
 
+def test_dedup_cli_through_the_int8_screen_finds_the_float32_groups(minilm_dir, minilm, tmp_path):
+    """2,400 texts (a join of 5.8M scores: embfast dedup screens it in int8, its rows quantized once for every
+    part): the same groups as the plain float32 join of the same vectors."""
+    import itertools
+
+    subjects = ["The cat", "A dog", "My neighbour", "The old man", "Our teacher", "The pilot", "A child", "The band"]
+    verbs = ["sleeps on", "looks at", "paints", "walks past", "talks about", "repairs"]
+    objects = ["the red car", "a small boat", "the garden wall", "an old piano", "the city bridge",
+               "a wooden chair", "the kitchen door", "a blue bicycle", "the harbour", "a quiet library"]
+    endings = [".", "!", " today.", " again.", " at night."]
+    texts = [f"{s} {v} {o}{e}" for s, v, o, e in itertools.product(subjects, verbs, objects, endings)][:2400]
+    write_lines(tmp_path / "t.txt", texts)
+    r = run_cli("dedup", "t.txt", "--threshold", 0.9, "-o", "u.txt", "--model", minilm_dir, "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    x = mining.unit_rows(minilm.encode(texts))
+    assert mining.use_screen(x, 0, len(texts))
+    i, j, _ = mining.upper_pairs(x, 0.9, screen=False)
+    groups = mining.duplicate_groups(len(texts), i, j)
+    drop = {r for g in groups for r in g[1:]}
+    assert 100 < len(drop) < 2300
+    assert (tmp_path / "u.txt").read_text("utf-8").splitlines() == [t for k, t in enumerate(texts) if k not in drop]
+
+
 def test_dedup_resume_uses_the_finished_work(tiny_dir, tiny, tmp_path):
     texts = [f"sentence {i} " + "word " * (i % 5) for i in range(30)] + ["sentence 3 word word word "]
     write_lines(tmp_path / "t.txt", texts)

@@ -103,7 +103,8 @@ BLAS_BLOCK_ROWS = 16384
 
 __all__ = [
     "BACKENDS", "HAS_NATIVE", "HAS_NUMBA", "ISAS", "POOLING_MODES", "as_float32", "cls_pool", "isa", "l2_normalize",
-    "set_isa", "last_token_pool", "max_pool", "mean_pool", "pool", "pool_tokens", "threshold_pairs", "topk_cosine",
+    "set_isa", "last_token_pool", "max_pool", "mean_pool", "pool", "pool_tokens", "screen_pairs", "threshold_pairs",
+    "topk_cosine",
     "topk_hamming",
     "topk_int8", "QuantizedCorpus", "quantize", "topk_quantized",
 ]
@@ -296,6 +297,31 @@ def threshold_pairs(scores, threshold: float, *, row_offset: int = 0, col_offset
     if _backend(backend) == "native":
         return _core.threshold_pairs(x, float(threshold), int(row_offset), int(col_offset), bool(upper), threads)
     return reference.threshold_pairs(x, threshold, row_offset, col_offset, upper)
+
+
+def screen_pairs(q, row_terms, col_terms, *, row_offset: int = 0, col_offset: int = 0, upper: bool = False,
+                 threads: int = 0, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """The int8 screen of a threshold self-join (:mod:`embfast.screen`): (i, j) of every entry of the int32 tile
+    ``q`` (rows, cols) of exact quantized products with ``q * sb + (r1 * eb + r2 * nb) >= rt``, ``row_terms`` =
+    (r1, r2, rt) float32 (3, rows), ``col_terms`` = (sb, eb, nb) float32 (3, cols); global indices row_offset + r,
+    col_offset + c, in row order; ``upper``: only j > i. int64 arrays. The spec is :func:`reference.screen_pairs`;
+    the native kernel skips 16 entries at a time, rows split across ``threads``.
+
+    Raises:
+        TypeError: ``q`` not int32. ValueError: wrong shapes."""
+    qa = np.asarray(q)
+    if qa.dtype != np.int32:
+        raise TypeError(f"q must be int32, got dtype {qa.dtype}")
+    if qa.ndim != 2:
+        raise ValueError(f"q must be 2-D, got shape {qa.shape}")
+    qa = np.ascontiguousarray(qa)
+    rows, cols = as_float32(row_terms, "row_terms", 2), as_float32(col_terms, "col_terms", 2)
+    if rows.shape != (3, qa.shape[0]) or cols.shape != (3, qa.shape[1]):
+        raise ValueError(f"row_terms must be (3, {qa.shape[0]}) and col_terms (3, {qa.shape[1]}), got "
+                         f"{rows.shape} and {cols.shape}")
+    if _backend(backend) == "native":
+        return _core.screen_pairs(qa, rows, cols, int(row_offset), int(col_offset), bool(upper), threads)
+    return reference.screen_pairs(qa, rows, cols, row_offset, col_offset, upper)
 
 
 def _quantized_pair(queries, corpus, dtype, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -160,3 +160,18 @@ def threshold_pairs(scores: np.ndarray, threshold: float, row_offset: int = 0, c
         keep &= (np.arange(scores.shape[1])[None, :] + col_offset) > (np.arange(scores.shape[0])[:, None] + row_offset)
     r, c = np.nonzero(keep)
     return r.astype(np.int64) + row_offset, c.astype(np.int64) + col_offset, scores[r, c].astype(np.float32)
+
+
+def screen_pairs(q: np.ndarray, row_terms: np.ndarray, col_terms: np.ndarray, row_offset: int = 0,
+                 col_offset: int = 0, upper: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 screen of a threshold self-join (:mod:`embfast.screen`): (i, j) of every entry of the int32 tile
+    ``q`` (rows, cols) with ``q * sb[c] + (r1[r] * eb[c] + r2[r] * nb[c]) >= rt[r]`` in float32, where
+    ``row_terms = (r1, r2, rt)`` (3, rows) and ``col_terms = (sb, eb, nb)`` (3, cols); global indices, row order,
+    columns increasing; ``upper``: only j > i. Returns int64 i, int64 j."""
+    r1, r2, rt = (t[:, None] for t in row_terms.astype(np.float32))
+    sb, eb, nb = col_terms.astype(np.float32)
+    keep = q.astype(np.float32) * sb + (r1 * eb + r2 * nb) >= rt
+    if upper:
+        keep &= (np.arange(q.shape[1])[None, :] + col_offset) > (np.arange(q.shape[0])[:, None] + row_offset)
+    r, c = np.nonzero(keep)
+    return r.astype(np.int64) + row_offset, c.astype(np.int64) + col_offset
