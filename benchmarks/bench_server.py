@@ -73,7 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="embfast servers: on (dynamic batching), off, two-models (two models in one process), "
                         "two-processes (one model each); on-wN / off-wN / two-models-wN: with --workers N (N "
                         "batches at once, each on cores / N threads); a suffix -oldest or -deadline sets that "
-                        "server's --queue-policy (on-w2-oldest); comma-separated (default on,off)")
+                        "server's --queue-policy (on-w2-oldest); bare-wN: benchmarks/bare_server.py, uvicorn and "
+                        "the same batcher with no server code between (the floor of embfast's HTTP cost); "
+                        "comma-separated (default on,off)")
     p.add_argument("--duration-s", type=float, default=15.0, help="measured seconds per point (default 15)")
     p.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each point (default 3)")
     p.add_argument("--threads", type=int, default=None, help="embfast ONNX Runtime threads (default: all cores)")
@@ -103,7 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "`pip install --no-deps --target DIR` of an earlier commit; put first on the server's "
                         "PYTHONPATH), named embfast-...-baseline: old and new code measured in one run")
     p.add_argument("--profile", action="store_true",
-                   help="also say where the time goes for embfast servers: CPU seconds per request of each server "
+                   help="also say where the time goes (embfast servers, bare servers and the in-process batcher, "
+                        "whose event loop is also its load generator): CPU seconds per request of each server "
                         "thread group (event loop, batcher worker, ONNX Runtime's pool, tokenizer pool) and of "
                         "the load generator, from /proc; batches, texts per batch, queue wait and planning time "
                         "from /metrics")
@@ -121,10 +124,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--startup-timeout-s", type=float, default=300.0, help="wait this long for a server to start")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    pattern = r"(on|off)(-w[1-9][0-9]*)?(-oldest|-deadline)?|two-models(-w[1-9][0-9]*)?|two-processes"
+    pattern = (r"(on|off)(-w[1-9][0-9]*)?(-oldest|-deadline)?|two-models(-w[1-9][0-9]*)?|two-processes"
+               r"|bare(-w[1-9][0-9]*)?")
     if not all(re.fullmatch(pattern, m) for m in modes):
         p.error(f"--modes must be a comma-separated list of on, off, on-wN, off-wN (each optionally -oldest or "
-                f"-deadline), two-models, two-models-wN, two-processes, got "
+                f"-deadline), two-models, two-models-wN, two-processes, bare, bare-wN, got "
                 f"{args.modes!r}")
     args.modes = modes
     if args.rounds < 1:
@@ -231,6 +235,20 @@ def embfast_server(args, batching: bool, models: int = 1, workers: int = 1, base
     tag = ("-baseline" if baseline else "") + (f"-{queue_policy}" if queue_policy else "")
     return Server(f"embfast-{'on' if batching else 'off'}-w{workers}{tag}", cmd, port,
                   "/v1/embeddings", names[0] if names else "embfast", env=env, extra=extra)
+
+
+def bare_server(args, workers: int = 2) -> Server:
+    """benchmarks/bare_server.py: uvicorn and the same batcher with no server code in between (the floor)."""
+    port = free_port()
+    cmd = [sys.executable, str(Path(__file__).with_name("bare_server.py")), "--port", str(port), "--workers",
+           str(workers), "--max-wait-ms", str(args.max_wait_ms), "--max-batch-tokens", str(args.max_batch_tokens),
+           "--precision", args.precision]
+    if args.model:
+        cmd += ["--model", args.model]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    return Server(f"bare-w{workers}", cmd, port, "/v1/embeddings", "embfast", env={"EMBFAST_REQUIRE_NATIVE": "1"},
+                  extra={"dynamic_batching": True, "workers": workers, "layout": "bare ASGI app, same batcher"})
 
 
 def _default_model():
@@ -407,8 +425,11 @@ def _profile(server, before: dict, after: dict, requests: int) -> dict:
     """Per-request CPU milliseconds by thread group, and batch figures, between two snapshots."""
     n = max(requests, 1)
     cpu = {g: round((after["cpu"].get(g, 0.0) - before["cpu"].get(g, 0.0)) * 1000 / n, 3) for g in after["cpu"]}
-    cpu["load generator"] = round((after["self"] - before["self"]) * 1000 / n, 3)
+    if before["http"]:  # in process, the load generator is the event loop (and the process is the server)
+        cpu["load generator"] = round((after["self"] - before["self"]) * 1000 / n, 3)
     m = {k: after["metrics"][k] - before["metrics"][k] for k in after["metrics"]}
+    if not m:  # a server without embfast's /metrics (bare), or the in-process batcher: its threads' CPU only
+        return {"cpu_ms_per_request": cpu}
     batches = max(m["batches"], 1)
     return {"cpu_ms_per_request": cpu,
             "batches": int(m["batches"]), "texts_per_batch": round(m["texts"] / batches, 1),
@@ -420,9 +441,13 @@ def _profile(server, before: dict, after: dict, requests: int) -> dict:
 
 
 def _snapshot(server) -> dict:
+    """CPU by thread group of the server's process (this one for the in-process batcher, whose event loop is the
+    load generator's too), this process's own CPU, embfast's /metrics totals (embfast servers only)."""
     t = os.times()
-    return {"cpu": _thread_cpu(server.proc.pid), "self": t.user + t.system, "metrics": _metric_sums(server.url),
-            "wall": time.perf_counter()}
+    http = isinstance(server, Server)
+    return {"cpu": _thread_cpu(server.proc.pid if http else os.getpid()), "self": t.user + t.system,
+            "metrics": _metric_sums(server.url) if http and server.name.startswith("embfast") else {},
+            "wall": time.perf_counter(), "http": http}
 
 
 _WRK_SCRIPT = """
@@ -520,7 +545,7 @@ def measure(server, sentences: list[str], clients: int, k: int, args, api: str =
             return asyncio.run(run_inprocess(server, sentences, clients, k, seconds, wrk_order=args.load == "wrk"))
     if args.warmup_s > 0:
         run(args.warmup_s)
-    profiling = getattr(args, "profile", False) and isinstance(server, Server) and name == "embfast"
+    profiling = getattr(args, "profile", False) and (name in ("embfast", "bare", "in-process"))
     before = _snapshot(server) if profiling else None
     res = run(args.duration_s)
     if wrk:
@@ -602,11 +627,12 @@ def table(rows: list[dict]) -> str:
                    f"{r['texts_per_request']} | {r['requests_per_s']} | {r['texts_per_s']} | {r['p50_ms']} | "
                    f"{r['p99_ms']} | {r['errors']} |")
     base = {(r["concurrency"], r["texts_per_request"]): r["p50_ms"] for r in rows if r["server"] == "in-process"}
-    extra = [f"- HTTP cost per request ({r['api']}{' baseline' if r.get('baseline') else ''}, {r['concurrency']} "
+    extra = [f"- HTTP cost per request ({r['server']} {r['api']}{' baseline' if r.get('baseline') else ''}, "
+             f"{r['concurrency']} "
              f"clients, {r['texts_per_request']} "
              f"text(s)): p50 {r['p50_ms']} - {base[(r['concurrency'], r['texts_per_request'])]} = "
              f"{r['p50_ms'] - base[(r['concurrency'], r['texts_per_request'])]:.2f} ms"
-             for r in rows if r["server"] == "embfast" and r.get("dynamic_batching")
+             for r in rows if r["server"] in ("embfast", "bare") and r.get("dynamic_batching")
              and (r["concurrency"], r["texts_per_request"]) in base and r["p50_ms"] is not None]
     return "\n".join(out + ([""] + extra if extra else []))
 
@@ -640,6 +666,8 @@ def main(argv=None) -> int:
             if args.baseline:
                 servers.append(embfast_server(args, batching == "on", workers=int(w or 1), baseline=args.baseline,
                                               queue_policy=policy))
+        elif mode.startswith("bare"):
+            servers.append(bare_server(args, workers=int(mode.partition("-w")[2] or 2)))
         elif mode.startswith("two-models"):
             servers.append(embfast_server(args, True, models=2, workers=int(mode.partition("-w")[2] or 1)))
         else:
