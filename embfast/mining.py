@@ -1,8 +1,8 @@
 """What people do with a set of embeddings: paraphrase mining, near-duplicate groups, community detection.
 
-All three are blocked self-joins over unit vectors: a block of rows against the whole set (BLAS score blocks
-merged by the native top-k heap, :func:`embfast.kernels.topk_cosine`), so memory stays at one block of
-scores plus the results, never an (n, n) matrix.
+All three are blocked self-joins over unit vectors: tiles of scores (ONNX Runtime's sgemm, :mod:`embfast.gemm`)
+merged into native top-k heaps or scanned for pairs over a threshold (through an exact int8 screen first,
+:mod:`embfast.screen`), so memory stays at one tile of scores plus the results, never an (n, n) matrix.
 
 - :func:`paraphrase_mining`: sentence-transformers' ``util.paraphrase_mining_embeddings`` (same result, same
   ``max_pairs`` meaning), each row's ``top_k`` nearest others, each pair once.
@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from embfast import kernels
+from embfast import gemm, kernels
 from embfast import screen as _screen
 
 #: float32 scores held at once by the blocked joins (64 MiB).
@@ -100,7 +100,7 @@ def self_topk(x: np.ndarray, k: int, *, threads: int = 0,
               progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each unit row's ``k`` best rows by inner product (itself included): scores (n, k), indices (n, k).
 
-    A symmetric blocked self-join: only the tiles on and above the diagonal are computed (BLAS), and an
+    A symmetric blocked self-join: only the tiles on and above the diagonal are computed (:mod:`embfast.gemm`), and an
     off-diagonal tile feeds both its rows' heaps and its columns' heaps (the native column merge reads the
     tile in place, strips of columns per thread: no transposed copy, which cost more than the product); so
     each pair is scored once (half the multiply-adds of a plain join). Results are sorted best first, ties
@@ -120,11 +120,12 @@ def self_topk(x: np.ndarray, k: int, *, threads: int = 0,
     heap_i = np.empty((n, k), np.int64)
     heap_n = np.zeros(n, np.int64)
     t = SELF_TILE
+    buffer = np.empty(t * t, np.float32)  # every tile's scores, written by ONNX Runtime (embfast.gemm)
     for a in range(0, n, t):
         b = min(a + t, n)
         for c in range(a, n, t):
             d = min(c + t, n)
-            scores = x[a:b] @ x[c:d].T
+            scores = gemm.float_products(x[a:b], x[c:d], out=buffer, threads=threads)
             core.topk_merge_block(scores, c, None, None, heap_s[a:b], heap_i[a:b], heap_n[a:b], threads)
             if c != a:  # the tile's columns feed the heaps of rows c:d (no transposed copy)
                 core.topk_merge_block_columns(scores, a, heap_s[c:d], heap_i[c:d], heap_n[c:d], threads)
@@ -206,9 +207,9 @@ def near_duplicate_pairs(vectors, threshold: float, *, progress: Callable[[int],
                          start_row: int = 0, stop_row: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair (i < j) whose cosine is at least ``threshold``: no per-row cap, each pair once.
 
-    A blocked upper-triangle join: rows [a, b) against rows [a, n) in BLAS score blocks, so each pair is
-    scored once. ``start_row`` / ``stop_row`` restrict the first index to a range (a resumable job does
-    the rows in parts).
+    A blocked upper-triangle join: rows [a, b) against rows [a, n) in score tiles, so each pair is scored once;
+    large joins find their candidates with an exact int8 screen first (:func:`upper_pairs`). ``start_row`` /
+    ``stop_row`` restrict the first index to a range (a resumable job does the rows in parts).
 
     Returns:
         (i, j, score): int64, int64, float32 arrays, ordered by i, then j.
@@ -248,11 +249,12 @@ def upper_pairs(x: np.ndarray, threshold: float, *, start_row: int = 0, stop_row
     rows = 2048  # square-ish tiles: each column tile is read once per 2048 rows
     cols = max(1, BLOCK_SCORES // rows)
     thr = np.float32(threshold)
+    buffer = np.empty(rows * cols, np.float32)
     for a in range(start_row, stop, rows):
         b = min(a + rows, stop)
         for c in range(a, n, cols):
             d = min(c + cols, n)
-            scores = x[a:b] @ x[c:d].T
+            scores = gemm.float_products(x[a:b], x[c:d], out=buffer)
             # j > i only (the block may touch the diagonal); natively 16 scores at a time (np.nonzero over the
             # tile took 0.39 of 1.66 s in a 20k community detection)
             i, j, s = kernels.threshold_pairs(scores, thr, row_offset=a, col_offset=c, upper=c < b)
@@ -300,7 +302,8 @@ def _screened_pairs(x: np.ndarray, threshold: float, start: int, stop: int, prog
             ci, cj = kernels.screen_pairs(tile, row_terms, q.col_terms(c - base, d - base), row_offset=a,
                                           col_offset=c, upper=c < b)
             if len(ci) > SCREEN_MAX_SHARE * (b - a) * (d - c):
-                i, j, s = kernels.threshold_pairs(x[a:b] @ x[c:d].T, thr, row_offset=a, col_offset=c, upper=c < b)
+                scores = gemm.float_products(x[a:b], x[c:d])
+                i, j, s = kernels.threshold_pairs(scores, thr, row_offset=a, col_offset=c, upper=c < b)
             else:
                 s = np.einsum("ij,ij->i", x[ci], x[cj])
                 keep = s >= thr

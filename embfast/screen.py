@@ -21,9 +21,10 @@ issue 18).
 from __future__ import annotations
 
 import logging
-import threading
 
 import numpy as np
+
+from embfast import gemm
 
 log = logging.getLogger("embfast")
 
@@ -32,43 +33,7 @@ B_LEVELS = 64
 #: the uint8 side's range around its zero point 128
 A_LEVELS = 127
 
-_sessions: dict[int, object] = {}
-_lock = threading.Lock()
 _exact: bool | None = None
-
-
-def _session(threads: int):
-    """A cached ONNX Runtime session of one ``MatMulInteger`` (A uint8 (m, d), zero point 128; B int8 (d, n))."""
-    with _lock:
-        sess = _sessions.get(threads)
-        if sess is None:
-            import onnxruntime as ort
-            from onnx import TensorProto, helper
-
-            a = helper.make_tensor_value_info("A", TensorProto.UINT8, [None, None])
-            b = helper.make_tensor_value_info("B", TensorProto.INT8, [None, None])
-            y = helper.make_tensor_value_info("Y", TensorProto.INT32, [None, None])
-            zero = helper.make_tensor("za", TensorProto.UINT8, [], [128])
-            graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B", "za"], ["Y"])], "screen",
-                                      [a, b], [y], initializer=[zero])
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-            model.ir_version = 8
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.log_severity_level = 3
-            # no spinning after a run: the native screen runs next on the same cores
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            sess = _sessions[threads] = ort.InferenceSession(model.SerializeToString(), opts,
-                                                             providers=["CPUExecutionProvider"])
-        return sess
-
-
-def _threads(threads: int) -> int:
-    if threads > 0:
-        return threads
-    from embfast.session import default_threads
-
-    return default_threads()
 
 
 def exact_products(threads: int = 0) -> bool:
@@ -86,7 +51,7 @@ def exact_products(threads: int = 0) -> bool:
         qb[:, :8] = B_LEVELS
         qb[:, 8:16] = -B_LEVELS
         qb[::2, 16:24], qb[1::2, 16:24] = B_LEVELS, -B_LEVELS
-        got = _session(_threads(threads)).run(None, {"A": qa, "B": qb})[0]
+        got = gemm.int8_products(qa, qb, threads=threads)
         want = (qa.astype(np.int64) - 128) @ qb.astype(np.int64)
         _exact = bool(np.array_equal(got, want))
         if not _exact:
@@ -147,16 +112,6 @@ def _norms(v: np.ndarray) -> np.ndarray:
 def products(q: Quantized, a: int, b: int, c: int, d: int, threads: int = 0,
              out: np.ndarray | None = None) -> np.ndarray:
     """The exact int32 products (b - a, d - c) of rows a..b-1 (left) and c..d-1 (right). ``out``: a flat int32
-    buffer of at least (b - a) (d - c) entries that ONNX Runtime writes into (bound with an IOBinding: no fresh
-    32 MiB output, and its page faults, per tile; 10% faster over a 20k join); the result is a view of it."""
-    sess = _session(_threads(threads))
-    right = np.ascontiguousarray(q.qb_t[:, c:d])
-    if out is None:
-        return sess.run(None, {"A": q.qa[a:b], "B": right})[0]
-    y = out[: (b - a) * (d - c)].reshape(b - a, d - c)
-    io = sess.io_binding()
-    io.bind_cpu_input("A", q.qa[a:b])
-    io.bind_cpu_input("B", right)
-    io.bind_output("Y", "cpu", 0, np.int32, [b - a, d - c], y.ctypes.data)
-    sess.run_with_iobinding(io)
-    return y
+    buffer of at least (b - a) (d - c) entries to write into (no fresh 32 MiB output, and its page faults, per
+    tile: 10% faster over a 20k join); the result is a view of it."""
+    return gemm.int8_products(q.qa[a:b], np.ascontiguousarray(q.qb_t[:, c:d]), out=out, threads=threads)
