@@ -164,3 +164,31 @@ def test_big_joins_use_the_screen_by_default(monkeypatch):
     calls.clear()
     mining.near_duplicate_pairs(x[:1000], 0.9)
     assert not calls, "1,000 rows stay float32"
+
+
+def test_gemm_products_match_numpy_and_write_into_the_buffer():
+    """embfast.gemm (ONNX Runtime's MLAS): float32 a @ b.T within float32 rounding of NumPy's, the same bits from
+    any calling thread and into a caller's buffer; int8 products exact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from embfast import gemm
+
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((300, 384)).astype(np.float32)
+    b = rng.standard_normal((517, 384)).astype(np.float32)
+    want = a.astype(np.float64) @ b.astype(np.float64).T
+    got = gemm.float_products(a, b)
+    assert got.shape == (300, 517) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max())
+    buf = np.full(300 * 600, np.nan, np.float32)
+    into = gemm.float_products(a, b, out=buf)
+    assert np.shares_memory(into, buf)
+    np.testing.assert_array_equal(into, got)
+    with ThreadPoolExecutor(3) as pool:
+        for other in pool.map(lambda _: gemm.float_products(a, b), range(3)):
+            np.testing.assert_array_equal(other, got)
+    np.testing.assert_array_equal(gemm.float_products(a[:, :16].astype(np.float64), b[:, :16]),
+                                  gemm.float_products(a[:, :16], b[:, :16]))  # converted, not refused
+    qa = rng.integers(0, 256, (40, 384)).astype(np.uint8)
+    qb = rng.integers(-64, 65, (384, 50)).astype(np.int8)
+    np.testing.assert_array_equal(gemm.int8_products(qa, qb), (qa.astype(np.int64) - 128) @ qb.astype(np.int64))
