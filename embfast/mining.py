@@ -170,27 +170,47 @@ def paraphrase_mining(vectors, top_k: int = 100, threshold: float | None = None,
 def pairs_from_neighbours(heap_s: np.ndarray, heap_j: np.ndarray, *, threshold: float | None = None,
                           max_pairs: int = 500_000) -> list[tuple[float, int, int]]:
     """The second half of :func:`paraphrase_mining`: each row's neighbours (scores (n, k), rows (n, k), from
-    :func:`self_topk`) -> the best ``max_pairs - 1`` directed candidates -> each unordered pair once, best first."""
+    :func:`self_topk`) -> the best ``max_pairs - 1`` directed candidates (a score cut found over slices of rows,
+    then only the positions at or above it gathered; candidates tied at the cut taken in row order, where
+    sentence-transformers leaves them to its priority queue) -> each unordered pair once, best first."""
     n = heap_s.shape[0]
     keep = max_pairs - 1
-    s_all = np.empty(0, np.float32)
-    i_all = np.empty(0, np.int64)
-    j_all = np.empty(0, np.int64)
-    for a in range(0, n, 65536):  # candidates in slices, with a running best-``keep`` set: O(max_pairs) memory
-        s, j = heap_s[a:a + 65536], heap_j[a:a + 65536]
-        i = np.repeat(np.arange(a, a + s.shape[0], dtype=np.int64), s.shape[1])
-        s, j = s.ravel(), j.ravel()
-        ok = (j >= 0) & (j != i)
+    step = 65536  # rows at a time: the temporaries stay at one slice plus the best ``keep`` scores
+
+    def candidates(a: int):
+        s, j = heap_s[a:a + step], heap_j[a:a + step]
+        ok = (j >= 0) & (j != np.arange(a, a + s.shape[0], dtype=np.int64)[:, None])
         if threshold is not None:
             ok &= s >= threshold
-        s_all, i_all, j_all = (np.concatenate([s_all, s[ok]]), np.concatenate([i_all, i[ok]]),
-                               np.concatenate([j_all, j[ok]]))
-        if s_all.size > 2 * keep:
-            part = np.argpartition(-s_all, keep - 1)[:keep]
-            s_all, i_all, j_all = s_all[part], i_all[part], j_all[part]
-    if s_all.size > keep:
-        part = np.argpartition(-s_all, keep - 1)[:keep]
-        s_all, i_all, j_all = s_all[part], i_all[part], j_all[part]
+        return s, ok
+
+    # the cut: the keep-th best candidate score (a running best-``keep`` set over the slices), if there are more
+    total = sum(int(np.count_nonzero(candidates(a)[1])) for a in range(0, n, step))
+    cut = None
+    if total > keep:
+        best = np.empty(0, np.float32)
+        for a in range(0, n, step):
+            s, ok = candidates(a)
+            best = np.concatenate([best, s[ok]])
+            if best.size > 2 * keep:
+                best = np.partition(best, best.size - keep)[best.size - keep:]
+        cut = np.partition(best, best.size - keep)[best.size - keep]
+    # every candidate above the cut, then ties at it in row order up to ``keep`` (only positions are gathered)
+    above, ties = [], []
+    for a in range(0, n, step):
+        s, ok = candidates(a)
+        r, c = np.nonzero(ok if cut is None else ok & (s > cut))
+        above.append((r + a, c))
+        if cut is not None:
+            r, c = np.nonzero(ok & (s == cut))
+            ties.append((r + a, c))
+    rows = np.concatenate([r for r, _ in above] + [np.empty(0, np.int64)])
+    cols = np.concatenate([c for _, c in above] + [np.empty(0, np.int64)])
+    if ties:
+        quota = keep - rows.size
+        rows = np.concatenate([rows, np.concatenate([r for r, _ in ties])[:quota]])
+        cols = np.concatenate([cols, np.concatenate([c for _, c in ties])[:quota]])
+    s_all, i_all, j_all = heap_s[rows, cols], rows.astype(np.int64), heap_j[rows, cols]
     lo, hi = np.minimum(i_all, j_all), np.maximum(i_all, j_all)
     # each unordered pair once: the lower of its two directed scores, as sentence-transformers (which pops
     # its candidates lowest first) keeps; then best first, ties by (i, j)
