@@ -121,14 +121,20 @@ def self_topk(x: np.ndarray, k: int, *, threads: int = 0,
     heap_n = np.zeros(n, np.int64)
     t = SELF_TILE
     buffer = np.empty(t * t, np.float32)  # every tile's scores, written by ONNX Runtime (embfast.gemm)
+    # the diagonal tiles first: every heap then starts the off-diagonal tiles with the best of its own block, so
+    # few of their scores pass its threshold (a heap's content does not depend on the order: ties go by index)
     for a in range(0, n, t):
         b = min(a + t, n)
-        for c in range(a, n, t):
+        scores = gemm.float_products(x[a:b], x[a:b], out=buffer, threads=threads)
+        core.topk_merge_block(scores, a, None, None, heap_s[a:b], heap_i[a:b], heap_n[a:b], threads)
+    for a in range(0, n, t):
+        b = min(a + t, n)
+        for c in range(a + t, n, t):
             d = min(c + t, n)
             scores = gemm.float_products(x[a:b], x[c:d], out=buffer, threads=threads)
             core.topk_merge_block(scores, c, None, None, heap_s[a:b], heap_i[a:b], heap_n[a:b], threads)
-            if c != a:  # the tile's columns feed the heaps of rows c:d (no transposed copy)
-                core.topk_merge_block_columns(scores, a, heap_s[c:d], heap_i[c:d], heap_n[c:d], threads)
+            # the tile's columns feed the heaps of rows c:d (no transposed copy)
+            core.topk_merge_block_columns(scores, a, heap_s[c:d], heap_i[c:d], heap_n[c:d], threads)
         if progress is not None:
             progress(b - a)
     core.topk_finalize(heap_s, heap_i, heap_n)
