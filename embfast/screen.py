@@ -68,12 +68,14 @@ class Quantized:
     :func:`embfast.kernels.screen_pairs`. ``margin``: how far below the threshold the screen looks.
     """
 
-    def __init__(self, x: np.ndarray, chunk: int = 8192):
+    def __init__(self, x: np.ndarray, chunk: int = 1024):
         n, d = x.shape
         self.qa = np.empty((n, d), np.uint8)
         qb = np.empty((n, d), np.int8)
         self.sa, self.sb, self.norm, self.err_a, self.err_b, self.norm_b = (np.empty(n) for _ in range(6))
-        for a in range(0, n, chunk):  # the temporaries of one chunk at a time
+        # the temporaries of one chunk at a time, small enough to stay in cache (20k rows of 384: 0.05 s against
+        # 0.09-0.14 s with chunks of 8,192, first call in a fresh process, ad hoc)
+        for a in range(0, n, chunk):
             b = min(a + chunk, n)
             xc = np.asarray(x[a:b], dtype=np.float32)
             peak = np.abs(xc).max(axis=1) if d else np.zeros(b - a, np.float32)
