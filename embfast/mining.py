@@ -271,25 +271,12 @@ def upper_pairs(x: np.ndarray, threshold: float, *, start_row: int = 0, stop_row
         screen = use_screen(x, start_row, stop)
     if screen:
         return _screened_pairs(x, threshold, start_row, stop, progress, quantized)
-    out_i, out_j, out_s = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.float32)]
     rows = 2048  # square-ish tiles: each column tile is read once per 2048 rows
     cols = max(1, BLOCK_SCORES // rows)
     thr = np.float32(threshold)
     buffer = np.empty(rows * cols, np.float32)
-    for a in range(start_row, stop, rows):
-        b = min(a + rows, stop)
-        for c in range(a, n, cols):
-            d = min(c + cols, n)
-            scores = gemm.float_products(x[a:b], x[c:d], out=buffer)
-            # j > i only (the block may touch the diagonal); natively 16 scores at a time (np.nonzero over the
-            # tile took 0.39 of 1.66 s in a 20k community detection)
-            i, j, s = kernels.threshold_pairs(scores, thr, row_offset=a, col_offset=c, upper=c < b)
-            out_i.append(i)
-            out_j.append(j)
-            out_s.append(s)
-        if progress is not None:
-            progress(b - a)
-    return _sorted_pairs(out_i, out_j, out_s)
+    return _upper_join(x, start_row, stop, rows, cols, progress,
+                       lambda a, b, c, d: _float_tile(x, thr, a, b, c, d, buffer))
 
 
 def use_screen(x: np.ndarray, start_row: int, stop_row: int) -> bool:
@@ -298,10 +285,29 @@ def use_screen(x: np.ndarray, start_row: int, stop_row: int) -> bool:
                 and _screen.exact_products())
 
 
-def _sorted_pairs(out_i: list, out_j: list, out_s: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    i, j, s = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
+def _upper_join(x: np.ndarray, start: int, stop: int, rows: int, cols: int,
+                progress: Callable[[int], None] | None, tile: Callable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The blocked upper-triangle join of rows [start, stop) against rows [a, n): ``tile(a, b, c, d)`` gives the
+    (i, j, score) of rows a..b-1 against c..d-1; the pairs of all tiles, ordered by i, then j."""
+    n = x.shape[0]
+    parts = [(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))]
+    for a in range(start, stop, rows):
+        b = min(a + rows, stop)
+        parts += [tile(a, b, c, min(c + cols, n)) for c in range(a, n, cols)]
+        if progress is not None:
+            progress(b - a)
+    i, j, s = (np.concatenate(column) for column in zip(*parts, strict=True))
     order = np.lexsort((j, i))
     return i[order], j[order], s[order]
+
+
+def _float_tile(x: np.ndarray, thr: np.float32, a: int, b: int, c: int, d: int,
+                buffer: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs at or above ``thr`` among rows a..b-1 against c..d-1 (j > i only: the tile may touch the
+    diagonal), from float32 scores; the native scan takes 16 scores at a time (np.nonzero over the tile took
+    0.39 of 1.66 s in a 20k community detection)."""
+    scores = gemm.float_products(x[a:b], x[c:d], out=buffer)
+    return kernels.threshold_pairs(scores, thr, row_offset=a, col_offset=c, upper=c < b)
 
 
 def _screened_pairs(x: np.ndarray, threshold: float, start: int, stop: int, progress: Callable[[int], None] | None,
@@ -309,7 +315,6 @@ def _screened_pairs(x: np.ndarray, threshold: float, start: int, stop: int, prog
     """:func:`upper_pairs` through the int8 screen: per tile, exact int32 products (ONNX Runtime), the native
     screen (:func:`embfast.kernels.screen_pairs`), then the candidates scored in float32 and kept at or above
     the threshold. A tile with too many candidates (:data:`SCREEN_MAX_SHARE`) is scored in float32 whole."""
-    n = x.shape[0]
     if quantized is not None:
         if quantized.qa.shape != x.shape:
             raise ValueError(f"quantized holds {quantized.qa.shape} rows, not those of x {x.shape}")
@@ -318,28 +323,18 @@ def _screened_pairs(x: np.ndarray, threshold: float, start: int, stop: int, prog
         q, base = _screen.Quantized(x[start:]), start
     thr = np.float32(threshold)
     buffer = np.empty(SCREEN_ROWS * SCREEN_COLS, np.int32)
-    out_i, out_j, out_s = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.float32)]
-    for a in range(start, stop, SCREEN_ROWS):
-        b = min(a + SCREEN_ROWS, stop)
-        row_terms = q.row_terms(a - base, b - base, threshold)
-        for c in range(a, n, SCREEN_COLS):
-            d = min(c + SCREEN_COLS, n)
-            tile = _screen.products(q, a - base, b - base, c - base, d - base, out=buffer)
-            ci, cj = kernels.screen_pairs(tile, row_terms, q.col_terms(c - base, d - base), row_offset=a,
-                                          col_offset=c, upper=c < b)
-            if len(ci) > SCREEN_MAX_SHARE * (b - a) * (d - c):
-                scores = gemm.float_products(x[a:b], x[c:d])
-                i, j, s = kernels.threshold_pairs(scores, thr, row_offset=a, col_offset=c, upper=c < b)
-            else:
-                s = np.einsum("ij,ij->i", x[ci], x[cj])
-                keep = s >= thr
-                i, j, s = ci[keep], cj[keep], s[keep]
-            out_i.append(i)
-            out_j.append(j)
-            out_s.append(s)
-        if progress is not None:
-            progress(b - a)
-    return _sorted_pairs(out_i, out_j, out_s)
+
+    def tile(a: int, b: int, c: int, d: int):
+        products = _screen.products(q, a - base, b - base, c - base, d - base, out=buffer)
+        ci, cj = kernels.screen_pairs(products, q.row_terms(a - base, b - base, threshold),
+                                      q.col_terms(c - base, d - base), row_offset=a, col_offset=c, upper=c < b)
+        if len(ci) > SCREEN_MAX_SHARE * (b - a) * (d - c):
+            return _float_tile(x, thr, a, b, c, d)
+        s = np.einsum("ij,ij->i", x[ci], x[cj])
+        keep = s >= thr
+        return ci[keep], cj[keep], s[keep]
+
+    return _upper_join(x, start, stop, SCREEN_ROWS, SCREEN_COLS, progress, tile)
 
 
 def duplicate_groups(n: int, i: np.ndarray, j: np.ndarray) -> list[list[int]]:

@@ -62,36 +62,40 @@ EMBFAST_AVX2_ENTRY void threshold_rows_avx2(const float* s, std::size_t n, float
 }
 #endif
 
-// The whole tile, rows split in contiguous ranges across threads and joined in row order.
-inline PairList threshold_pairs(const float* s, std::size_t m, std::size_t n, float thr, std::int64_t row0,
-                                std::int64_t col0, bool upper, int threads) {
+// Rows [0, m) of a (m, n) tile split in contiguous ranges across threads, each range scanned by
+// scan(r0, r1, part), the parts joined in row order (a scan that records no scores leaves s empty).
+template <typename Scan>
+inline PairList pairs_by_rows(std::size_t m, std::size_t n, int threads, Scan scan) {
     int t = resolve_threads(threads, static_cast<double>(m) * n, 1.0e6);
     if (t > static_cast<int>(m)) t = m > 0 ? static_cast<int>(m) : 1;
     std::vector<PairList> parts(t);
 #pragma omp parallel for num_threads(t) schedule(static) if (t > 1)
-    for (int p = 0; p < t; ++p) {
-        std::size_t r0 = m * p / t, r1 = m * (p + 1) / t;
-#if EMBFAST_X86
-        if (use_avx2()) {
-            threshold_rows_avx2(s, n, thr, row0, col0, upper, r0, r1, parts[p]);
-            continue;
-        }
-#endif
-        threshold_rows(s, n, thr, row0, col0, upper, r0, r1, parts[p]);
-    }
+    for (int k = 0; k < t; ++k) scan(m * k / t, m * (k + 1) / t, parts[k]);
     if (t == 1) return std::move(parts[0]);
     PairList out;
     std::size_t total = 0;
-    for (const auto& p : parts) total += p.i.size();
+    for (const auto& part : parts) total += part.i.size();
     out.i.reserve(total);
     out.j.reserve(total);
-    out.s.reserve(total);
-    for (const auto& p : parts) {
-        out.i.insert(out.i.end(), p.i.begin(), p.i.end());
-        out.j.insert(out.j.end(), p.j.begin(), p.j.end());
-        out.s.insert(out.s.end(), p.s.begin(), p.s.end());
+    for (const auto& part : parts) {
+        out.i.insert(out.i.end(), part.i.begin(), part.i.end());
+        out.j.insert(out.j.end(), part.j.begin(), part.j.end());
+        out.s.insert(out.s.end(), part.s.begin(), part.s.end());
     }
     return out;
+}
+
+// The whole tile, rows split in contiguous ranges across threads and joined in row order.
+inline PairList threshold_pairs(const float* s, std::size_t m, std::size_t n, float thr, std::int64_t row0,
+                                std::int64_t col0, bool upper, int threads) {
+    const bool avx2 = use_avx2();
+    return pairs_by_rows(m, n, threads, [&](std::size_t r0, std::size_t r1, PairList& part) {
+#if EMBFAST_X86
+        if (avx2) return threshold_rows_avx2(s, n, thr, row0, col0, upper, r0, r1, part);
+#endif
+        (void)avx2;
+        threshold_rows(s, n, thr, row0, col0, upper, r0, r1, part);
+    });
 }
 
 // ---- the int8 screen of a threshold self-join ----------------------------------------------------------------
@@ -153,31 +157,14 @@ EMBFAST_AVX2_ENTRY void screen_rows_avx2(const std::int32_t* q, std::size_t n, c
 
 inline PairList screen_pairs(const std::int32_t* q, std::size_t m, std::size_t n, const ScreenRows& p,
                              std::int64_t row0, std::int64_t col0, bool upper, int threads) {
-    int t = resolve_threads(threads, static_cast<double>(m) * n, 1.0e6);
-    if (t > static_cast<int>(m)) t = m > 0 ? static_cast<int>(m) : 1;
-    std::vector<PairList> parts(t);
-#pragma omp parallel for num_threads(t) schedule(static) if (t > 1)
-    for (int k = 0; k < t; ++k) {
-        std::size_t r0 = m * k / t, r1 = m * (k + 1) / t;
+    const bool avx2 = use_avx2();
+    return pairs_by_rows(m, n, threads, [&](std::size_t r0, std::size_t r1, PairList& part) {
 #if EMBFAST_X86
-        if (use_avx2()) {
-            screen_rows_avx2(q, n, p, row0, col0, upper, r0, r1, parts[k]);
-            continue;
-        }
+        if (avx2) return screen_rows_avx2(q, n, p, row0, col0, upper, r0, r1, part);
 #endif
-        screen_rows(q, n, p, row0, col0, upper, r0, r1, parts[k]);
-    }
-    if (t == 1) return std::move(parts[0]);
-    PairList out;
-    std::size_t total = 0;
-    for (const auto& part : parts) total += part.i.size();
-    out.i.reserve(total);
-    out.j.reserve(total);
-    for (const auto& part : parts) {
-        out.i.insert(out.i.end(), part.i.begin(), part.i.end());
-        out.j.insert(out.j.end(), part.j.begin(), part.j.end());
-    }
-    return out;
+        (void)avx2;
+        screen_rows(q, n, p, row0, col0, upper, r0, r1, part);
+    });
 }
 
 }  // namespace embfast
