@@ -27,7 +27,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--latency-calls", type=int, default=200)
     p.add_argument("--impls", nargs="*", default=None,
                    help="subset of: st-torch st-onnx st-onnx-int8 ort-plain embfast-fp32 embfast-int8 "
-                        "embfast-int8-rows (the per-row int8 recipe, EMBFAST_INT8_RECIPE=rows)")
+                        "(the default int8: one scale per row, batch-invariant, EMBFAST_INT8_RECIPE=rows) "
+                        "embfast-int8-dynamic (ONNX Runtime's per-tensor recipe, EMBFAST_INT8_RECIPE=dynamic)")
     return p.parse_args()
 
 
@@ -143,12 +144,12 @@ def build_impls(model_dir: Path, export_dir: Path, tmp: Path) -> dict:
     if "ort-plain" in wanted:
         plain = PlainOrt(export_dir, 256)
         impls["ort-plain"] = plain.encode
-    for prec in ("fp32", "int8", "int8-rows"):
+    for prec in ("fp32", "int8", "int8-dynamic"):
         if f"embfast-{prec}" in wanted:
             recipe = os.environ.get("EMBFAST_INT8_RECIPE")
             os.environ.pop("EMBFAST_INT8_RECIPE", None)  # the recipe is read at construction
-            if prec == "int8-rows":
-                os.environ["EMBFAST_INT8_RECIPE"] = "rows"
+            if prec.startswith("int8"):
+                os.environ["EMBFAST_INT8_RECIPE"] = "dynamic" if prec == "int8-dynamic" else "rows"
             try:
                 m = embfast.Embedder(model_dir, precision=prec.split("-")[0], threads=ARGS.threads)
             finally:

@@ -6,11 +6,14 @@ Recipes (each a graph built here from the cached fused fp32 graph, run through o
 with embfast's batching: length-sorted, 32 texts and 1,024 padded tokens per batch):
   fused fp32        the fp32 variant (reference for speed)
   dynamic           quantize_dynamic, per-channel QInt8 weights, one activation scale per tensor
-                    (the default int8 variant; QAttention)
+                    (QAttention; EMBFAST_INT8_RECIPE=dynamic, the default int8 variant until issue 14)
   rows              embfast.rowquant: Attention split into MatMul + MultiHeadAttention, every MatMul
                     u8s8 with one activation scale per row (per token), SmoothQuant on LayerNorm-fed
-                    inputs, GELU rows with zero point 16 (the int8-rows variant, EMBFAST_INT8_RECIPE=rows)
-  rows-unsmoothed   the same without smoothing (no calibration)
+                    inputs, GELU rows with zero point 16, each MatMul one fused ai.embfast::RowQuantMatMul
+                    with its bias, residual and GELU (embfast.ortops; the default int8 variant, int8-rows)
+  rows-graph        the same quantization written with ONNX Runtime's operators (MatMulIntegerToFloat and
+                    element-wise nodes; what int8-rows is without the operator library)
+  rows-unsmoothed   rows without smoothing (no calibration)
   nbits8            MatMulNBits, 8-bit weights (block 128, symmetric), accuracy_level 4 (MLAS int8
                     compute, activations per row and block), on the split-attention graph; needs onnx-ir
 Texts: the bench_encode.py sample (seed 0). Runs alternate between recipes; medians. Cosine: to the plain
@@ -30,7 +33,7 @@ p.add_argument("--passages", type=int, default=100)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--repeat", type=int, default=3)
 p.add_argument("--recipes", nargs="*",
-               default=["fused fp32", "dynamic", "rows", "rows-unsmoothed", "nbits8"])
+               default=["fused fp32", "dynamic", "rows", "rows-graph", "rows-unsmoothed", "nbits8"])
 ARGS = p.parse_args()
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = str(ARGS.threads)
@@ -54,13 +57,14 @@ def main() -> None:
     import onnx
     import onnxruntime as ort
 
+    from embfast import ortops
     from embfast.batching import plan_batches
     from embfast.export import default_model_path, ensure_exported, read_manifest
     from embfast.kernels import l2_normalize, pool
-    from embfast.rowquant import build_rowquant, split_attention
+    from embfast.rowquant import build_rowquant, calibration_feeds, split_attention
     from embfast.session import CPU_DISABLED_OPTIMIZERS
     from embfast.tokenization import TextTokenizer
-    from embfast.variants import _quantize_dynamic_int8, _quantize_int8, ensure_variant
+    from embfast.variants import _probe_tokenizer, _quantize_dynamic_int8, _quantize_int8, ensure_variant
 
     folder = ensure_exported(default_model_path())
     fused = ensure_variant(folder, "fp32")
@@ -78,9 +82,7 @@ def main() -> None:
         range(len(texts) - len(ODD), len(texts)))
 
     def session(path):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = ARGS.threads
-        opts.log_severity_level = 3
+        opts = ortops.session_options(ARGS.threads)
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
                                     disabled_optimizers=CPU_DISABLED_OPTIMIZERS)
 
@@ -104,6 +106,8 @@ def main() -> None:
             _quantize_dynamic_int8(fused, path)
         elif name == "rows":
             _quantize_int8(fused, path, "int8-rows", folder, man)
+        elif name == "rows-graph":
+            build_rowquant(fused, path, calibration=calibration_feeds(_probe_tokenizer(folder, man)), fused=False)
         elif name == "rows-unsmoothed":
             build_rowquant(fused, path)
         elif name == "nbits8":

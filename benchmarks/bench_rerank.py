@@ -1,4 +1,5 @@
 """Reranking throughput on the CPU: embfast CrossEncoder (fp32, int8) vs sentence-transformers' CrossEncoder, one run.
+int8 is the default recipe (one activation scale per token); embfast-int8-dynamic is ONNX Runtime's per-tensor one.
 
 python benchmarks/bench_rerank.py --data ../shared/data --queries 50 --docs 100 --threads 2 --repeat 1
 
@@ -31,7 +32,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-batch-tokens", default="auto", help="embfast's padded-token budget per batch")
-    p.add_argument("--impls", nargs="*", default=None, help="subset of: st-torch embfast-fp32 embfast-int8")
+    p.add_argument("--impls", nargs="*", default=None,
+                   help="subset of: st-torch st-onnx fastembed embfast-fp32 embfast-int8 (one activation scale per "
+                        "token, the default) embfast-int8-dynamic (ONNX Runtime's per-tensor recipe)")
     return p.parse_args()
 
 
@@ -51,7 +54,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 warnings.filterwarnings("ignore")
-IMPLS = ("st-torch", "st-onnx", "fastembed", "embfast-fp32", "embfast-int8")
+IMPLS = ("st-torch", "st-onnx", "fastembed", "embfast-fp32", "embfast-int8", "embfast-int8-dynamic")
 
 
 def load_work() -> list[tuple[str, list[str]]]:
@@ -157,11 +160,14 @@ def main() -> int:
                 # fastembed returns logits; the sigmoid is what sentence-transformers applies for one label
                 runners["fastembed"] = lambda q, d: 1.0 / (1.0 + np.exp(-np.asarray(
                     list(fe.rerank(q, d, batch_size=ARGS.batch_size)), dtype=np.float64)))
-        for precision in ("fp32", "int8"):
+        for precision in ("fp32", "int8", "int8-dynamic"):
             name = f"embfast-{precision}"
             if name in impls:
                 t0 = time.perf_counter()
-                ce = CrossEncoder(folder, precision=precision, threads=ARGS.threads)
+                if precision.startswith("int8"):  # the recipe is read when the model loads
+                    os.environ["EMBFAST_INT8_RECIPE"] = "dynamic" if precision == "int8-dynamic" else "rows"
+                ce = CrossEncoder(folder, precision=precision.split("-")[0], threads=ARGS.threads)
+                os.environ.pop("EMBFAST_INT8_RECIPE", None)
                 print(f"{name}: {ce} loaded in {time.perf_counter() - t0:.1f} s", flush=True)
                 models[name] = ce
                 runners[name] = (lambda ce: lambda q, d: ce.predict(

@@ -24,9 +24,12 @@ Integer matrix products are exact and every other step is element-wise or per ro
 result is the same bits whatever else is in the batch, however long the batch is padded and however
 ONNX Runtime tiles or threads the product.
 
-Speed: 0.87x ONNX Runtime's per-tensor recipe on a 2-core AVX-512 VNNI CPU (the extra element-wise
-passes; benchmarks/README.md), which is why :mod:`embfast.variants` builds it only on request
-(``EMBFAST_INT8_RECIPE=rows``, variant ``int8-rows``).
+Two forms of the same recipe. :func:`quantize_rows_fused` (the default when embfast's operator library is
+installed) makes each MatMul one ``ai.embfast::RowQuantMatMul`` (:mod:`embfast.ortops`) that also takes in the
+bias, the residual and GELU: 1.16x the speed of ONNX Runtime's per-tensor recipe on a 2-core AVX-512 VNNI CPU.
+:func:`quantize_rows` writes it with ONNX Runtime's own operators (a row reduction, scaling and quantizing
+before each ``MatMulIntegerToFloat``, a row-scaling Mul after): 0.87x, from the extra element-wise passes
+(benchmarks/README.md). :mod:`embfast.variants` builds it as variant ``int8-rows``, the default int8.
 
 The fused ``Attention`` node (input projection inside, quantized by ``quantize_dynamic`` into
 ``QAttention`` with one input scale per tensor) is split first into its projection, a MatMul
@@ -48,7 +51,21 @@ import numpy as np
 
 # MatMuls with fewer input or output features than this stay float32 (tiny heads, no speed to gain).
 MIN_DIM = 16
-RECIPE = "rowquant-u8s8"
+RECIPE = "rowquant-u8s8"  # the graph form (ONNX Runtime's own operators)
+RECIPE_FUSED = "rowquant-fused-1"  # one ai.embfast::RowQuantMatMul per MatMul (embfast.ortops)
+
+
+def fused_available() -> bool:
+    """True when the fused operator's library is installed (:func:`embfast.ortops.available`)."""
+    from embfast import ortops
+
+    return ortops.available()
+
+
+def current_recipe(fused: bool | None = None) -> str:
+    """The recipe a new ``int8-rows`` variant gets: :data:`RECIPE_FUSED` when the operator library is
+    installed, else :data:`RECIPE`."""
+    return RECIPE_FUSED if (fused_available() if fused is None else fused) else RECIPE
 ALPHA = 0.5  # SmoothQuant's migration strength (its paper's default; 0.3-0.7 measured within 0.0005 of it)
 
 
@@ -245,6 +262,116 @@ def quantize_rows(model, exclude=(), smooth: dict | None = None, alpha: float = 
     return len(targets)
 
 
+def _smoothing_factors(targets, weights, smooth: dict, alpha: float) -> dict[str, np.ndarray]:
+    """SmoothQuant's per-channel factor ``s`` for each smoothed input (see :func:`quantize_rows`)."""
+    factors: dict[str, np.ndarray] = {}
+    for x in {n.input[0] for n in targets} & set(smooth):
+        w_amax = np.max([np.abs(weights[n.name]).max(axis=1) for n in targets if n.input[0] == x], axis=0)
+        s = np.power(np.maximum(smooth[x], 1e-5), alpha) / np.power(np.maximum(w_amax, 1e-5), 1 - alpha)
+        factors[x] = np.clip(s, 1e-3, 1e3).astype(np.float32)
+    return factors
+
+
+def quantize_rows_fused(model, exclude=(), smooth: dict | None = None, alpha: float = 0.5) -> dict:
+    """The per-row int8 rewrite of :func:`quantize_rows` with each MatMul as one ``ai.embfast::RowQuantMatMul``
+    (:mod:`embfast.ortops`), which also takes in what follows the MatMul where it can (in place):
+
+    - ``Add(MatMul, bias)`` with a 1-D float initializer: the bias;
+    - then ``Add(that, residual)`` when the sum is its only use: the residual;
+    - ``BiasGelu(MatMul, bias)`` (and ``Gelu``): the bias and GELU (erf form, to 1.5e-7).
+
+    Same quantization as :func:`quantize_rows` (smoothing factors, per-row scales, zero point 16 for GELU
+    outputs), so the same accuracy; the smoothing multiplier goes into the operator too. Returns counts of
+    what was rewritten and fused.
+    """
+    from onnx import helper, numpy_helper
+
+    from embfast.ortops import DOMAIN
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    smooth = smooth or {}
+    targets = [n for n in graph.node if _quantizable(n, inits, exclude)]
+    weights = {n.name: numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in targets}
+    factors = _smoothing_factors(targets, weights, smooth, alpha)
+
+    def only_use(name: str):
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and name not in outputs else None
+
+    def vector(name: str, n: int) -> bool:
+        t = inits.get(name)
+        return t is not None and list(t.dims) == [n] and t.data_type == 1
+
+    removed: set[int] = set()
+    replace: dict[int, object] = {}
+    counts = {"matmuls_quantized": 0, "bias_fused": 0, "residual_fused": 0, "gelu_fused": 0}
+    for node in targets:
+        x = node.input[0]
+        base = node.name or node.output[0]
+        w = weights[node.name]
+        n_out = w.shape[1]
+        names = {"bias": "", "smooth": "", "residual": ""}
+        if x in factors:
+            w = w * factors[x][:, None]
+            names["smooth"] = f"{base}_rq_smooth"
+            graph.initializer.append(numpy_helper.from_array((1.0 / factors[x]).astype(np.float32), names["smooth"]))
+        producer = producers.get(x)
+        shifted = producer is not None and producer.op_type in GELU_OPS and x not in factors
+        levels, zp = (255.0 - SHIFTED_ZP, SHIFTED_ZP) if shifted else (127.0, 128)
+        floor = GELU_MIN * (255 - SHIFTED_ZP) / SHIFTED_ZP if shifted else 1e-30
+        w_q, scale = quantize_weight(w)
+        graph.initializer.append(numpy_helper.from_array(w_q, f"{base}_rq_int8"))
+        graph.initializer.append(numpy_helper.from_array((scale / levels).astype(np.float32), f"{base}_rq_scale"))
+        out, activation, last = node.output[0], 0, node
+        nxt = only_use(out)
+        if nxt is not None and nxt.op_type == "Add" and nxt.domain in ("", "ai.onnx"):
+            other = nxt.input[1] if nxt.input[0] == out else nxt.input[0]
+            if vector(other, n_out):
+                names["bias"], out, last = other, nxt.output[0], nxt
+                removed.add(id(nxt))
+                counts["bias_fused"] += 1
+                res = only_use(out)
+                if res is not None and res.op_type == "Add" and res.domain in ("", "ai.onnx"):
+                    names["residual"] = res.input[1] if res.input[0] == out else res.input[0]
+                    out, last = res.output[0], res
+                    removed.add(id(res))
+                    counts["residual_fused"] += 1
+        elif nxt is not None and nxt.op_type in ("BiasGelu", "Gelu") and nxt.domain == "com.microsoft" and (
+                nxt.op_type == "Gelu" or vector(nxt.input[1], n_out)):
+            if nxt.op_type == "BiasGelu":
+                names["bias"] = nxt.input[1]
+            out, activation, last = nxt.output[0], 1, nxt
+            removed.add(id(nxt))
+            counts["gelu_fused"] += 1
+        ins = [x, f"{base}_rq_int8", f"{base}_rq_scale", names["bias"], names["smooth"], names["residual"]]
+        while not ins[-1]:
+            ins.pop()
+        # at the place of the last node it takes in: every input (a residual too) is computed by then
+        removed.add(id(node))
+        removed.discard(id(last))
+        replace[id(last)] = helper.make_node(
+            "RowQuantMatMul", ins, [out], name=f"{base}_rq", domain=DOMAIN, zero_point=zp, levels=levels,
+            floor=floor, shifted=int(shifted), activation=activation)
+        counts["matmuls_quantized"] += 1
+    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in removed]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return counts
+
+
 def calibrate(model, feeds_list, inputs=None) -> dict:
     """Largest absolute value per channel of the MatMul inputs ``inputs`` (default: every quantizable
     MatMul's input) over the real tokens of the batches ``feeds_list`` (dicts of ONNX inputs with an
@@ -320,7 +447,8 @@ def calibration_feeds(tokenizer, pairs: bool = False, batch: int = 8) -> list[di
     return [tokenizer.pad(t.ids, order[i:i + batch], t.type_ids) for i in range(0, len(order), batch)]
 
 
-def build_rowquant(src, dst, exclude=(), calibration=None, smooth: str = "ln", alpha: float = ALPHA) -> dict:
+def build_rowquant(src, dst, exclude=(), calibration=None, smooth: str = "ln", alpha: float = ALPHA,
+                   fused: bool | None = None) -> dict:
     """The per-row int8 graph of the float graph ``src`` (a path), written to ``dst``; returns what it did.
 
     Args:
@@ -342,7 +470,12 @@ def build_rowquant(src, dst, exclude=(), calibration=None, smooth: str = "ln", a
         keep = {"ln": lambda op: op in LAYER_NORM_OPS, "all": lambda op: op not in GELU_OPS}[smooth]
         inputs = [x for x in inputs if keep(producers.get(x, ""))]
         amax = calibrate(model, calibration, inputs) if inputs else {}
-    matmuls = quantize_rows(model, exclude, smooth=amax, alpha=alpha)
+    if fused is None:
+        fused = fused_available()
+    if fused:
+        counts = quantize_rows_fused(model, exclude, smooth=amax, alpha=alpha)
+    else:
+        counts = {"matmuls_quantized": quantize_rows(model, exclude, smooth=amax, alpha=alpha)}
     onnx.save(model, str(dst))
-    return {"recipe": RECIPE, "attention_split": attention, "matmuls_quantized": matmuls,
+    return {"recipe": current_recipe(fused), "attention_split": attention, **counts,
             "smoothed_inputs": len(amax), "alpha": alpha if amax else None}

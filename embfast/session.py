@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from embfast import ortops
+
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -160,6 +162,8 @@ class OnnxSession:
         if allow_spinning is None:  # on CUDA the CPU threads only run stray nodes: let them sleep
             allow_spinning = not wants_cuda and os.environ.get("EMBFAST_ORT_SPIN", "1") != "0"
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+        if ortops.available():  # graphs of the int8-rows variant use its operators (embfast.rowquant)
+            ortops.register(opts)
 
         if device == "cuda" and not cuda_available():
             raise DeviceError("device='cuda' needs onnxruntime-gpu (pip uninstall onnxruntime && pip install "

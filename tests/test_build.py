@@ -73,8 +73,24 @@ def test_installed_package_has_its_core(tmp_path):
     assert r.returncode == 0 and "native True" in r.stdout and "Warning" not in r.stderr, r.stderr
 
 
+def test_installed_package_has_its_int8_operators(monkeypatch):
+    """The int8 operator library is built and installed with the core; it reports its path, and
+    EMBFAST_ISA lowers it as it does the kernels."""
+    if not kernels.HAS_NATIVE:
+        pytest.skip("native core not built")
+    from embfast import ortops
+    from embfast.info import build_info
+
+    info = build_info()
+    assert info["ortops"] is True and info["ortops_isa"] in ("avx512vnni", "avx2", "generic")
+    monkeypatch.setenv("EMBFAST_ISA", "generic")
+    assert ortops.isa() == "generic"
+    monkeypatch.setenv("EMBFAST_ISA", "avx2")
+    assert ortops.isa() == ("generic" if info["ortops_isa"] == "generic" else "avx2")
+
+
 @pytest.mark.parametrize(("value", "isa"), [("generic", "generic"), ("GENERIC", "generic"), ("auto", None),
-                                            ("", None)])
+                                            ("", None), ("avx2", None)])
 def test_embfast_isa_forces_the_portable_path(tmp_path, value, isa):
     if not kernels.HAS_NATIVE:
         pytest.skip("native core not built")
@@ -85,7 +101,7 @@ def test_embfast_isa_forces_the_portable_path(tmp_path, value, isa):
 
 def test_embfast_isa_refuses_unknown_values(tmp_path):
     r = _python(PROBE, tmp_path, EMBFAST_ISA="avx512")
-    assert r.returncode != 0 and "EMBFAST_ISA must be one of auto, generic, got 'avx512'" in r.stderr
+    assert r.returncode != 0 and "EMBFAST_ISA must be one of auto, generic, avx2, got 'avx512'" in r.stderr
 
 
 def test_set_isa_round_trip():
@@ -98,5 +114,5 @@ def test_set_isa_round_trip():
     finally:
         kernels.set_isa("generic" if before == "generic" else "auto")
     assert kernels.isa() == before
-    with pytest.raises(ValueError, match="isa must be one of auto, generic, got 'sse'"):
+    with pytest.raises(ValueError, match="isa must be one of auto, generic, avx2, got 'sse'"):
         kernels.set_isa("sse")

@@ -14,6 +14,7 @@ from models_fixtures import CE_BUILDERS, build_ce_minilm, build_xlmr
 from embfast import CrossEncoder, Embedder, InputTooLongError
 from embfast.export import ModelKindError, read_manifest
 from embfast.text import InvalidTextError
+from embfast.variants import variant_name
 
 QUERIES = ["What do cats sit on?", "how do I reset my password", "東京はどこですか", "x"]
 PASSAGES = ["The cat sat on the mat.", "Click 'forgot password' on the sign-in page. " * 12, "",
@@ -215,7 +216,7 @@ def test_export_manifest_and_variants(ce_dirs, ce_models):
     assert row["pooling"] == "cross-encoder(3 labels)" and row["max_seq_length"] == 64
     int8 = CrossEncoder(ce_dirs["qwen3"], threads=1, precision="int8")
     checks = read_manifest(int8.model_dir)["variant_checks"]
-    assert checks["int8"]["probe_min_cosine"] >= 0.5 and checks["fp32"]["probe_min_cosine"] >= 0.99999
+    assert checks[variant_name("int8")]["probe_min_cosine"] >= 0.5 and checks["fp32"]["probe_min_cosine"] >= 0.99999
     assert int8.predict(PAIRS).shape == (len(PAIRS),)
     with pytest.raises(ValueError, match="fp16"):
         CrossEncoder(ce_dirs["bert-1"], device="cpu", precision="fp16")

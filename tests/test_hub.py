@@ -24,6 +24,7 @@ from models_fixtures import build_ce_bert
 from embfast import CrossEncoder, Embedder
 from embfast.export import ModelKindError, UnsupportedModelError, cache_root, ensure_exported
 from embfast.hub import HubModelFilesError, HubModelNotFoundError, allow_patterns, download, is_repo_id
+from embfast.variants import variant_name
 
 REPO = "sentence-transformers/all-MiniLM-L6-v2"
 CE_REPO = "tiny-org/tiny-reranker"
@@ -307,7 +308,7 @@ def test_cli_pull_and_models(capsys, hub_cache):
     assert main(["models", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows[REPO]["dim"] == 384 and rows[REPO]["source"].startswith("hub ") and rows[REPO]["kind"] == "embedder"
-    assert rows[f"{REPO}@v2"]["max_seq_length"] == 128 and "int8" in rows[f"{REPO}@v2"]["precisions"]
+    assert rows[f"{REPO}@v2"]["max_seq_length"] == 128 and variant_name("int8") in rows[f"{REPO}@v2"]["precisions"]
     assert rows[CE_REPO]["kind"] == "cross-encoder"
     assert "broken/no-weights" in rows  # listed: it has a config.json
 

@@ -6,7 +6,8 @@ Every function takes ``backend="auto" | "native" | "numba" | "reference"``:
 that is not installed raises ``RuntimeError``. With ``EMBFAST_REQUIRE_NATIVE=1``
 in the environment, importing embfast fails if the C++ core did not load; without it a
 missing core is one RuntimeWarning saying why and how to fix it. ``EMBFAST_ISA=generic``
-(or :func:`set_isa`) forces the portable C++ path instead of AVX2+FMA.
+(or :func:`set_isa`) forces the portable C++ path instead of AVX2+FMA; ``EMBFAST_ISA=avx2`` keeps these
+kernels on AVX2+FMA and lowers the int8 operators of :mod:`embfast.ortops` from AVX-512 VNNI to AVX2.
 
 Inputs are converted visibly, in one place (:func:`as_float32`): float64 or
 non-contiguous arrays become C-contiguous float32 copies; the native core
@@ -24,7 +25,7 @@ import numpy as np
 
 from embfast.kernels import reference
 
-ISAS = ("auto", "generic")
+ISAS = ("auto", "generic", "avx2")
 
 
 def _native_missing_message(exc: BaseException) -> str:
@@ -63,7 +64,8 @@ else:
 
 
 def set_isa(isa: str) -> None:
-    """Choose the native kernels' code path: "auto" (the best this CPU runs: AVX2+FMA or generic) or "generic".
+    """Choose the native kernels' code path: "auto" (the best this CPU runs: AVX2+FMA or generic), "generic",
+    or "avx2" (the same as "auto" here: these kernels have no AVX-512 path).
 
     "generic" forces the portable C++ path on any CPU (for tests and for comparing paths). The
     environment variable ``EMBFAST_ISA`` sets it at import. Raises ValueError for another value and
