@@ -6,9 +6,10 @@
 //   inputs:  0 X float (..., K); 1 W int8 (K, N), an initializer; 2 col_scale float (N), an initializer;
 //            3 bias float (N), optional initializer; 4 smooth float (K), optional initializer;
 //            5 residual float (..., N), optional
-//   outputs: 0 Y float (..., N)
+//   outputs: 0 Y float (..., N); or, with split = 3, Y split into 3 equal parts along the last axis
+//            (outputs 0, 1, 2: a QKV projection written straight into Q, K and V, no Split node)
 //   attributes: zero_point (int, 128 or 16), levels (float), floor (float), shifted (int 0/1),
-//               activation (int: 0 none, 1 GELU)
+//               activation (int: 0 none, 1 GELU), split (int: 1 or 3)
 //
 // ONNX Runtime's C API is reached through the function table it passes in (OrtApi), by slot: ONNX
 // Runtime only ever appends to that table (its ABI promise), so a slot's index is fixed from the
@@ -155,6 +156,7 @@ struct RowQuantKernel {
     embfast::rowgemm::Packed packed;
     embfast::rowgemm::RowQuant rq;
     std::vector<float> smooth;
+    int parts = 1;
 };
 
 // Reads an initializer input (index) when the node has it; returns false when it is absent.
@@ -218,6 +220,9 @@ RowQuantKernel* create_row_quant(const Api& api, const OrtKernelInfo* info) {
     if (!(rq.levels > 0.0f) || rq.levels + rq.zero_point > 255.0f) throw invalid("levels + zero_point must be in (0, 255]");
     if (!(rq.floor > 0.0f)) throw invalid("floor must be > 0");
     if (rq.activation != 0 && rq.activation != 1) throw invalid("activation must be 0 (none) or 1 (GELU)");
+    k->parts = static_cast<int>(attr_int(api, info, "split", 1));
+    if (k->parts != 1 && !(k->parts == 3 && N % 3 == 0 && (N / 3) % embfast::rowgemm::kVnniCols == 0))
+        throw invalid("split must be 1, or 3 with N / 3 a multiple of " + std::to_string(embfast::rowgemm::kVnniCols));
     rq.smooth = k->smooth.empty() ? nullptr : k->smooth.data();
     k->packed = embfast::rowgemm::pack(static_cast<const int8_t*>(w.data), K, N, static_cast<const float*>(scale.data),
                                        has_bias ? static_cast<const float*>(bias.data) : nullptr,
@@ -229,7 +234,7 @@ struct Work {
     const RowQuantKernel* k;
     const float* x;
     const float* residual;
-    float* y;
+    embfast::rowgemm::Out out;
     int64_t rows;
     int64_t rows_per_task;
 };
@@ -239,7 +244,7 @@ void run_task(void* data, size_t i) {
     const int64_t r0 = static_cast<int64_t>(i) * w.rows_per_task;
     const int64_t r1 = std::min(w.rows, r0 + w.rows_per_task);
     const auto& p = w.k->packed;
-    embfast::rowgemm::compute_rows(p, w.k->rq, w.x, p.K, w.residual, p.N, w.y, p.N, r0, r1);
+    embfast::rowgemm::compute_rows(p, w.k->rq, w.x, p.K, w.residual, p.N, w.out, r0, r1);
 }
 
 void compute_row_quant(const RowQuantKernel& k, OrtKernelContext* ctx) {
@@ -251,7 +256,7 @@ void compute_row_quant(const RowQuantKernel& k, OrtKernelContext* ctx) {
     if (x.type != kFloat || x.dims.empty() || x.dims.back() != p.K)
         throw invalid("X must be float with a last dimension of " + std::to_string(p.K));
     std::vector<int64_t> out_dims = x.dims;
-    out_dims.back() = p.N;
+    out_dims.back() = p.N / k.parts;
     const int64_t rows = x.size() / p.K;
     size_t inputs = 0;
     check(api.KernelContext_GetInputCount(ctx, &inputs));
@@ -261,20 +266,28 @@ void compute_row_quant(const RowQuantKernel& k, OrtKernelContext* ctx) {
         check(api.KernelContext_GetInput(ctx, 5, &rv));
         if (rv) {
             Tensor r = describe(api, rv);
-            if (r.type != kFloat || r.dims != out_dims) throw invalid("residual must be float and shaped as the output");
+            if (r.type != kFloat || r.dims != out_dims || k.parts != 1)
+                throw invalid("residual must be float and shaped as the output (and split 1)");
             residual = static_cast<const float*>(r.data);
         }
     }
-    OrtValue* yv = nullptr;
-    check(api.KernelContext_GetOutput(ctx, 0, out_dims.data(), out_dims.size(), &yv));
-    void* y = nullptr;
-    check(api.GetTensorMutableData(yv, &y));
+    embfast::rowgemm::Out out;
+    out.parts = k.parts;
+    out.width = p.N / k.parts;
+    for (int i = 0; i < k.parts; ++i) {
+        OrtValue* yv = nullptr;
+        check(api.KernelContext_GetOutput(ctx, i, out_dims.data(), out_dims.size(), &yv));
+        if (!yv) throw invalid("split 3 needs its 3 outputs");
+        void* y = nullptr;
+        check(api.GetTensorMutableData(yv, &y));
+        out.y[i] = static_cast<float*>(y);
+    }
     if (rows == 0) return;
     const int64_t block = p.isa == embfast::rowgemm::Isa::avx2 ? embfast::rowgemm::kAvx2Rows : embfast::rowgemm::kVnniRows;
     // Tasks of whole row blocks, about 4 per 64 rows: enough to balance, few enough to keep each task's
     // weight panel reads amortized.
     const int64_t rows_per_task = std::max<int64_t>(block, (rows / 16 + block - 1) / block * block);
-    Work w{&k, static_cast<const float*>(x.data), residual, static_cast<float*>(y), rows, rows_per_task};
+    Work w{&k, static_cast<const float*>(x.data), residual, out, rows, rows_per_task};
     const size_t tasks = static_cast<size_t>((rows + rows_per_task - 1) / rows_per_task);
     if (tasks == 1) {
         run_task(&w, 0);
@@ -318,11 +331,11 @@ CustomOp make_row_quant_op() {
     op.GetInputType = [](const CustomOp*, size_t i) { return static_cast<int>(i == 1 ? kInt8 : kFloat); };
     op.GetInputTypeCount = [](const CustomOp*) { return static_cast<size_t>(6); };
     op.GetOutputType = [](const CustomOp*, size_t) { return static_cast<int>(kFloat); };
-    op.GetOutputTypeCount = [](const CustomOp*) { return static_cast<size_t>(1); };
+    op.GetOutputTypeCount = [](const CustomOp*) { return static_cast<size_t>(3); };
     op.KernelCompute = [](void*, OrtKernelContext*) {};
     op.KernelDestroy = [](void* k) { delete static_cast<RowQuantKernel*>(k); };
     op.GetInputCharacteristic = [](const CustomOp*, size_t i) { return static_cast<int>(i < 3 ? kRequired : kOptional); };
-    op.GetOutputCharacteristic = [](const CustomOp*, size_t) { return static_cast<int>(kRequired); };
+    op.GetOutputCharacteristic = [](const CustomOp*, size_t i) { return static_cast<int>(i == 0 ? kRequired : kOptional); };
     op.GetInputMemoryType = [](const CustomOp*, size_t) { return 0; };  // OrtMemTypeDefault
     op.GetVariadicInputMinArity = [](const CustomOp*) { return 1; };
     op.GetVariadicInputHomogeneity = [](const CustomOp*) { return 1; };

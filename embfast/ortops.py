@@ -166,9 +166,10 @@ def row_quant_matmul_reference(x, w_q, col_scale, bias=None, smooth=None, residu
 
 
 def row_quant_matmul_model(w_q, col_scale, bias=None, smooth=None, *, residual: bool = False, zero_point: int = 128,
-                           levels: float = 127.0, floor: float = 1e-30, shifted: bool = False, activation: int = 0):
+                           levels: float = 127.0, floor: float = 1e-30, shifted: bool = False, activation: int = 0,
+                           split: int = 1):
     """A one-node ONNX model of RowQuantMatMul (inputs ``x`` (rows..., K) and, with ``residual``, ``r``;
-    output ``y``), for tests and benchmarks."""
+    output ``y``, or ``y0``, ``y1``, ``y2`` with ``split=3``), for tests and benchmarks."""
     from onnx import TensorProto, helper, numpy_helper
 
     K, N = np.asarray(w_q).shape
@@ -187,10 +188,11 @@ def row_quant_matmul_model(w_q, col_scale, bias=None, smooth=None, *, residual: 
         inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["B", "S", N]))
     while names and not names[-1]:
         names.pop()
-    node = helper.make_node("RowQuantMatMul", names, ["y"], domain=DOMAIN, zero_point=zero_point,
-                            levels=float(levels), floor=float(floor), shifted=int(shifted), activation=activation)
-    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", N])
-    graph = helper.make_graph([node], "rowquant", inputs, [out], inits)
+    outs = ["y"] if split == 1 else [f"y{i}" for i in range(split)]
+    node = helper.make_node("RowQuantMatMul", names, outs, domain=DOMAIN, zero_point=zero_point, levels=float(levels),
+                            floor=float(floor), shifted=int(shifted), activation=activation, split=split)
+    info = [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["B", "S", N // split]) for o in outs]
+    graph = helper.make_graph([node], "rowquant", inputs, info, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
     model.ir_version = 8
     return model

@@ -26,9 +26,10 @@ ONNX Runtime tiles or threads the product.
 
 Two forms of the same recipe. :func:`quantize_rows_fused` (the default when embfast's operator library is
 installed) makes each MatMul one ``ai.embfast::RowQuantMatMul`` (:mod:`embfast.ortops`) that also takes in the
-bias, the residual and GELU: 1.16x the speed of ONNX Runtime's per-tensor recipe on a 2-core AVX-512 VNNI CPU.
+bias, the residual, GELU and the QKV Split: 1.07-1.11x the speed of ONNX Runtime's per-tensor recipe on a 2-core
+AVX-512 VNNI CPU.
 :func:`quantize_rows` writes it with ONNX Runtime's own operators (a row reduction, scaling and quantizing
-before each ``MatMulIntegerToFloat``, a row-scaling Mul after): 0.87x, from the extra element-wise passes
+before each ``MatMulIntegerToFloat``, a row-scaling Mul after): 0.79-0.87x, from the extra element-wise passes
 (benchmarks/README.md). :mod:`embfast.variants` builds it as variant ``int8-rows``, the default int8.
 
 The fused ``Attention`` node (input projection inside, quantized by ``quantize_dynamic`` into
@@ -52,7 +53,7 @@ import numpy as np
 # MatMuls with fewer input or output features than this stay float32 (tiny heads, no speed to gain).
 MIN_DIM = 16
 RECIPE = "rowquant-u8s8"  # the graph form (ONNX Runtime's own operators)
-RECIPE_FUSED = "rowquant-fused-1"  # one ai.embfast::RowQuantMatMul per MatMul (embfast.ortops)
+RECIPE_FUSED = "rowquant-fused-2"  # one ai.embfast::RowQuantMatMul per MatMul (embfast.ortops)
 
 
 def fused_available() -> bool:
@@ -272,13 +273,33 @@ def _smoothing_factors(targets, weights, smooth: dict, alpha: float) -> dict[str
     return factors
 
 
+def _thirds(split, n_out: int, inits) -> bool | None:
+    """True when the Split node ``split`` cuts the last axis of an (..., n_out) tensor into 3 equal parts that
+    RowQuantMatMul can write itself (each a multiple of its 32-column tiles); else None."""
+    from onnx import helper, numpy_helper
+
+    if split.domain not in ("", "ai.onnx") or len(split.output) != 3 or n_out % 96:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in split.attribute}
+    if attrs.get("axis", 0) not in (-1, 2):  # (B, S, 3 x hidden) in the graphs split_attention writes
+        return None
+    sizes = attrs.get("split")
+    if len(split.input) > 1 and split.input[1]:
+        if split.input[1] not in inits:
+            return None
+        sizes = numpy_helper.to_array(inits[split.input[1]]).tolist()
+    return True if sizes is None or list(sizes) == [n_out // 3] * 3 else None
+
+
 def quantize_rows_fused(model, exclude=(), smooth: dict | None = None, alpha: float = 0.5) -> dict:
     """The per-row int8 rewrite of :func:`quantize_rows` with each MatMul as one ``ai.embfast::RowQuantMatMul``
     (:mod:`embfast.ortops`), which also takes in what follows the MatMul where it can (in place):
 
     - ``Add(MatMul, bias)`` with a 1-D float initializer: the bias;
     - then ``Add(that, residual)`` when the sum is its only use: the residual;
-    - ``BiasGelu(MatMul, bias)`` (and ``Gelu``): the bias and GELU (erf form, to 1.5e-7).
+    - ``BiasGelu(MatMul, bias)`` (and ``Gelu``): the bias and GELU (erf form, to 1.5e-7);
+    - ``Split(MatMul)`` into 3 equal parts (the QKV projection :func:`split_attention` writes): the operator
+      writes Q, K and V itself, and takes in MultiHeadAttention's bias.
 
     Same quantization as :func:`quantize_rows` (smoothing factors, per-row scales, zero point 16 for GELU
     outputs), so the same accuracy; the smoothing multiplier goes into the operator too. Returns counts of
@@ -311,7 +332,7 @@ def quantize_rows_fused(model, exclude=(), smooth: dict | None = None, alpha: fl
 
     removed: set[int] = set()
     replace: dict[int, object] = {}
-    counts = {"matmuls_quantized": 0, "bias_fused": 0, "residual_fused": 0, "gelu_fused": 0}
+    counts = {"matmuls_quantized": 0, "bias_fused": 0, "residual_fused": 0, "gelu_fused": 0, "split_fused": 0}
     for node in targets:
         x = node.input[0]
         base = node.name or node.output[0]
@@ -350,6 +371,19 @@ def quantize_rows_fused(model, exclude=(), smooth: dict | None = None, alpha: fl
             out, activation, last = nxt.output[0], 1, nxt
             removed.add(id(nxt))
             counts["gelu_fused"] += 1
+        outs = [out]
+        split = _thirds(nxt, n_out, inits) if nxt is not None and nxt.op_type == "Split" else None
+        if split is not None:  # Q, K and V written straight from the products; MultiHeadAttention's bias too
+            outs, last = list(nxt.output), nxt
+            removed.add(id(nxt))
+            users = {id(u): u for o in outs for u in consumers.get(o, [])}
+            mha = next(iter(users.values())) if len(users) == 1 else None
+            if (mha is not None and mha.op_type == "MultiHeadAttention" and list(mha.input[:3]) == outs
+                    and len(mha.input) > 3 and vector(mha.input[3], n_out)):
+                names["bias"] = mha.input[3]
+                mha.input[3] = ""
+                counts["bias_fused"] += 1
+            counts["split_fused"] += 1
         ins = [x, f"{base}_rq_int8", f"{base}_rq_scale", names["bias"], names["smooth"], names["residual"]]
         while not ins[-1]:
             ins.pop()
@@ -357,8 +391,8 @@ def quantize_rows_fused(model, exclude=(), smooth: dict | None = None, alpha: fl
         removed.add(id(node))
         removed.discard(id(last))
         replace[id(last)] = helper.make_node(
-            "RowQuantMatMul", ins, [out], name=f"{base}_rq", domain=DOMAIN, zero_point=zp, levels=levels,
-            floor=floor, shifted=int(shifted), activation=activation)
+            "RowQuantMatMul", ins, outs, name=f"{base}_rq", domain=DOMAIN, zero_point=zp, levels=levels,
+            floor=floor, shifted=int(shifted), activation=activation, split=len(outs))
         counts["matmuls_quantized"] += 1
     nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in removed]
     del graph.node[:]

@@ -10,8 +10,8 @@
   (per token) from that row alone, and SmoothQuant-smoothed LayerNorm outputs
   (:mod:`embfast.rowquant`): the same vector alone or in any batch, bit for bit, and closer to
   fp32 (min cosine 0.995 against 0.95 on real text). Each MatMul is one fused operator
-  (``ai.embfast::RowQuantMatMul``, :mod:`embfast.ortops`), 1.16x the speed of ``int8`` below;
-  without the operator library the same recipe is written with ONNX Runtime's operators (0.87x).
+  (``ai.embfast::RowQuantMatMul``, :mod:`embfast.ortops`), 1.07-1.11x the speed of ``int8`` below;
+  without the operator library the same recipe is written with ONNX Runtime's operators (0.79-0.87x).
   The manifest records which (``recipe``), and a variant of the other recipe is rebuilt.
 - ``int8`` -> ``model.int8.onnx``, run for ``precision="int8"`` when ``EMBFAST_INT8_RECIPE=dynamic``:
   ONNX Runtime's dynamic int8 quantization of the optimized graph

@@ -92,6 +92,21 @@ def test_a_row_gets_the_same_bits_alone_and_in_any_batch(path):
             assert np.array_equal(alone[0, 0], full[b, s])
 
 
+def test_split_writes_q_k_and_v_as_three_outputs(path):
+    """split=3 (a QKV projection): the three outputs are the reference's thirds, bit for bit."""
+    rng = np.random.default_rng(11)
+    case = _case(rng, (3, 21), 384, 1152, "symmetric", False, False, True, True)
+    kw = {"zero_point": 128, "levels": 127.0, "floor": 1e-30, "shifted": False, "activation": 0}
+    sess = ortops.session(ortops.row_quant_matmul_model(case["w_q"], case["col_scale"], case["bias"], case["smooth"],
+                                                         split=3, **kw))
+    outs = sess.run(None, {"x": case["x"]})
+    ref = _reference(case)
+    assert len(outs) == 3 and all(o.shape == (3, 21, 384) for o in outs)
+    assert np.array_equal(np.concatenate(outs, axis=-1), ref)
+    with pytest.raises(Exception, match="split must be 1, or 3"):
+        ortops.session(ortops.row_quant_matmul_model(case["w_q"][:, :96 * 3 - 32], case["col_scale"][:256], split=3))
+
+
 def test_gelu_is_within_float_rounding_of_the_erf_form():
     x = np.linspace(-12, 12, 200001, dtype=np.float32)
     exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])

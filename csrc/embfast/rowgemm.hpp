@@ -395,14 +395,30 @@ EMBFAST_AVX2 EMBFAST_INLINE __m256 gelu_avx2(__m256 x) {
 // ---------------------------------------------------------------------------------------------
 // Products of one block of rows (at most kMaxRows), quantized rows q (rows x Kp, zero-padded), into y.
 
+// Where the output columns go: `parts` equal tensors of `width` columns each (a QKV projection written
+// straight into Q, K and V), or one (parts = 1, width = N). Each is row-major with `width` columns.
+struct Out {
+    float* y[3] = {nullptr, nullptr, nullptr};
+    int parts = 1;
+    int width = 0;
+};
+
 struct Block {
     const uint8_t* q;       // rows x Kp
     const float* amax;      // rows
     int rows;
     const float* residual;  // rows x ld_res, or null
-    float* y;               // rows x ldy
-    size_t ldy, ld_res;
+    const Out* out;
+    int64_t row0;           // the block's first row in the output
+    size_t ld_res;
 };
+
+// The output address of (row r of the block, column col); a micro-kernel tile never straddles two parts.
+inline float* dst(const Block& b, int r, int col) {
+    const Out& o = *b.out;
+    const int part = o.parts == 1 ? 0 : col / o.width;
+    return o.y[part] + (b.row0 + r) * static_cast<int64_t>(o.width) + (col - part * o.width);
+}
 
 // One dot product per output over contiguous int16 pairs: compilers vectorize this reduction with the
 // baseline ISA's multiply-add of int16 pairs (SSE2 pmaddwd), exactly, since |q - zp| * |w| <= 255 * 127.
@@ -417,11 +433,10 @@ inline void block_generic(const Packed& p, const RowQuant& rq, const Block& b) {
     for (int r = 0; r < b.rows; ++r) {
         const uint8_t* qr = b.q + static_cast<size_t>(r) * p.Kp;
         for (int k = 0; k < p.K; ++k) a[k] = static_cast<int16_t>(static_cast<int>(qr[k]) - rq.zero_point);
-        float* yr = b.y + r * b.ldy;
         const float* res = b.residual ? b.residual + r * b.ld_res : nullptr;
         for (int c = 0; c < p.N; ++c) {
             const int32_t acc = dot_i16(a.data(), p.w16.data() + static_cast<size_t>(c) * p.K, p.K);
-            yr[c] = epilogue_scalar(acc, p.col_scale[c], b.amax[r], p.bias[c], res ? res + c : nullptr,
+            *dst(b, r, c) = epilogue_scalar(acc, p.col_scale[c], b.amax[r], p.bias[c], res ? res + c : nullptr,
                                     rq.activation);
         }
     }
@@ -472,7 +487,7 @@ EMBFAST_AVX512VNNI_ENTRY void micro_vnni(const Packed& p, const RowQuant& rq, co
     const __m512i zp = _mm512_set1_epi32(rq.zero_point);
     for (int r = 0; r < b.rows; ++r) {
         const __m512 amax = _mm512_set1_ps(b.amax[r]);
-        float* yr = b.y + r * b.ldy + col0;
+        float* yr = dst(b, r, col0);
         const float* res = b.residual ? b.residual + r * b.ld_res + col0 : nullptr;
         for (int h = 0; h < 2; ++h) {
             if (!masks[h]) continue;
@@ -524,7 +539,7 @@ EMBFAST_AVX2_ENTRY void micro_avx2(const Packed& p, const RowQuant& rq, const in
     alignas(32) float tmp[8];
     for (int r = 0; r < b.rows; ++r) {
         const __m256 amax = _mm256_set1_ps(b.amax[r]);
-        float* yr = b.y + r * b.ldy + col0;
+        float* yr = dst(b, r, col0);
         const float* res = b.residual ? b.residual + r * b.ld_res + col0 : nullptr;
         for (int h = 0; h < 2; ++h) {
             const int n = std::min(8, ncols - h * 8);
@@ -555,9 +570,10 @@ EMBFAST_AVX2_ENTRY void micro_avx2(const Packed& p, const RowQuant& rq, const in
 }
 #endif
 
-// y (M x N, row stride ldy) for input rows x (M x K, row stride ldx) from row r0 to r1.
+// Output rows r0 to r1 (into `out`) for input rows x (M x K, row stride ldx). With out.parts > 1, out.width
+// must be a multiple of kVnniCols (the micro-kernels' tiles stay within one part).
 inline void compute_rows(const Packed& p, const RowQuant& rq, const float* x, size_t ldx, const float* residual,
-                         size_t ld_res, float* y, size_t ldy, int64_t r0, int64_t r1) {
+                         size_t ld_res, const Out& out, int64_t r0, int64_t r1) {
     thread_local std::vector<uint8_t> qbuf;
     thread_local std::vector<int16_t> a16;
     qbuf.assign(static_cast<size_t>(kMaxRows) * p.Kp, static_cast<uint8_t>(rq.zero_point));
@@ -581,7 +597,7 @@ inline void compute_rows(const Packed& p, const RowQuant& rq, const float* x, si
             std::memset(qbuf.data() + static_cast<size_t>(i) * p.Kp, rq.zero_point, p.Kp);
             amax[i] = 0.0f;
         }
-        Block b{qbuf.data(), amax, rows, residual ? residual + r * ld_res : nullptr, y + r * ldy, ldy, ld_res};
+        Block b{qbuf.data(), amax, rows, residual ? residual + r * ld_res : nullptr, &out, r, ld_res};
 #if EMBFAST_X86
         if (p.isa == Isa::avx512vnni) {
             for (int nb = 0; nb < p.Np / kVnniCols; ++nb) micro_vnni(p, rq, b, nb);
