@@ -200,6 +200,7 @@ RowQuantKernel* create_row_quant(const Api& api, const OrtKernelInfo* info) {
     if (!constant_input(api, info, 1, &w) || w.type != kInt8 || w.dims.size() != 2)
         throw invalid("W must be a 2-D int8 initializer");
     const int K = static_cast<int>(w.dims[0]), N = static_cast<int>(w.dims[1]);
+    if (K <= 0 || N <= 0) throw invalid("W must not be empty");
     if (!constant_input(api, info, 2, &scale) || scale.type != kFloat || scale.size() != N)
         throw invalid("col_scale must be a float initializer of W's column count");
     const bool has_bias = constant_input(api, info, 3, &bias);
@@ -284,8 +285,8 @@ void compute_row_quant(const RowQuantKernel& k, OrtKernelContext* ctx) {
     }
     if (rows == 0) return;
     const int64_t block = p.isa == embfast::rowgemm::Isa::avx2 ? embfast::rowgemm::kAvx2Rows : embfast::rowgemm::kVnniRows;
-    // Tasks of whole row blocks, about 4 per 64 rows: enough to balance, few enough to keep each task's
-    // weight panel reads amortized.
+    // Tasks of whole row blocks, about 16 per call (at least one block each): enough to balance the pool's
+    // threads, few enough that each task's passes over the weights stay amortized.
     const int64_t rows_per_task = std::max<int64_t>(block, (rows / 16 + block - 1) / block * block);
     Work w{&k, static_cast<const float*>(x.data), residual, out, rows, rows_per_task};
     const size_t tasks = static_cast<size_t>((rows + rows_per_task - 1) / rows_per_task);

@@ -52,6 +52,7 @@ import numpy as np
 
 # MatMuls with fewer input or output features than this stay float32 (tiny heads, no speed to gain).
 MIN_DIM = 16
+ALPHA = 0.5  # SmoothQuant's migration strength (its paper's default; 0.3-0.7 measured within 0.0005 of it)
 RECIPE = "rowquant-u8s8"  # the graph form (ONNX Runtime's own operators)
 RECIPE_FUSED = "rowquant-fused-2"  # one ai.embfast::RowQuantMatMul per MatMul (embfast.ortops)
 
@@ -67,7 +68,7 @@ def current_recipe(fused: bool | None = None) -> str:
     """The recipe a new ``int8-rows`` variant gets: :data:`RECIPE_FUSED` when the operator library is
     installed, else :data:`RECIPE`."""
     return RECIPE_FUSED if (fused_available() if fused is None else fused) else RECIPE
-ALPHA = 0.5  # SmoothQuant's migration strength (its paper's default; 0.3-0.7 measured within 0.0005 of it)
+
 
 
 def split_attention(model) -> int:
@@ -296,7 +297,8 @@ def quantize_rows_fused(model, exclude=(), smooth: dict | None = None, alpha: fl
     (:mod:`embfast.ortops`), which also takes in what follows the MatMul where it can (in place):
 
     - ``Add(MatMul, bias)`` with a 1-D float initializer: the bias;
-    - then ``Add(that, residual)`` when the sum is its only use: the residual;
+    - then ``Add(that, residual)`` when the sum is its only use and the residual a LayerNorm's output (the
+      token stream of a post-LN encoder, shaped as the product): the residual;
     - ``BiasGelu(MatMul, bias)`` (and ``Gelu``): the bias and GELU (erf form, to 1.5e-7);
     - ``Split(MatMul)`` into 3 equal parts (the QKV projection :func:`split_attention` writes): the operator
       writes Q, K and V itself, and takes in MultiHeadAttention's bias.
@@ -359,8 +361,11 @@ def quantize_rows_fused(model, exclude=(), smooth: dict | None = None, alpha: fl
                 removed.add(id(nxt))
                 counts["bias_fused"] += 1
                 res = only_use(out)
-                if res is not None and res.op_type == "Add" and res.domain in ("", "ai.onnx"):
-                    names["residual"] = res.input[1] if res.input[0] == out else res.input[0]
+                other = None if res is None else res.input[1] if res.input[0] == out else res.input[0]
+                # a LayerNorm's output: the token stream, shaped as this product (the operator adds no broadcast)
+                if (res is not None and res.op_type == "Add" and res.domain in ("", "ai.onnx")
+                        and getattr(producers.get(other), "op_type", "") in LAYER_NORM_OPS):
+                    names["residual"] = other
                     out, last = res.output[0], res
                     removed.add(id(res))
                     counts["residual_fused"] += 1
