@@ -78,10 +78,11 @@ struct Api {
     OrtStatus* GetTensorTypeAndShape(const OrtValue* v, OrtTensorTypeAndShapeInfo** out) const {
         return at<OrtStatus* (*)(const OrtValue*, OrtTensorTypeAndShapeInfo**)>(65)(v, out);
     }
-    OrtStatus* KernelInfoGetAttribute_float(const OrtKernelInfo* i, const char* name, float* out) const {
+    // KernelInfoGetAttribute_float and _int64, by the value's type.
+    OrtStatus* KernelInfoGetAttribute(const OrtKernelInfo* i, const char* name, float* out) const {
         return at<OrtStatus* (*)(const OrtKernelInfo*, const char*, float*)>(85)(i, name, out);
     }
-    OrtStatus* KernelInfoGetAttribute_int64(const OrtKernelInfo* i, const char* name, int64_t* out) const {
+    OrtStatus* KernelInfoGetAttribute(const OrtKernelInfo* i, const char* name, int64_t* out) const {
         return at<OrtStatus* (*)(const OrtKernelInfo*, const char*, int64_t*)>(86)(i, name, out);
     }
     OrtStatus* KernelContext_GetInputCount(const OrtKernelContext* c, size_t* out) const {
@@ -173,20 +174,11 @@ bool constant_input(const Api& api, const OrtKernelInfo* info, size_t index, Ten
     return true;
 }
 
-float attr_float(const Api& api, const OrtKernelInfo* info, const char* name, float fallback) {
-    float v = fallback;
-    OrtStatus* s = api.KernelInfoGetAttribute_float(info, name, &v);
-    if (s) {
-        api.ReleaseStatus(s);
-        return fallback;
-    }
-    return v;
-}
-
-int64_t attr_int(const Api& api, const OrtKernelInfo* info, const char* name, int64_t fallback) {
-    int64_t v = fallback;
-    OrtStatus* s = api.KernelInfoGetAttribute_int64(info, name, &v);
-    if (s) {
+// The node's attribute `name` (float or int64), or `fallback` when the node does not set it.
+template <typename T>
+T attr(const Api& api, const OrtKernelInfo* info, const char* name, T fallback) {
+    T v = fallback;
+    if (OrtStatus* s = api.KernelInfoGetAttribute(info, name, &v)) {
         api.ReleaseStatus(s);
         return fallback;
     }
@@ -212,16 +204,16 @@ RowQuantKernel* create_row_quant(const Api& api, const OrtKernelInfo* info) {
         k->smooth.assign(s, s + K);
     }
     auto& rq = k->rq;
-    rq.zero_point = static_cast<int>(attr_int(api, info, "zero_point", 128));
-    rq.levels = attr_float(api, info, "levels", 127.0f);
-    rq.floor = attr_float(api, info, "floor", 1e-30f);
-    rq.shifted = attr_int(api, info, "shifted", 0) != 0;
-    rq.activation = static_cast<int>(attr_int(api, info, "activation", 0));
+    rq.zero_point = static_cast<int>(attr<int64_t>(api, info, "zero_point", 128));
+    rq.levels = attr(api, info, "levels", 127.0f);
+    rq.floor = attr(api, info, "floor", 1e-30f);
+    rq.shifted = attr<int64_t>(api, info, "shifted", 0) != 0;
+    rq.activation = static_cast<int>(attr<int64_t>(api, info, "activation", 0));
     if (rq.zero_point < 0 || rq.zero_point > 255) throw invalid("zero_point must be in [0, 255]");
     if (!(rq.levels > 0.0f) || rq.levels + rq.zero_point > 255.0f) throw invalid("levels + zero_point must be in (0, 255]");
     if (!(rq.floor > 0.0f)) throw invalid("floor must be > 0");
     if (rq.activation != 0 && rq.activation != 1) throw invalid("activation must be 0 (none) or 1 (GELU)");
-    k->parts = static_cast<int>(attr_int(api, info, "split", 1));
+    k->parts = static_cast<int>(attr<int64_t>(api, info, "split", 1));
     if (k->parts != 1 && !(k->parts == 3 && N % 3 == 0 && (N / 3) % embfast::rowgemm::kVnniCols == 0))
         throw invalid("split must be 1, or 3 with N / 3 a multiple of " + std::to_string(embfast::rowgemm::kVnniCols));
     rq.smooth = k->smooth.empty() ? nullptr : k->smooth.data();

@@ -146,6 +146,8 @@ LAYER_NORM_OPS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLay
 # representable (SHIFTED_ZP steps below zero), so nothing clips.
 GELU_MIN = 0.17
 SHIFTED_ZP = 16
+SHIFTED_LEVELS = 255.0 - SHIFTED_ZP
+SHIFTED_FLOOR = GELU_MIN * SHIFTED_LEVELS / SHIFTED_ZP
 
 
 
@@ -156,6 +158,49 @@ def _quantizable(node, inits, exclude) -> bool:
     w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
     return (w is not None and w.data_type == TensorProto.FLOAT and len(w.dims) == 2 and min(w.dims) >= MIN_DIM
             and node.name not in exclude)
+
+
+def _smoothing_factors(targets, weights, smooth: dict, alpha: float) -> dict[str, np.ndarray]:
+    """SmoothQuant's per-channel factor ``s`` for each smoothed input (see :func:`quantize_rows`)."""
+    factors: dict[str, np.ndarray] = {}
+    for x in {n.input[0] for n in targets} & set(smooth):
+        w_amax = np.max([np.abs(weights[n.name]).max(axis=1) for n in targets if n.input[0] == x], axis=0)
+        s = np.power(np.maximum(smooth[x], 1e-5), alpha) / np.power(np.maximum(w_amax, 1e-5), 1 - alpha)
+        factors[x] = np.clip(s, 1e-3, 1e3).astype(np.float32)
+    return factors
+
+
+def _shifted(x: str, producers: dict, factors: dict) -> bool:
+    """True when the rows of ``x`` get zero point :data:`SHIFTED_ZP`: a GELU's output, not smoothed."""
+    producer = producers.get(x)
+    return producer is not None and producer.op_type in GELU_OPS and x not in factors
+
+
+def _add_weights(graph, base: str, w: np.ndarray, factor: np.ndarray | None, levels: float) -> tuple[str, str]:
+    """Append the int8 weights of ``w`` (smoothed by ``factor``) and their per-column scale over ``levels`` to
+    ``graph``'s initializers; returns their names."""
+    from onnx import numpy_helper
+
+    w_q, scale = quantize_weight(w if factor is None else w * factor[:, None])
+    names = f"{base}_rq_int8", f"{base}_rq_scale"
+    graph.initializer.append(numpy_helper.from_array(w_q, names[0]))
+    graph.initializer.append(numpy_helper.from_array((scale / levels).astype(np.float32), names[1]))
+    return names
+
+
+def _set_nodes(model, nodes: list, domain: str) -> None:
+    """Make ``nodes`` the graph's nodes, drop initializers no node reads, and import ``domain``."""
+    from onnx import helper
+
+    graph = model.graph
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, 1))
 
 
 def quantize_rows(model, exclude=(), smooth: dict | None = None, alpha: float = 0.5) -> int:
@@ -178,9 +223,9 @@ def quantize_rows(model, exclude=(), smooth: dict | None = None, alpha: float = 
     producers = {o: n for n in graph.node for o in n.output}
     smooth = smooth or {}
     consts = {
-        "rq_127": np.array(127.0, np.float32), "rq_shifted_levels": np.array(255.0 - SHIFTED_ZP, np.float32),
+        "rq_127": np.array(127.0, np.float32), "rq_shifted_levels": np.array(SHIFTED_LEVELS, np.float32),
         "rq_tiny": np.array(1e-30, np.float32), "rq_one": np.array(1.0, np.float32),
-        "rq_shifted_floor": np.array(GELU_MIN * (255 - SHIFTED_ZP) / SHIFTED_ZP, np.float32),
+        "rq_shifted_floor": np.array(SHIFTED_FLOOR, np.float32),
         "rq_zp": np.array(128, np.uint8), "rq_zp_shifted": np.array(SHIFTED_ZP, np.uint8),
         "rq_axes": np.array([-1], np.int64),
     }
@@ -196,11 +241,7 @@ def quantize_rows(model, exclude=(), smooth: dict | None = None, alpha: float = 
             graph.initializer.append(numpy_helper.from_array(value, name))
     targets = [n for n in graph.node if _quantizable(n, inits, exclude)]
     weights = {n.name: numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in targets}
-    factors: dict[str, np.ndarray] = {}  # input -> per-channel smoothing factor s
-    for x in {n.input[0] for n in targets} & set(smooth):
-        w_amax = np.max([np.abs(weights[n.name]).max(axis=1) for n in targets if n.input[0] == x], axis=0)
-        s = np.power(np.maximum(smooth[x], 1e-5), alpha) / np.power(np.maximum(w_amax, 1e-5), 1 - alpha)
-        factors[x] = np.clip(s, 1e-3, 1e3).astype(np.float32)
+    factors = _smoothing_factors(targets, weights, smooth, alpha)  # input -> per-channel smoothing factor s
     target_names = {n.name for n in targets}
     rows: dict[str, tuple] = {}  # input -> (uint8 rows, per-row scale, zero point, levels)
     new_nodes = []
@@ -217,15 +258,13 @@ def quantize_rows(model, exclude=(), smooth: dict | None = None, alpha: float = 
                 graph.initializer.append(numpy_helper.from_array((1.0 / factors[x]).astype(np.float32), f"{p}_smooth"))
                 new_nodes.append(helper.make_node("Mul", [x, f"{p}_smooth"], [f"{p}_smoothed"], name=f"{p}_Smooth"))
                 src = f"{p}_smoothed"
-            producer = producers.get(x)
-            shifted = producer is not None and producer.op_type in GELU_OPS and x not in factors
-            if shifted:  # nonnegative but for a small dip: the row maximum sets the scale
+            if _shifted(x, producers, factors):  # nonnegative but for a small dip: the row maximum sets the scale
                 new_nodes += [
                     reduce("ReduceMax", src, f"{p}_max"),
                     helper.make_node("Max", [f"{p}_max", "rq_shifted_floor"], [f"{p}_amax"], name=f"{p}_Max"),
                     helper.make_node("Div", ["rq_shifted_levels", f"{p}_amax"], [f"{p}_inv"], name=f"{p}_Div"),
                 ]
-                levels, zp = 255.0 - SHIFTED_ZP, "rq_zp_shifted"
+                levels, zp = SHIFTED_LEVELS, "rq_zp_shifted"
             else:
                 new_nodes += [
                     reduce("ReduceMax", src, f"{p}_max"),
@@ -241,55 +280,32 @@ def quantize_rows(model, exclude=(), smooth: dict | None = None, alpha: float = 
             ]
             rows[x] = (f"{p}_u8", f"{p}_amax", zp, levels)
         x_q, amax, zp, levels = rows[x]
-        w = weights[node.name]
-        if x in factors:
-            w = w * factors[x][:, None]
-        w_q, scale = quantize_weight(w)
-        wq_name, ws_name = f"{base}_rq_int8", f"{base}_rq_scale"
-        graph.initializer.append(numpy_helper.from_array(w_q, wq_name))
-        graph.initializer.append(numpy_helper.from_array((scale / levels).astype(np.float32), ws_name))
+        wq_name, ws_name = _add_weights(graph, base, weights[node.name], factors.get(x), levels)
         new_nodes += [
             helper.make_node("MatMulIntegerToFloat", [x_q, wq_name, "rq_one", ws_name, zp],
                              [f"{base}_rq_out"], name=f"{base}_rq_MatMul", domain="com.microsoft"),
             helper.make_node("Mul", [f"{base}_rq_out", amax], list(node.output), name=f"{base}_rq_RowScale"),
         ]
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _set_nodes(model, new_nodes, "com.microsoft")
     return len(targets)
 
 
-def _smoothing_factors(targets, weights, smooth: dict, alpha: float) -> dict[str, np.ndarray]:
-    """SmoothQuant's per-channel factor ``s`` for each smoothed input (see :func:`quantize_rows`)."""
-    factors: dict[str, np.ndarray] = {}
-    for x in {n.input[0] for n in targets} & set(smooth):
-        w_amax = np.max([np.abs(weights[n.name]).max(axis=1) for n in targets if n.input[0] == x], axis=0)
-        s = np.power(np.maximum(smooth[x], 1e-5), alpha) / np.power(np.maximum(w_amax, 1e-5), 1 - alpha)
-        factors[x] = np.clip(s, 1e-3, 1e3).astype(np.float32)
-    return factors
-
-
-def _thirds(split, n_out: int, inits) -> bool | None:
+def _thirds(split, n_out: int, inits) -> bool:
     """True when the Split node ``split`` cuts the last axis of an (..., n_out) tensor into 3 equal parts that
-    RowQuantMatMul can write itself (each a multiple of its 32-column tiles); else None."""
+    RowQuantMatMul can write itself (each a multiple of its 32-column tiles)."""
     from onnx import helper, numpy_helper
 
     if split.domain not in ("", "ai.onnx") or len(split.output) != 3 or n_out % 96:
-        return None
+        return False
     attrs = {a.name: helper.get_attribute_value(a) for a in split.attribute}
     if attrs.get("axis", 0) not in (-1, 2):  # (B, S, 3 x hidden) in the graphs split_attention writes
-        return None
+        return False
     sizes = attrs.get("split")
     if len(split.input) > 1 and split.input[1]:
         if split.input[1] not in inits:
-            return None
+            return False
         sizes = numpy_helper.to_array(inits[split.input[1]]).tolist()
-    return True if sizes is None or list(sizes) == [n_out // 3] * 3 else None
+    return sizes is None or list(sizes) == [n_out // 3] * 3
 
 
 def quantize_rows_fused(model, exclude=(), smooth: dict | None = None, alpha: float = 0.5) -> dict:
@@ -338,20 +354,14 @@ def quantize_rows_fused(model, exclude=(), smooth: dict | None = None, alpha: fl
     for node in targets:
         x = node.input[0]
         base = node.name or node.output[0]
-        w = weights[node.name]
-        n_out = w.shape[1]
+        n_out = weights[node.name].shape[1]
         names = {"bias": "", "smooth": "", "residual": ""}
         if x in factors:
-            w = w * factors[x][:, None]
             names["smooth"] = f"{base}_rq_smooth"
             graph.initializer.append(numpy_helper.from_array((1.0 / factors[x]).astype(np.float32), names["smooth"]))
-        producer = producers.get(x)
-        shifted = producer is not None and producer.op_type in GELU_OPS and x not in factors
-        levels, zp = (255.0 - SHIFTED_ZP, SHIFTED_ZP) if shifted else (127.0, 128)
-        floor = GELU_MIN * (255 - SHIFTED_ZP) / SHIFTED_ZP if shifted else 1e-30
-        w_q, scale = quantize_weight(w)
-        graph.initializer.append(numpy_helper.from_array(w_q, f"{base}_rq_int8"))
-        graph.initializer.append(numpy_helper.from_array((scale / levels).astype(np.float32), f"{base}_rq_scale"))
+        shifted = _shifted(x, producers, factors)
+        levels, zp, floor = (SHIFTED_LEVELS, SHIFTED_ZP, SHIFTED_FLOOR) if shifted else (127.0, 128, 1e-30)
+        wq_name, ws_name = _add_weights(graph, base, weights[node.name], factors.get(x), levels)
         out, activation, last = node.output[0], 0, node
         nxt = only_use(out)
         if nxt is not None and nxt.op_type == "Add" and nxt.domain in ("", "ai.onnx"):
@@ -377,8 +387,8 @@ def quantize_rows_fused(model, exclude=(), smooth: dict | None = None, alpha: fl
             removed.add(id(nxt))
             counts["gelu_fused"] += 1
         outs = [out]
-        split = _thirds(nxt, n_out, inits) if nxt is not None and nxt.op_type == "Split" else None
-        if split is not None:  # Q, K and V written straight from the products; MultiHeadAttention's bias too
+        # Q, K and V written straight from the products, with MultiHeadAttention's bias
+        if nxt is not None and nxt.op_type == "Split" and _thirds(nxt, n_out, inits):
             outs, last = list(nxt.output), nxt
             removed.add(id(nxt))
             users = {id(u): u for o in outs for u in consumers.get(o, [])}
@@ -389,7 +399,7 @@ def quantize_rows_fused(model, exclude=(), smooth: dict | None = None, alpha: fl
                 mha.input[3] = ""
                 counts["bias_fused"] += 1
             counts["split_fused"] += 1
-        ins = [x, f"{base}_rq_int8", f"{base}_rq_scale", names["bias"], names["smooth"], names["residual"]]
+        ins = [x, wq_name, ws_name, names["bias"], names["smooth"], names["residual"]]
         while not ins[-1]:
             ins.pop()
         # at the place of the last node it takes in: every input (a residual too) is computed by then
@@ -399,15 +409,7 @@ def quantize_rows_fused(model, exclude=(), smooth: dict | None = None, alpha: fl
             "RowQuantMatMul", ins, outs, name=f"{base}_rq", domain=DOMAIN, zero_point=zp, levels=levels,
             floor=floor, shifted=int(shifted), activation=activation, split=len(outs))
         counts["matmuls_quantized"] += 1
-    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in removed]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    _set_nodes(model, [replace.get(id(n), n) for n in graph.node if id(n) not in removed], DOMAIN)
     return counts
 
 

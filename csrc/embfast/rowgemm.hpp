@@ -208,23 +208,31 @@ inline float gelu_scalar(float x) {
 // ---------------------------------------------------------------------------------------------
 // Row quantization (all paths give the same bytes and amax: max is exact, each step one IEEE op).
 
-inline void quantize_row_generic(const float* x, int K, const RowQuant& rq, uint8_t* q, float* amax_out) {
-    float m = 0.0f;
-    bool first = true;
-    for (int k = 0; k < K; ++k) {
+// The scalar steps of a row's quantization: the spec. The SIMD versions do the same lane by lane and call these
+// for the channels past the last full vector.
+inline float row_max_from(const float* x, int k, int K, const RowQuant& rq, float m) {
+    for (; k < K; ++k) {
         float v = rq.smooth ? x[k] * rq.smooth[k] : x[k];
         float a = rq.shifted ? v : std::fabs(v);
-        if (first || a > m) m = a;
-        first = false;
+        if (a > m) m = a;
     }
-    float amax = m > rq.floor ? m : rq.floor;
-    float inv = rq.levels / amax;
-    for (int k = 0; k < K; ++k) {
+    return m;
+}
+
+inline float row_amax(float m, const RowQuant& rq) { return m > rq.floor ? m : rq.floor; }
+
+inline void quantize_from(const float* x, int k, int K, const RowQuant& rq, float inv, uint8_t* q) {
+    for (; k < K; ++k) {
         float v = rq.smooth ? x[k] * rq.smooth[k] : x[k];
         float s = std::nearbyint(v * inv) + static_cast<float>(rq.zero_point);
         s = s < 0.0f ? 0.0f : (s > 255.0f ? 255.0f : s);
         q[k] = static_cast<uint8_t>(s);
     }
+}
+
+inline void quantize_row_generic(const float* x, int K, const RowQuant& rq, uint8_t* q, float* amax_out) {
+    const float amax = row_amax(row_max_from(x, 0, K, rq, -INFINITY), rq);
+    quantize_from(x, 0, K, rq, rq.levels / amax, q);
     *amax_out = amax;
 }
 
@@ -240,14 +248,8 @@ EMBFAST_AVX512VNNI_ENTRY void quantize_row_avx512(const float* x, int K, const R
         if (!rq.shifted) v = _mm512_andnot_ps(sign, v);
         mx = _mm512_max_ps(mx, v);
     }
-    float m = _mm512_reduce_max_ps(mx);
-    for (; k < K; ++k) {
-        float v = rq.smooth ? x[k] * rq.smooth[k] : x[k];
-        float a = rq.shifted ? v : std::fabs(v);
-        if (a > m) m = a;
-    }
-    float amax = m > rq.floor ? m : rq.floor;
-    float inv = rq.levels / amax;
+    const float amax = row_amax(row_max_from(x, k, K, rq, _mm512_reduce_max_ps(mx)), rq);
+    const float inv = rq.levels / amax;
     const __m512 vinv = _mm512_set1_ps(inv), zp = _mm512_set1_ps(static_cast<float>(rq.zero_point));
     const __m512 lo = _mm512_setzero_ps(), hi = _mm512_set1_ps(255.0f);
     for (k = 0; k + 16 <= K; k += 16) {
@@ -257,12 +259,7 @@ EMBFAST_AVX512VNNI_ENTRY void quantize_row_avx512(const float* x, int K, const R
         s = _mm512_min_ps(_mm512_max_ps(s, lo), hi);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtusepi32_epi8(_mm512_cvttps_epi32(s)));
     }
-    for (; k < K; ++k) {
-        float v = rq.smooth ? x[k] * rq.smooth[k] : x[k];
-        float s = std::nearbyint(v * inv) + static_cast<float>(rq.zero_point);
-        s = s < 0.0f ? 0.0f : (s > 255.0f ? 255.0f : s);
-        q[k] = static_cast<uint8_t>(s);
-    }
+    quantize_from(x, k, K, rq, inv, q);
     *amax_out = amax;
 }
 
@@ -280,13 +277,8 @@ EMBFAST_AVX2_ENTRY void quantize_row_avx2(const float* x, int K, const RowQuant&
     _mm256_store_ps(lanes, mx);
     float m = lanes[0];
     for (int i = 1; i < 8; ++i) m = lanes[i] > m ? lanes[i] : m;
-    for (; k < K; ++k) {
-        float v = rq.smooth ? x[k] * rq.smooth[k] : x[k];
-        float a = rq.shifted ? v : std::fabs(v);
-        if (a > m) m = a;
-    }
-    float amax = m > rq.floor ? m : rq.floor;
-    float inv = rq.levels / amax;
+    const float amax = row_amax(row_max_from(x, k, K, rq, m), rq);
+    const float inv = rq.levels / amax;
     const __m256 vinv = _mm256_set1_ps(inv), zp = _mm256_set1_ps(static_cast<float>(rq.zero_point));
     const __m256 lo = _mm256_setzero_ps(), hi = _mm256_set1_ps(255.0f);
     for (k = 0; k + 8 <= K; k += 8) {
@@ -298,12 +290,7 @@ EMBFAST_AVX2_ENTRY void quantize_row_avx2(const float* x, int K, const RowQuant&
         __m128i i16 = _mm_packus_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
         _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packus_epi16(i16, i16));
     }
-    for (; k < K; ++k) {
-        float v = rq.smooth ? x[k] * rq.smooth[k] : x[k];
-        float s = std::nearbyint(v * inv) + static_cast<float>(rq.zero_point);
-        s = s < 0.0f ? 0.0f : (s > 255.0f ? 255.0f : s);
-        q[k] = static_cast<uint8_t>(s);
-    }
+    quantize_from(x, k, K, rq, inv, q);
     *amax_out = amax;
 }
 #endif
@@ -428,14 +415,13 @@ inline int32_t dot_i16(const int16_t* a, const int16_t* w, int K) {
     return s;
 }
 
-inline void block_generic(const Packed& p, const RowQuant& rq, const Block& b) {
-    std::vector<int16_t> a(p.K);
+// a16: the block's rows of (q - zero_point) as int16, Kp (= K) apart.
+inline void block_generic(const Packed& p, const RowQuant& rq, const int16_t* a16, const Block& b) {
     for (int r = 0; r < b.rows; ++r) {
-        const uint8_t* qr = b.q + static_cast<size_t>(r) * p.Kp;
-        for (int k = 0; k < p.K; ++k) a[k] = static_cast<int16_t>(static_cast<int>(qr[k]) - rq.zero_point);
+        const int16_t* a = a16 + static_cast<size_t>(r) * p.Kp;
         const float* res = b.residual ? b.residual + r * b.ld_res : nullptr;
         for (int c = 0; c < p.N; ++c) {
-            const int32_t acc = dot_i16(a.data(), p.w16.data() + static_cast<size_t>(c) * p.K, p.K);
+            const int32_t acc = dot_i16(a, p.w16.data() + static_cast<size_t>(c) * p.K, p.K);
             *dst(b, r, c) = epilogue_scalar(acc, p.col_scale[c], b.amax[r], p.bias[c], res ? res + c : nullptr,
                                     rq.activation);
         }
@@ -603,14 +589,17 @@ inline void compute_rows(const Packed& p, const RowQuant& rq, const float* x, si
             for (int nb = 0; nb < p.Np / kVnniCols; ++nb) micro_vnni(p, rq, b, nb);
             continue;
         }
+#endif
+        // AVX2 and the portable path multiply int16 pairs: the rows as (q - zero_point).
+        a16.resize(static_cast<size_t>(step) * p.Kp);
+        for (size_t i = 0; i < a16.size(); ++i) a16[i] = static_cast<int16_t>(static_cast<int>(qbuf[i]) - rq.zero_point);
+#if EMBFAST_X86
         if (p.isa == Isa::avx2) {
-            a16.resize(static_cast<size_t>(kAvx2Rows) * p.Kp);
-            for (size_t i = 0; i < a16.size(); ++i) a16[i] = static_cast<int16_t>(static_cast<int>(qbuf[i]) - rq.zero_point);
             for (int nb = 0; nb < p.Np / kAvx2Cols; ++nb) micro_avx2(p, rq, a16.data(), b, nb);
             continue;
         }
 #endif
-        block_generic(p, rq, b);
+        block_generic(p, rq, a16.data(), b);
     }
 }
 
