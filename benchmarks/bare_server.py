@@ -4,7 +4,11 @@ function that reads the body, parses it with orjson, awaits the batcher and writ
 orjson. No validation, error handling, metrics, API key, disconnect watch or body timeout: not a server to run,
 a measure of what those cost (``embfast serve``'s HTTP cost per request minus this one's).
 
-    python benchmarks/bare_server.py --port 8001 [--model DIR] [--workers 2]
+    python benchmarks/bare_server.py --port 8001 [--model DIR] [--workers 2] [--raw]
+
+``--raw`` goes one step lower: no ASGI server at all, an asyncio protocol on uvloop that parses HTTP/1.1 with
+httptools (the parser uvicorn uses) and writes each answer, headers and body, in one ``write``: what HTTP costs
+with no Python framework in the way (bench_server.py's ``raw`` mode).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--raw", action="store_true", help="httptools on uvloop, no ASGI server")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as embfast serve
     os.environ.setdefault("EMBFAST_ORT_SPIN", "0")
@@ -64,7 +69,57 @@ def main(argv=None) -> int:
                     "headers": [*headers, (b"content-length", str(len(out)).encode())]})
         await send({"type": "http.response.body", "body": out})
 
+    if args.raw:
+        return serve_raw(batcher, name, args.port)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+    return 0
+
+
+def serve_raw(batcher, name: str, port: int) -> int:
+    """POST with an OpenAI body on any path, keep-alive, one request at a time per connection (as wrk sends)."""
+    import asyncio
+
+    import httptools
+    import orjson
+    import uvloop
+
+    class Protocol(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.parser, self.body = transport, httptools.HttpRequestParser(self), []
+
+        def data_received(self, data):
+            self.parser.feed_data(data)
+
+        def on_body(self, body):
+            self.body.append(body)
+
+        def on_message_complete(self):
+            body, self.body = b"".join(self.body), []
+            asyncio.ensure_future(self.answer(body, self.parser.should_keep_alive()))
+
+        async def answer(self, body, keep_alive):
+            given = orjson.loads(body)["input"]
+            emb, info = await batcher.encode_async([given] if isinstance(given, str) else given, return_info=True)
+            tokens = int(info.token_counts.sum())
+            out = orjson.dumps({"object": "list", "data": [{"object": "embedding", "index": i, "embedding": v}
+                                                            for i, v in enumerate(emb)],
+                                "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+                               option=orjson.OPT_SERIALIZE_NUMPY)
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                                 b"\r\n%s" % (len(out), out))
+            if not keep_alive:
+                self.transport.close()
+
+    async def main():
+        server = await asyncio.get_running_loop().create_server(Protocol, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    uvloop.install()
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.close()
     return 0
 
 

@@ -18,6 +18,13 @@ never asserts; timings are only meaningful on a quiet machine.
     python benchmarks/bench_server.py --model /tmp/tiny --concurrency 1,8 --duration-s 1 --warmup-s 0.5  # smoke
     python benchmarks/bench_server.py --modes on,two-models,two-processes --concurrency 8,32,128
     python benchmarks/bench_server.py --load wrk --rounds 3     # wrk (apt-get install wrk) as the load generator
+    # the HTTP layer's cost per request: each API family, the floors (uvicorn alone; httptools alone) and the same
+    # load on an in-process batcher, in turn in every round (the cost is the median of the rounds' differences)
+    python benchmarks/bench_server.py --modes on-w2,raw-w2,bare-w2 --apis openai,tei,cohere --in-process \
+        --concurrency 1,32 --texts-per-request 1 --rounds 5 --load wrk --profile
+    # the same with the model on a core of its own and HTTP on the other (--threads 1, one worker, pinned)
+    python benchmarks/bench_server.py --modes on-w1,raw-w1 --threads 1 --pin-model-core --apis openai,tei,cohere \
+        --in-process --concurrency 1,32 --texts-per-request 1 --rounds 5 --load wrk --profile
 
 ``--modes two-models`` serves the model twice in one ``embfast serve`` (``--model M --model M``, names a and
 b; the two share the cores through one run lock), clients alternating between the names; ``two-processes``
@@ -72,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default="on,off",
                    help="embfast servers: on (dynamic batching), off, two-models (two models in one process), "
                         "two-processes (one model each); on-wN / off-wN / two-models-wN: with --workers N (N "
-                        "batches at once, each on cores / N threads); a suffix -oldest or -deadline sets that "
+                        "batches at once, each on cores / N threads); a suffix -laN sets that server's "
+                        "--lookahead-texts (on-w2-la16); a suffix -oldest or -deadline sets that "
                         "server's --queue-policy (on-w2-oldest); bare-wN: benchmarks/bare_server.py, uvicorn and "
                         "the same batcher with no server code between (the floor of embfast's HTTP cost); "
                         "comma-separated (default on,off)")
@@ -96,7 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "cohere (/v2/embed); comma-separated (default openai)")
     p.add_argument("--in-process", action="store_true",
                    help="also run the same load on a DynamicBatcher in this process (no HTTP), one per on/off[-wN] "
-                        "mode: the HTTP layer's cost per request is each API's p50 minus this p50")
+                        "mode: the HTTP layer's cost per request is each API's p50 minus this p50. With --rounds > 1 "
+                        "the batchers take their turn in every round beside the servers, and the cost is the median "
+                        "of the rounds' paired differences (the machine's speed drifts between rounds)")
     p.add_argument("--no-http", action="store_true",
                    help="with --in-process: skip the HTTP servers (the batcher alone, with a load generator that "
                         "costs next to nothing)")
@@ -104,6 +114,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run each on/off mode's server from another build of embfast installed in DIR (e.g. "
                         "`pip install --no-deps --target DIR` of an earlier commit; put first on the server's "
                         "PYTHONPATH), named embfast-...-baseline: old and new code measured in one run")
+    p.add_argument("--pin-model-core", action="store_true",
+                   help="run the model's batcher threads (embfast's and the bare servers' workers, the in-process "
+                        "batcher's) on the last core and everything else (event loops, tokenizer threads, this "
+                        "benchmark, wrk) on the others, so that the HTTP layer never takes the model's core: use "
+                        "with --threads 1 and -w1 modes, to measure what HTTP adds when it does not compete for "
+                        "the model's CPU (as on a GPU server or a host with cores to spare); Linux only")
     p.add_argument("--profile", action="store_true",
                    help="also say where the time goes (embfast servers, bare servers and the in-process batcher, "
                         "whose event loop is also its load generator): CPU seconds per request of each server "
@@ -124,13 +140,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--startup-timeout-s", type=float, default=300.0, help="wait this long for a server to start")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    pattern = (r"(on|off)(-w[1-9][0-9]*)?(-oldest|-deadline)?|two-models(-w[1-9][0-9]*)?|two-processes"
-               r"|bare(-w[1-9][0-9]*)?")
+    pattern = (r"(on|off)(-w[1-9][0-9]*)?(-la[1-9][0-9]*)?(-oldest|-deadline)?|two-models(-w[1-9][0-9]*)?"
+               r"|two-processes"
+               r"|(bare|raw)(-w[1-9][0-9]*)?")
     if not all(re.fullmatch(pattern, m) for m in modes):
-        p.error(f"--modes must be a comma-separated list of on, off, on-wN, off-wN (each optionally -oldest or "
-                f"-deadline), two-models, two-models-wN, two-processes, bare, bare-wN, got "
+        p.error(f"--modes must be a comma-separated list of on, off, on-wN, off-wN (each optionally -laN, then "
+                f"-oldest or -deadline), two-models, two-models-wN, two-processes, bare, bare-wN, raw, raw-wN, got "
                 f"{args.modes!r}")
     args.modes = modes
+    if args.pin_model_core and (not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2):
+        p.error("--pin-model-core needs Linux and at least 2 cores")
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     if args.load == "wrk" and "two-processes" in modes:
@@ -201,10 +220,11 @@ class Server:
 
 
 def embfast_server(args, batching: bool, models: int = 1, workers: int = 1, baseline: str | None = None,
-                   queue_policy: str | None = None) -> Server:
+                   queue_policy: str | None = None, lookahead: int | None = None) -> Server:
     """``embfast serve``; ``models`` 2 serves the model twice in the process, as "a" and "b"; ``workers``:
     its ``--workers``; ``baseline``: a folder holding another build of embfast, run instead of this one;
-    ``queue_policy``: its ``--queue-policy`` (default: ``--queue-policy``'s)."""
+    ``queue_policy``: its ``--queue-policy`` (default: ``--queue-policy``'s); ``lookahead``: its
+    ``--lookahead-texts`` (default: the server's)."""
     queue_policy = queue_policy or args.queue_policy
     port = free_port()
     cmd = [sys.executable, "-m", "embfast.cli", "serve", "--port", str(port), "--log-level", "warning",
@@ -223,32 +243,40 @@ def embfast_server(args, batching: bool, models: int = 1, workers: int = 1, base
     if queue_policy is not None:
         cmd += ["--queue-policy", queue_policy]
     cmd += ["--workers", str(workers)]  # explicit: the server's default (auto) is 2 on a multi-core CPU
+    if lookahead is not None:
+        cmd += ["--lookahead-texts", str(lookahead)]
     extra = {"dynamic_batching": batching, "workers": workers, "max_wait_ms": args.max_wait_ms,
              "max_batch_tokens": args.max_batch_tokens, "precision": args.precision,
              "call_cost_tokens": args.call_cost_tokens, "queue_policy": queue_policy}
+    if lookahead is not None:
+        extra["lookahead_texts"] = lookahead
     if names:
         extra.update(served_names=names, layout="two models, one process")
     env = {"EMBFAST_REQUIRE_NATIVE": "1"}  # the native kernels, as in-process: never a silent fallback
     if baseline:
         env["PYTHONPATH"] = os.pathsep.join([baseline, *filter(None, [os.environ.get("PYTHONPATH")])])
         extra["baseline"] = baseline
-    tag = ("-baseline" if baseline else "") + (f"-{queue_policy}" if queue_policy else "")
+    tag = ("-baseline" if baseline else "") + (f"-{queue_policy}" if queue_policy else "") + \
+        (f"-la{lookahead}" if lookahead is not None else "")
     return Server(f"embfast-{'on' if batching else 'off'}-w{workers}{tag}", cmd, port,
                   "/v1/embeddings", names[0] if names else "embfast", env=env, extra=extra)
 
 
-def bare_server(args, workers: int = 2) -> Server:
-    """benchmarks/bare_server.py: uvicorn and the same batcher with no server code in between (the floor)."""
+def bare_server(args, workers: int = 2, raw: bool = False) -> Server:
+    """benchmarks/bare_server.py: uvicorn and the same batcher with no server code in between (the floor); ``raw``:
+    its ``--raw`` server (httptools on uvloop, no ASGI server)."""
     port = free_port()
     cmd = [sys.executable, str(Path(__file__).with_name("bare_server.py")), "--port", str(port), "--workers",
            str(workers), "--max-wait-ms", str(args.max_wait_ms), "--max-batch-tokens", str(args.max_batch_tokens),
-           "--precision", args.precision]
+           "--precision", args.precision] + (["--raw"] if raw else [])
     if args.model:
         cmd += ["--model", args.model]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    return Server(f"bare-w{workers}", cmd, port, "/v1/embeddings", "embfast", env={"EMBFAST_REQUIRE_NATIVE": "1"},
-                  extra={"dynamic_batching": True, "workers": workers, "layout": "bare ASGI app, same batcher"})
+    layout = "httptools protocol, same batcher" if raw else "bare ASGI app, same batcher"
+    return Server(f"{'raw' if raw else 'bare'}-w{workers}", cmd, port, "/v1/embeddings", "embfast",
+                  env={"EMBFAST_REQUIRE_NATIVE": "1"},
+                  extra={"dynamic_batching": True, "workers": workers, "layout": layout})
 
 
 def _default_model():
@@ -400,6 +428,24 @@ def _thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def model_core() -> tuple[set[int], set[int]]:
+    """(the model's core, the others) for --pin-model-core: the last core, and all before it."""
+    cores = set(range(os.cpu_count() or 1))
+    return {max(cores)}, cores - {max(cores)}
+
+
+def pin_model_core(pid: int) -> None:
+    """Pin ``pid``'s batcher worker threads (OS names ``embfast-batch*``) to the model's core and its other threads
+    to the rest (a worker starts with its first request: call after a warm-up)."""
+    model, rest = model_core()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            os.sched_setaffinity(int(task.name), model if comm.startswith("embfast-batch") else rest)
+        except (OSError, ValueError):  # the thread ended meanwhile
+            continue
+
+
 def _metric_sums(url: str) -> dict[str, float]:
     """Totals from embfast's /metrics: batches, texts, batch seconds, queue wait, planning, request seconds."""
     import httpx
@@ -545,7 +591,9 @@ def measure(server, sentences: list[str], clients: int, k: int, args, api: str =
             return asyncio.run(run_inprocess(server, sentences, clients, k, seconds, wrk_order=args.load == "wrk"))
     if args.warmup_s > 0:
         run(args.warmup_s)
-    profiling = getattr(args, "profile", False) and (name in ("embfast", "bare", "in-process"))
+    if getattr(args, "pin_model_core", False) and not isinstance(server, ServerGroup):
+        pin_model_core(server.proc.pid if isinstance(server, Server) else os.getpid())
+    profiling = getattr(args, "profile", False) and (name in ("embfast", "bare", "raw", "in-process"))
     before = _snapshot(server) if profiling else None
     res = run(args.duration_s)
     if wrk:
@@ -590,19 +638,21 @@ def median_rows(rows: list[dict]) -> list[dict]:
 
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["server"], r.get("dynamic_batching"), r.get("workers"), r.get("layout"), r.get("api"),
-               r.get("baseline"), r.get("queue_policy"), r["concurrency"], r["texts_per_request"])
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(_group_key(r), []).append(r)
+    paired = paired_http_cost(rows) if all("round" in r for r in rows) else {}
     out = []
-    for group in groups.values():
+    for key, group in groups.items():
         row = {k: v for k, v in group[0].items() if k not in ("round", "profile")}
-        for key in ("requests_per_s", "texts_per_s", "p50_ms", "p99_ms", "mean_ms"):
-            vals = [r[key] for r in group if r.get(key) is not None]
-            row[key] = round(float(np.median(vals)), 2) if vals else None
+        for name in ("requests_per_s", "texts_per_s", "p50_ms", "p99_ms", "mean_ms"):
+            vals = [r[name] for r in group if r.get(name) is not None]
+            row[name] = round(float(np.median(vals)), 2) if vals else None
         row["requests"] = sum(r["requests"] for r in group)
         row["errors"] = sum(r["errors"] for r in group)
         row["rounds"] = len(group)
         row["texts_per_s_range"] = [min(r["texts_per_s"] for r in group), max(r["texts_per_s"] for r in group)]
+        if paired.get(key):
+            row["http_cost_ms"] = round(float(np.median(paired[key])), 2)
+            row["http_cost_ms_range"] = [round(min(paired[key]), 2), round(max(paired[key]), 2)]
         out.append(row)
     return out
 
@@ -622,19 +672,47 @@ def table(rows: list[dict]) -> str:
         if "layout" in r and base:
             layout += f" ({r['texts_per_s'] / base:.0%} of one)"
         server = r["server"] + (" (baseline)" if r.get("baseline") else "") + \
-            (f" ({r['queue_policy']})" if r.get("queue_policy") else "")
+            (f" ({r['queue_policy']})" if r.get("queue_policy") else "") + \
+            (f" (look-ahead {r['lookahead_texts']})" if r.get("lookahead_texts") else "")
         out.append(f"| {server} | {r.get('api', 'openai')} | {batching} | {layout} | {r['concurrency']} | "
                    f"{r['texts_per_request']} | {r['requests_per_s']} | {r['texts_per_s']} | {r['p50_ms']} | "
                    f"{r['p99_ms']} | {r['errors']} |")
     base = {(r["concurrency"], r["texts_per_request"]): r["p50_ms"] for r in rows if r["server"] == "in-process"}
-    extra = [f"- HTTP cost per request ({r['server']} {r['api']}{' baseline' if r.get('baseline') else ''}, "
-             f"{r['concurrency']} "
-             f"clients, {r['texts_per_request']} "
-             f"text(s)): p50 {r['p50_ms']} - {base[(r['concurrency'], r['texts_per_request'])]} = "
-             f"{r['p50_ms'] - base[(r['concurrency'], r['texts_per_request'])]:.2f} ms"
-             for r in rows if r["server"] in ("embfast", "bare") and r.get("dynamic_batching")
-             and (r["concurrency"], r["texts_per_request"]) in base and r["p50_ms"] is not None]
+    extra = []
+    for r in rows:
+        point = (r["concurrency"], r["texts_per_request"])
+        if r["server"] not in ("embfast", "bare", "raw") or not r.get("dynamic_batching") or point not in base \
+                or r["p50_ms"] is None:
+            continue
+        what = (f"- HTTP cost per request ({r['server']} {r['api']}{' baseline' if r.get('baseline') else ''}, "
+                f"{r['concurrency']} clients, {r['texts_per_request']} text(s)): ")
+        if r.get("http_cost_ms") is not None:  # rounds paired with the in-process batcher's
+            lo, hi = r["http_cost_ms_range"]
+            extra.append(what + f"{r['http_cost_ms']:.2f} ms, the median of {r['rounds']} rounds' p50 minus "
+                         f"in-process p50 [{lo:.2f} to {hi:.2f}]")
+        else:
+            extra.append(what + f"p50 {r['p50_ms']} - {base[point]} = {r['p50_ms'] - base[point]:.2f} ms")
     return "\n".join(out + ([""] + extra if extra else []))
+
+
+def paired_http_cost(rows: list[dict]) -> dict[tuple, list[float]]:
+    """Each HTTP server's p50 minus the in-process batcher's of the same round, batching mode, workers, clients
+    and texts per request: {median_rows key: [ms per round]}."""
+    inproc = {(r.get("dynamic_batching"), r.get("workers"), r["concurrency"], r["texts_per_request"], r["round"]):
+              r["p50_ms"] for r in rows if r["server"] == "in-process" and r.get("p50_ms") is not None}
+    out: dict[tuple, list[float]] = {}
+    for r in rows:
+        base = inproc.get((r.get("dynamic_batching"), r.get("workers"), r["concurrency"], r["texts_per_request"],
+                           r.get("round")))
+        if r["server"] != "in-process" and base is not None and r.get("p50_ms") is not None:
+            out.setdefault(_group_key(r), []).append(r["p50_ms"] - base)
+    return out
+
+
+def _group_key(r: dict) -> tuple:
+    return (r["server"], r.get("dynamic_batching"), r.get("workers"), r.get("layout"), r.get("api"),
+            r.get("baseline"), r.get("queue_policy"), r.get("lookahead_texts"), r["concurrency"],
+            r["texts_per_request"])
 
 
 def main(argv=None) -> int:
@@ -651,6 +729,8 @@ def main(argv=None) -> int:
     if args.model and Path(args.model).exists():  # the servers run from another folder
         args.model = str(Path(args.model).resolve())
     model_dir = args.model or str(default_model_path())
+    if args.pin_model_core:  # this process, and so every server and wrk it starts, off the model's core
+        os.sched_setaffinity(0, model_core()[1])
     header = {"bench": "server", "machine": machine(), "build": build_info(), "model": model_dir,
               "sentences": str(path), "n_sentences": len(sentences), "duration_s": args.duration_s,
               "warmup_s": args.warmup_s, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
@@ -661,13 +741,16 @@ def main(argv=None) -> int:
             policy = next((p for p in ("oldest", "deadline") if mode.endswith("-" + p)), None)
             if policy:
                 mode = mode[: -len(policy) - 1]
+            mode, _, la = mode.partition("-la")
             batching, _, w = mode.partition("-w")
-            servers.append(embfast_server(args, batching == "on", workers=int(w or 1), queue_policy=policy))
+            lookahead = int(la) if la else None
+            servers.append(embfast_server(args, batching == "on", workers=int(w or 1), queue_policy=policy,
+                                          lookahead=lookahead))
             if args.baseline:
                 servers.append(embfast_server(args, batching == "on", workers=int(w or 1), baseline=args.baseline,
-                                              queue_policy=policy))
-        elif mode.startswith("bare"):
-            servers.append(bare_server(args, workers=int(mode.partition("-w")[2] or 2)))
+                                              queue_policy=policy, lookahead=lookahead))
+        elif mode.startswith(("bare", "raw")):
+            servers.append(bare_server(args, workers=int(mode.partition("-w")[2] or 2), raw=mode.startswith("raw")))
         elif mode.startswith("two-models"):
             servers.append(embfast_server(args, True, models=2, workers=int(mode.partition("-w")[2] or 1)))
         else:
@@ -696,8 +779,27 @@ def main(argv=None) -> int:
                 out.write(json.dumps(row) + "\n")
 
         def apis_of(server):
-            return args.apis.split(",") if server.extra.get("dynamic_batching") and "layout" not in server.extra \
-                else ["openai"]
+            extra = getattr(server, "extra", {})  # (a DynamicBatcher has none: in-process, no API)
+            return args.apis.split(",") if extra.get("dynamic_batching") and "layout" not in extra else ["openai"]
+
+        def inprocess_batchers() -> list:
+            from embfast import DynamicBatcher, Embedder
+
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the settings `embfast serve` runs with
+            os.environ.setdefault("EMBFAST_ORT_SPIN", "0")
+            model = Embedder(args.model, precision=args.precision, threads=args.threads) if args.model else \
+                Embedder(precision=args.precision, threads=args.threads)
+            made = []
+            for mode in [m for m in args.modes if m.startswith(("on", "off"))] or ["on"]:
+                batching, _, w = mode.partition("-w")
+                made.append(DynamicBatcher(model, max_batch_tokens=args.max_batch_tokens,
+                                           max_wait_ms=args.max_wait_ms, max_queue=100000,
+                                           merge_requests=batching == "on", workers=int(w or 1)))
+            return made
+
+        # With rounds, the in-process batchers take their turn in each round beside the servers (idle servers
+        # sleep): the HTTP cost is then a difference within one round, not between runs minutes apart.
+        interleaved = args.in_process and args.rounds > 1 and bool(servers)
 
         if args.rounds == 1:  # one server at a time: the others hold no memory meanwhile
             for server in servers:
@@ -716,7 +818,7 @@ def main(argv=None) -> int:
         else:  # all servers up (idle ones sleep), every point measured on each in turn, round after round; the
             # turn order rotates each round: whichever server came first at a point was the slowest there at one
             # client in 7 of 9 rounds (3-8%; whatever the mode), so a fixed order favoured the later modes
-            running = []
+            running, inproc = [], []
             try:
                 for server in servers:
                     try:
@@ -724,6 +826,8 @@ def main(argv=None) -> int:
                         running.append(server)
                     except RuntimeError as exc:
                         print(json.dumps({"bench": "server", "skipped": server.name, "why": str(exc)}), flush=True)
+                inproc = inprocess_batchers() if interleaved else []
+                running += inproc
                 for rnd in range(args.rounds):
                     for k in args.texts_per_request:
                         for clients in args.concurrency:
@@ -732,25 +836,14 @@ def main(argv=None) -> int:
                                     emit({**measure(server, sentences, clients, k, args, api), "round": rnd})
             finally:
                 for server in running:
-                    server.stop()
+                    server.close() if server in inproc else server.stop()
             rows[:] = median_rows(rows)
             for row in rows:
                 print(json.dumps({**row, "aggregate": "median"}), flush=True)
                 if out:
                     out.write(json.dumps({**row, "aggregate": "median"}) + "\n")
-        if args.in_process:  # after the servers stopped: the cores are this process's alone
-            from embfast import DynamicBatcher, Embedder
-
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the settings `embfast serve` runs with
-            os.environ.setdefault("EMBFAST_ORT_SPIN", "0")
-            model = Embedder(args.model, precision=args.precision, threads=args.threads) if args.model else \
-                Embedder(precision=args.precision, threads=args.threads)
-            batchers = []
-            for mode in [m for m in args.modes if m.startswith(("on", "off"))] or ["on"]:
-                batching, _, w = mode.partition("-w")
-                batchers.append(DynamicBatcher(model, max_batch_tokens=args.max_batch_tokens,
-                                               max_wait_ms=args.max_wait_ms, max_queue=100000,
-                                               merge_requests=batching == "on", workers=int(w or 1)))
+        if args.in_process and not interleaved:  # after the servers stopped: the cores are this process's alone
+            batchers = inprocess_batchers()
             try:
                 for rnd in range(args.rounds):
                     for k in args.texts_per_request:

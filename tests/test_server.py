@@ -530,6 +530,11 @@ def test_queue_and_body_timeout_flags_and_env(tiny, monkeypatch):
     assert create_app(tiny, queue_policy="oldest").state.batcher.queue_policy == "oldest"
     monkeypatch.setenv("EMBFAST_QUEUE_POLICY", "oldest")
     assert build_parser().parse_args(["serve"]).queue_policy == "oldest"
+    assert args.lookahead_texts is None and create_app(tiny).state.batcher.lookahead_texts == 32
+    assert build_parser().parse_args(["serve", "--lookahead-texts", "16"]).lookahead_texts == 16
+    assert create_app(tiny, lookahead_texts=16).state.batcher.lookahead_texts == 16
+    with pytest.raises(ValueError, match="lookahead_texts"):
+        create_app(tiny, lookahead_texts=0)
     monkeypatch.setenv("EMBFAST_MAX_QUEUE_TOKENS", "5000")
     monkeypatch.setenv("EMBFAST_BODY_TIMEOUT_S", "0")
     args = build_parser().parse_args(["serve", "--max-queue-texts", "100"])
@@ -538,6 +543,7 @@ def test_queue_and_body_timeout_flags_and_env(tiny, monkeypatch):
     with serve(app) as (url, _):
         info = httpx.get(f"{url}/info", timeout=30).json()
     assert (info["batching"]["max_queue_texts"], info["batching"]["max_queue_tokens"]) == (100, 5000)
+    assert (info["batching"]["queue_policy"], info["batching"]["lookahead_texts"]) == ("deadline", 32)
     assert info["limits"]["body_timeout_s"] is None
 
 

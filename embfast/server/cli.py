@@ -83,6 +83,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--queue-policy", default=_env("QUEUE_POLICY", "deadline"), choices=["deadline", "oldest"],
                    help="which waiting texts the next batch serves: deadline (default; arrival plus the request's own "
                         "estimated run time, earliest first) or oldest (arrival order); see DynamicBatcher")
+    p.add_argument("--lookahead-texts", type=int, default=_env("LOOKAHEAD_TEXTS"),
+                   help="how many waiting texts, most urgent first, the batcher plans each batch from (texts of "
+                        "similar length are grouped to save padding, so a younger text can overtake an older one "
+                        "within them); default: DynamicBatcher's (32 on the CPU)")
     p.add_argument("--call-cost-tokens", default=_env("CALL_COST_TOKENS"),
                    help="the batcher's fixed cost of one ONNX Runtime call in padded tokens, or 'auto' (fitted while "
                         "serving); default: DynamicBatcher's")
@@ -188,6 +192,7 @@ def cmd_serve(args) -> int:
     app = create_app(models=loaded, max_batch_tokens=args.max_batch_tokens,
                      max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, dynamic_batching=args.dynamic_batching,
                      call_cost_tokens=_call_cost(args.call_cost_tokens), queue_policy=args.queue_policy,
+                     lookahead_texts=None if args.lookahead_texts is None else int(args.lookahead_texts),
                      max_queue_texts=None if args.max_queue_texts is None else int(args.max_queue_texts),
                      max_queue_tokens=None if args.max_queue_tokens is None else int(args.max_queue_tokens),
                      body_timeout_s=float(args.body_timeout_s) or None,
