@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 
+import orjson
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +32,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as embfast serve
     os.environ.setdefault("EMBFAST_ORT_SPIN", "0")
-    import orjson
     import uvicorn
 
     from embfast import Embedder
@@ -58,13 +59,7 @@ def main(argv=None) -> int:
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        given = orjson.loads(body)["input"]
-        emb, info = await batcher.encode_async([given] if isinstance(given, str) else given, return_info=True)
-        tokens = int(info.token_counts.sum())
-        out = orjson.dumps({"object": "list", "data": [{"object": "embedding", "index": i, "embedding": v}
-                                                        for i, v in enumerate(emb)],
-                            "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
-                           option=orjson.OPT_SERIALIZE_NUMPY)
+        out = await embed_answer(batcher, name, body)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*headers, (b"content-length", str(len(out)).encode())]})
         await send({"type": "http.response.body", "body": out})
@@ -75,12 +70,22 @@ def main(argv=None) -> int:
     return 0
 
 
+async def embed_answer(batcher, name: str, body: bytes) -> bytes:
+    """The OpenAI-shaped answer (orjson) to an OpenAI request body, from ``batcher``: both servers' only work."""
+    given = orjson.loads(body)["input"]
+    emb, info = await batcher.encode_async([given] if isinstance(given, str) else given, return_info=True)
+    tokens = int(info.token_counts.sum())
+    return orjson.dumps({"object": "list", "data": [{"object": "embedding", "index": i, "embedding": v}
+                                                    for i, v in enumerate(emb)],
+                         "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+                        option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 def serve_raw(batcher, name: str, port: int) -> int:
     """POST with an OpenAI body on any path, keep-alive, one request at a time per connection (as wrk sends)."""
     import asyncio
 
     import httptools
-    import orjson
     import uvloop
 
     class Protocol(asyncio.Protocol):
@@ -98,13 +103,7 @@ def serve_raw(batcher, name: str, port: int) -> int:
             asyncio.ensure_future(self.answer(body, self.parser.should_keep_alive()))
 
         async def answer(self, body, keep_alive):
-            given = orjson.loads(body)["input"]
-            emb, info = await batcher.encode_async([given] if isinstance(given, str) else given, return_info=True)
-            tokens = int(info.token_counts.sum())
-            out = orjson.dumps({"object": "list", "data": [{"object": "embedding", "index": i, "embedding": v}
-                                                            for i, v in enumerate(emb)],
-                                "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
-                               option=orjson.OPT_SERIALIZE_NUMPY)
+            out = await embed_answer(batcher, name, body)
             self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                                  b"\r\n%s" % (len(out), out))
             if not keep_alive:
