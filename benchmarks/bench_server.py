@@ -80,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="embfast servers: on (dynamic batching), off, two-models (two models in one process), "
                         "two-processes (one model each); on-wN / off-wN / two-models-wN: with --workers N (N "
                         "batches at once, each on cores / N threads); a suffix -laN sets that server's "
-                        "--lookahead-texts (on-w2-la16); a suffix -oldest or -deadline sets that "
+                        "--lookahead-texts (on-w2-la16), -btN its --max-batch-tokens (on-w2-bt128), -stN its "
+                        "--share-tokens (on-w2-st0: no split); a suffix -oldest or -deadline sets that "
                         "server's --queue-policy (on-w2-oldest); bare-wN: benchmarks/bare_server.py, uvicorn and "
                         "the same batcher with no server code between (the floor of embfast's HTTP cost); "
                         "comma-separated (default on,off)")
@@ -140,13 +141,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--startup-timeout-s", type=float, default=300.0, help="wait this long for a server to start")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    pattern = (r"(on|off)(-w[1-9][0-9]*)?(-la[1-9][0-9]*)?(-oldest|-deadline)?|two-models(-w[1-9][0-9]*)?"
+    pattern = (r"(on|off)(-w[1-9][0-9]*)?(-la[1-9][0-9]*)?(-bt[1-9][0-9]*)?(-st[0-9]+)?(-oldest|-deadline)?"
+               r"|two-models(-w[1-9][0-9]*)?"
                r"|two-processes"
                r"|(bare|raw)(-w[1-9][0-9]*)?")
     if not all(re.fullmatch(pattern, m) for m in modes):
-        p.error(f"--modes must be a comma-separated list of on, off, on-wN, off-wN (each optionally -laN, then "
-                f"-oldest or -deadline), two-models, two-models-wN, two-processes, bare, bare-wN, raw, raw-wN, got "
-                f"{args.modes!r}")
+        p.error(f"--modes must be a comma-separated list of on, off, on-wN, off-wN (each optionally -laN, -btN, "
+                f"-stN, then -oldest or -deadline), two-models, two-models-wN, two-processes, bare, bare-wN, raw, "
+                f"raw-wN, got {args.modes!r}")
     args.modes = modes
     if args.pin_model_core and (not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2):
         p.error("--pin-model-core needs Linux and at least 2 cores")
@@ -220,15 +222,18 @@ class Server:
 
 
 def embfast_server(args, batching: bool, models: int = 1, workers: int = 1, baseline: str | None = None,
-                   queue_policy: str | None = None, lookahead: int | None = None) -> Server:
+                   queue_policy: str | None = None, lookahead: int | None = None,
+                   batch_tokens: int | None = None, share_tokens: int | None = None) -> Server:
     """``embfast serve``; ``models`` 2 serves the model twice in the process, as "a" and "b"; ``workers``:
     its ``--workers``; ``baseline``: a folder holding another build of embfast, run instead of this one;
     ``queue_policy``: its ``--queue-policy`` (default: ``--queue-policy``'s); ``lookahead``: its
-    ``--lookahead-texts`` (default: the server's)."""
+    ``--lookahead-texts`` (default: the server's); ``batch_tokens``: its ``--max-batch-tokens`` (default:
+    ``--max-batch-tokens``); ``share_tokens``: its ``--share-tokens`` (default: the server's)."""
     queue_policy = queue_policy or args.queue_policy
+    batch_tokens = batch_tokens or args.max_batch_tokens
     port = free_port()
     cmd = [sys.executable, "-m", "embfast.cli", "serve", "--port", str(port), "--log-level", "warning",
-           "--max-wait-ms", str(args.max_wait_ms), "--max-batch-tokens", str(args.max_batch_tokens),
+           "--max-wait-ms", str(args.max_wait_ms), "--max-batch-tokens", str(batch_tokens),
            "--max-queue", "100000", "--precision", args.precision,
            "--dynamic-batching" if batching else "--no-dynamic-batching"]
     names = ["a", "b"][:models] if models > 1 else []
@@ -245,11 +250,15 @@ def embfast_server(args, batching: bool, models: int = 1, workers: int = 1, base
     cmd += ["--workers", str(workers)]  # explicit: the server's default (auto) is 2 on a multi-core CPU
     if lookahead is not None:
         cmd += ["--lookahead-texts", str(lookahead)]
+    if share_tokens is not None:
+        cmd += ["--share-tokens", str(share_tokens)]
     extra = {"dynamic_batching": batching, "workers": workers, "max_wait_ms": args.max_wait_ms,
-             "max_batch_tokens": args.max_batch_tokens, "precision": args.precision,
+             "max_batch_tokens": batch_tokens, "precision": args.precision,
              "call_cost_tokens": args.call_cost_tokens, "queue_policy": queue_policy}
     if lookahead is not None:
         extra["lookahead_texts"] = lookahead
+    if share_tokens is not None:
+        extra["share_tokens"] = share_tokens
     if names:
         extra.update(served_names=names, layout="two models, one process")
     env = {"EMBFAST_REQUIRE_NATIVE": "1"}  # the native kernels, as in-process: never a silent fallback
@@ -257,7 +266,9 @@ def embfast_server(args, batching: bool, models: int = 1, workers: int = 1, base
         env["PYTHONPATH"] = os.pathsep.join([baseline, *filter(None, [os.environ.get("PYTHONPATH")])])
         extra["baseline"] = baseline
     tag = ("-baseline" if baseline else "") + (f"-{queue_policy}" if queue_policy else "") + \
-        (f"-la{lookahead}" if lookahead is not None else "")
+        (f"-la{lookahead}" if lookahead is not None else "") + \
+        (f"-bt{batch_tokens}" if batch_tokens != args.max_batch_tokens else "") + \
+        (f"-st{share_tokens}" if share_tokens is not None else "")
     return Server(f"embfast-{'on' if batching else 'off'}-w{workers}{tag}", cmd, port,
                   "/v1/embeddings", names[0] if names else "embfast", env=env, extra=extra)
 
@@ -673,7 +684,9 @@ def table(rows: list[dict]) -> str:
             layout += f" ({r['texts_per_s'] / base:.0%} of one)"
         server = r["server"] + (" (baseline)" if r.get("baseline") else "") + \
             (f" ({r['queue_policy']})" if r.get("queue_policy") else "") + \
-            (f" (look-ahead {r['lookahead_texts']})" if r.get("lookahead_texts") else "")
+            (f" (look-ahead {r['lookahead_texts']})" if r.get("lookahead_texts") else "") + \
+            (f" (batch tokens {r['max_batch_tokens']})" if r.get("max_batch_tokens", 16384) != 16384 else "") + \
+            (f" (share tokens {r['share_tokens']})" if r.get("share_tokens") is not None else "")
         out.append(f"| {server} | {r.get('api', 'openai')} | {batching} | {layout} | {r['concurrency']} | "
                    f"{r['texts_per_request']} | {r['requests_per_s']} | {r['texts_per_s']} | {r['p50_ms']} | "
                    f"{r['p99_ms']} | {r['errors']} |")
@@ -711,8 +724,8 @@ def paired_http_cost(rows: list[dict]) -> dict[tuple, list[float]]:
 
 def _group_key(r: dict) -> tuple:
     return (r["server"], r.get("dynamic_batching"), r.get("workers"), r.get("layout"), r.get("api"),
-            r.get("baseline"), r.get("queue_policy"), r.get("lookahead_texts"), r["concurrency"],
-            r["texts_per_request"])
+            r.get("baseline"), r.get("queue_policy"), r.get("lookahead_texts"), r.get("max_batch_tokens"),
+            r.get("share_tokens"), r["concurrency"], r["texts_per_request"])
 
 
 def main(argv=None) -> int:
@@ -741,14 +754,19 @@ def main(argv=None) -> int:
             policy = next((p for p in ("oldest", "deadline") if mode.endswith("-" + p)), None)
             if policy:
                 mode = mode[: -len(policy) - 1]
+            mode, _, st = mode.partition("-st")
+            mode, _, bt = mode.partition("-bt")
             mode, _, la = mode.partition("-la")
             batching, _, w = mode.partition("-w")
             lookahead = int(la) if la else None
+            batch_tokens = int(bt) if bt else None
+            share = int(st) if st else None
             servers.append(embfast_server(args, batching == "on", workers=int(w or 1), queue_policy=policy,
-                                          lookahead=lookahead))
+                                          lookahead=lookahead, batch_tokens=batch_tokens, share_tokens=share))
             if args.baseline:
                 servers.append(embfast_server(args, batching == "on", workers=int(w or 1), baseline=args.baseline,
-                                              queue_policy=policy, lookahead=lookahead))
+                                              queue_policy=policy, lookahead=lookahead, batch_tokens=batch_tokens,
+                                              share_tokens=share))
         elif mode.startswith(("bare", "raw")):
             servers.append(bare_server(args, workers=int(mode.partition("-w")[2] or 2), raw=mode.startswith("raw")))
         elif mode.startswith("two-models"):

@@ -198,6 +198,41 @@ def test_two_workers_run_alone_on_all_threads_and_side_by_side_on_half(tiny_dir)
     assert not {"embfast-batcher-0", "embfast-batcher-1"} & {t.name for t in threading.enumerate()}
 
 
+@pytest.mark.parametrize("share, callers, expected", [(0, 4, [4]), (2, 4, [2, 2]), (2, 8, [2, 2, 4]), (1, 8, [8])])
+def test_two_workers_take_their_share_of_a_light_queue(tiny_dir, share, callers, expected):
+    """With several workers and at most 2 x workers x share_tokens tokens queued, a batch holds at most
+    max(share_tokens, queued tokens / workers) padded tokens (``share`` here in texts of one length): callers of
+    one text each, queued while both run slots are held, go in batches of that share (8 texts, share 2: 4, then 2
+    and 2), and each gets its own answer; share_tokens=0, or more queued (8 texts, share 1), merges them all."""
+    from embfast import Embedder
+
+    model = Embedder(tiny_dir, threads=2)
+    text = "the quick brown fox jumps over the lazy dog"
+    length = int(model.tokenizer.tokenize([text]).lengths[0])
+    sizes: list[int] = []
+    slots = RunLock(slots=2)
+    with DynamicBatcher(model, workers=2, run_lock=slots, share_tokens=share * length) as b:
+        b.add_batch_listener(lambda st: sizes.append(st.texts))
+        b.encode("warm-up")
+        wait_for(lambda: len(sizes) == 1, "the warm-up batch")
+        sizes.clear()
+        slots.acquire()
+        slots.acquire()
+        out: dict[int, np.ndarray] = {}
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, b.encode(text))) for i in range(callers)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: b.stats()["queued_requests"] == callers, f"{callers} queued requests")
+        slots.release()
+        slots.release()
+        for t in threads:
+            t.join()
+        wait_for(lambda: sum(sizes) == callers, "every batch's listener")
+    assert sorted(sizes) == expected, sizes
+    ref = model.encode([text])
+    assert all(cosine_rows(out[i][None], ref).min() >= 0.9999 for i in range(callers))
+
+
 def _wakeups(thread: threading.Thread) -> int:
     """Times the OS thread went to sleep and was woken (voluntary context switches, Linux /proc)."""
     status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
@@ -356,6 +391,7 @@ def test_bad_input_is_refused_before_queueing(tiny, kwargs, error, match):
     ({"max_queue": 0}, "max_queue"),
     ({"tokenizer_threads": 0}, "tokenizer_threads"),
     ({"workers": 0}, "workers must be an int >= 1, got 0"),
+    ({"share_tokens": -1}, "share_tokens must be an int >= 0, got -1"),
 ])
 def test_bad_settings(tiny, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -535,6 +535,13 @@ def test_queue_and_body_timeout_flags_and_env(tiny, monkeypatch):
     assert create_app(tiny, lookahead_texts=16).state.batcher.lookahead_texts == 16
     with pytest.raises(ValueError, match="lookahead_texts"):
         create_app(tiny, lookahead_texts=0)
+    assert args.share_tokens == 128 and create_app(tiny).state.batcher.share_tokens == 128
+    assert build_parser().parse_args(["serve", "--share-tokens", "0"]).share_tokens == 0
+    assert create_app(tiny, share_tokens=256).state.batcher.share_tokens == 256
+    with pytest.raises(ValueError, match="share_tokens"):
+        create_app(tiny, share_tokens=-1)
+    monkeypatch.setenv("EMBFAST_SHARE_TOKENS", "64")
+    assert build_parser().parse_args(["serve"]).share_tokens == 64
     monkeypatch.setenv("EMBFAST_MAX_QUEUE_TOKENS", "5000")
     monkeypatch.setenv("EMBFAST_BODY_TIMEOUT_S", "0")
     args = build_parser().parse_args(["serve", "--max-queue-texts", "100"])
@@ -544,6 +551,7 @@ def test_queue_and_body_timeout_flags_and_env(tiny, monkeypatch):
         info = httpx.get(f"{url}/info", timeout=30).json()
     assert (info["batching"]["max_queue_texts"], info["batching"]["max_queue_tokens"]) == (100, 5000)
     assert (info["batching"]["queue_policy"], info["batching"]["lookahead_texts"]) == ("deadline", 32)
+    assert info["batching"]["share_tokens"] == 128
     assert info["limits"]["body_timeout_s"] is None
 
 

@@ -223,7 +223,7 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
                model_name: str | None = None, reranker=None, strict_requests: bool = False,
                token_ids: str | None = None, sparse=None, models: list | None = None,
                call_cost_tokens: float | str | None = None, workers: int = 1, queue_policy: str = "deadline",
-               lookahead_texts: int | None = None):
+               lookahead_texts: int | None = None, share_tokens: int = 128):
     """Build the FastAPI app serving ``embedder`` (and any other models).
 
     Every POST whose client goes away before its answer is sent is cancelled: its queued texts leave the batcher
@@ -237,10 +237,10 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
             (``app.state.batcher``) and closes it at shutdown, after in-flight
             requests, so such an app serves once.
         max_batch_tokens / max_wait_ms / max_queue / max_queue_texts / max_queue_tokens / call_cost_tokens /
-            queue_policy / lookahead_texts: the batcher's (see DynamicBatcher), for every model: the queue is
-            counted in requests, texts and tokens; over any of them a request gets 429 with ``retry-after`` (whole
-            seconds, estimated from the backlog and the recent throughput); one request over a whole texts or tokens
-            budget gets 413 (it could never fit).
+            queue_policy / lookahead_texts / share_tokens: the batcher's (see DynamicBatcher), for every model:
+            the queue is counted in requests, texts and tokens; over any of them a request gets 429 with
+            ``retry-after`` (whole seconds, estimated from the backlog and the recent throughput); one request over
+            a whole texts or tokens budget gets 413 (it could never fit).
         body_timeout_s: a request body that sends nothing for this many seconds (per chunk, not in total;
             default 30) is answered 408 ``body_timeout`` and its connection closed, so a stalled upload holds
             nothing; None waits forever.
@@ -339,7 +339,7 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
                            max_queue_texts=max_queue_texts, max_queue_tokens=max_queue_tokens,
                            merge_requests=dynamic_batching, run_lock=run_lock,
                            call_cost_tokens=call_cost_tokens, workers=workers, queue_policy=queue_policy,
-                           lookahead_texts=lookahead_texts)
+                           lookahead_texts=lookahead_texts, share_tokens=share_tokens)
         entries.append(ServedModel(names, kind, model, b, owned=True,
                                    rss_load_bytes=getattr(model, "load_rss_bytes", None)))
     registry = ModelRegistry(entries)
@@ -554,7 +554,8 @@ def create_app(embedder=None, *, batcher=None, max_batch_tokens: int = 16384, ma
             "batching": {"dynamic": b.merge_requests, "max_batch_tokens": b.max_batch_tokens,
                          "max_batch_size": b.max_batch_size, "max_wait_ms": b.max_wait_ms, "max_queue": b.max_queue,
                          "max_queue_texts": b.max_queue_texts, "max_queue_tokens": b.max_queue_tokens,
-                         "queue_policy": b.queue_policy, "lookahead_texts": b.lookahead_texts},
+                         "queue_policy": b.queue_policy, "lookahead_texts": b.lookahead_texts,
+                         "share_tokens": b.share_tokens},
             "limits": {"max_request_bytes": max_request_bytes, "max_inputs": max_inputs,
                        "body_timeout_s": body_timeout_s},
             "auth": api_key is not None,

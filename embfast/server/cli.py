@@ -87,6 +87,9 @@ def register_cli(subparsers) -> None:
                    help="how many waiting texts, most urgent first, the batcher plans each batch from (texts of "
                         "similar length are grouped to save padding, so a younger text can overtake an older one "
                         "within them); default: DynamicBatcher's (32 on the CPU)")
+    p.add_argument("--share-tokens", type=int, default=_env("SHARE_TOKENS", 128),
+                   help="with several workers, a batch holds at most its worker's share of the queued tokens, and "
+                        "at least this many padded tokens (default 128; 0: no split); see DynamicBatcher")
     p.add_argument("--call-cost-tokens", default=_env("CALL_COST_TOKENS"),
                    help="the batcher's fixed cost of one ONNX Runtime call in padded tokens, or 'auto' (fitted while "
                         "serving); default: DynamicBatcher's")
@@ -193,6 +196,7 @@ def cmd_serve(args) -> int:
                      max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, dynamic_batching=args.dynamic_batching,
                      call_cost_tokens=_call_cost(args.call_cost_tokens), queue_policy=args.queue_policy,
                      lookahead_texts=None if args.lookahead_texts is None else int(args.lookahead_texts),
+                     share_tokens=int(args.share_tokens),
                      max_queue_texts=None if args.max_queue_texts is None else int(args.max_queue_texts),
                      max_queue_tokens=None if args.max_queue_tokens is None else int(args.max_queue_tokens),
                      body_timeout_s=float(args.body_timeout_s) or None,
