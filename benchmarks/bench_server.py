@@ -221,6 +221,33 @@ class Server:
                 self.proc.wait()
 
 
+def parse_mode(mode: str) -> dict:
+    """An on/off mode (``on-w2-la16-st0-oldest``) as :func:`embfast_server`'s keyword arguments; a setting the mode
+    does not name is None (the default)."""
+    policy = next((p for p in ("oldest", "deadline") if mode.endswith("-" + p)), None)
+    if policy:
+        mode = mode[: -len(policy) - 1]
+    mode, _, st = mode.partition("-st")
+    mode, _, bt = mode.partition("-bt")
+    mode, _, la = mode.partition("-la")
+    batching, _, w = mode.partition("-w")
+    return {"batching": batching == "on", "workers": int(w or 1), "queue_policy": policy,
+            "lookahead": int(la) if la else None, "batch_tokens": int(bt) if bt else None,
+            "share_tokens": int(st) if st else None}
+
+
+def batcher_settings(args, queue_policy: str | None = None, lookahead: int | None = None,
+                     batch_tokens: int | None = None, share_tokens: int | None = None) -> dict:
+    """The batcher settings a result row records (a server's, or the in-process batcher's of the same mode): the
+    token budget and queue policy always (None: the server's default policy), look-ahead and share only when set."""
+    out = {"max_batch_tokens": batch_tokens or args.max_batch_tokens, "queue_policy": queue_policy or args.queue_policy}
+    if lookahead is not None:
+        out["lookahead_texts"] = lookahead
+    if share_tokens is not None:
+        out["share_tokens"] = share_tokens
+    return out
+
+
 def embfast_server(args, batching: bool, models: int = 1, workers: int = 1, baseline: str | None = None,
                    queue_policy: str | None = None, lookahead: int | None = None,
                    batch_tokens: int | None = None, share_tokens: int | None = None) -> Server:
@@ -253,12 +280,8 @@ def embfast_server(args, batching: bool, models: int = 1, workers: int = 1, base
     if share_tokens is not None:
         cmd += ["--share-tokens", str(share_tokens)]
     extra = {"dynamic_batching": batching, "workers": workers, "max_wait_ms": args.max_wait_ms,
-             "max_batch_tokens": batch_tokens, "precision": args.precision,
-             "call_cost_tokens": args.call_cost_tokens, "queue_policy": queue_policy}
-    if lookahead is not None:
-        extra["lookahead_texts"] = lookahead
-    if share_tokens is not None:
-        extra["share_tokens"] = share_tokens
+             "precision": args.precision, "call_cost_tokens": args.call_cost_tokens,
+             **batcher_settings(args, queue_policy, lookahead, batch_tokens, share_tokens)}
     if names:
         extra.update(served_names=names, layout="two models, one process")
     env = {"EMBFAST_REQUIRE_NATIVE": "1"}  # the native kernels, as in-process: never a silent fallback
@@ -287,7 +310,7 @@ def bare_server(args, workers: int = 2, raw: bool = False) -> Server:
     layout = "httptools protocol, same batcher" if raw else "bare ASGI app, same batcher"
     return Server(f"{'raw' if raw else 'bare'}-w{workers}", cmd, port, "/v1/embeddings", "embfast",
                   env={"EMBFAST_REQUIRE_NATIVE": "1"},
-                  extra={"dynamic_batching": True, "workers": workers, "layout": layout})
+                  extra={"dynamic_batching": True, "workers": workers, "layout": layout, **batcher_settings(args)})
 
 
 def _default_model():
@@ -596,7 +619,7 @@ def measure(server, sentences: list[str], clients: int, k: int, args, api: str =
                 return asyncio.run(run_load(server, sentences, clients, k, seconds, api))
     else:
         name, extra = "in-process", {"dynamic_batching": server.merge_requests, "workers": server.workers,
-                                     "api": "python"}
+                                     "api": "python", **getattr(server, "bench_settings", {})}
 
         def run(seconds):
             return asyncio.run(run_inprocess(server, sentences, clients, k, seconds, wrk_order=args.load == "wrk"))
@@ -682,12 +705,7 @@ def table(rows: list[dict]) -> str:
         base = one.get((r["concurrency"], r["texts_per_request"]))
         if "layout" in r and base:
             layout += f" ({r['texts_per_s'] / base:.0%} of one)"
-        server = r["server"] + (" (baseline)" if r.get("baseline") else "") + \
-            (f" ({r['queue_policy']})" if r.get("queue_policy") else "") + \
-            (f" (look-ahead {r['lookahead_texts']})" if r.get("lookahead_texts") else "") + \
-            (f" (batch tokens {r['max_batch_tokens']})" if r.get("max_batch_tokens", 16384) != 16384 else "") + \
-            (f" (share tokens {r['share_tokens']})" if r.get("share_tokens") is not None else "")
-        out.append(f"| {server} | {r.get('api', 'openai')} | {batching} | {layout} | {r['concurrency']} | "
+        out.append(f"| {_label(r)} | {r.get('api', 'openai')} | {batching} | {layout} | {r['concurrency']} | "
                    f"{r['texts_per_request']} | {r['requests_per_s']} | {r['texts_per_s']} | {r['p50_ms']} | "
                    f"{r['p99_ms']} | {r['errors']} |")
     base = {(r["concurrency"], r["texts_per_request"]): r["p50_ms"] for r in rows if r["server"] == "in-process"}
@@ -697,7 +715,7 @@ def table(rows: list[dict]) -> str:
         if r["server"] not in ("embfast", "bare", "raw") or not r.get("dynamic_batching") or point not in base \
                 or r["p50_ms"] is None:
             continue
-        what = (f"- HTTP cost per request ({r['server']} {r['api']}{' baseline' if r.get('baseline') else ''}, "
+        what = (f"- HTTP cost per request ({_label(r)} {r['api']}, "
                 f"{r['concurrency']} clients, {r['texts_per_request']} text(s)): ")
         if r.get("http_cost_ms") is not None:  # rounds paired with the in-process batcher's
             lo, hi = r["http_cost_ms_range"]
@@ -708,15 +726,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out + ([""] + extra if extra else []))
 
 
+def _label(r: dict) -> str:
+    """A row's server and the settings it was given: ``embfast (oldest) (share tokens 0)``."""
+    return r["server"] + (" (baseline)" if r.get("baseline") else "") + \
+        (f" ({r['queue_policy']})" if r.get("queue_policy") else "") + \
+        (f" (look-ahead {r['lookahead_texts']})" if r.get("lookahead_texts") else "") + \
+        (f" (batch tokens {r['max_batch_tokens']})" if r.get("max_batch_tokens", 16384) != 16384 else "") + \
+        (f" (share tokens {r['share_tokens']})" if r.get("share_tokens") is not None else "")
+
+
 def paired_http_cost(rows: list[dict]) -> dict[tuple, list[float]]:
-    """Each HTTP server's p50 minus the in-process batcher's of the same round, batching mode, workers, clients
-    and texts per request: {median_rows key: [ms per round]}."""
-    inproc = {(r.get("dynamic_batching"), r.get("workers"), r["concurrency"], r["texts_per_request"], r["round"]):
-              r["p50_ms"] for r in rows if r["server"] == "in-process" and r.get("p50_ms") is not None}
+    """Each HTTP server's p50 minus the in-process batcher's of the same round, batcher settings (batching,
+    workers, token budget, policy, look-ahead, share), clients and texts per request: {median_rows key: [ms per
+    round]}."""
+    def pair(r):
+        return (r.get("dynamic_batching"), r.get("workers"), r.get("max_batch_tokens"), r.get("queue_policy"),
+                r.get("lookahead_texts"), r.get("share_tokens"), r["concurrency"], r["texts_per_request"],
+                r.get("round"))
+
+    inproc = {pair(r): r["p50_ms"] for r in rows if r["server"] == "in-process" and r.get("p50_ms") is not None}
     out: dict[tuple, list[float]] = {}
     for r in rows:
-        base = inproc.get((r.get("dynamic_batching"), r.get("workers"), r["concurrency"], r["texts_per_request"],
-                           r.get("round")))
+        base = inproc.get(pair(r))
         if r["server"] != "in-process" and base is not None and r.get("p50_ms") is not None:
             out.setdefault(_group_key(r), []).append(r["p50_ms"] - base)
     return out
@@ -751,22 +782,9 @@ def main(argv=None) -> int:
     servers: list = []
     for mode in args.modes:
         if mode.startswith(("on", "off")):
-            policy = next((p for p in ("oldest", "deadline") if mode.endswith("-" + p)), None)
-            if policy:
-                mode = mode[: -len(policy) - 1]
-            mode, _, st = mode.partition("-st")
-            mode, _, bt = mode.partition("-bt")
-            mode, _, la = mode.partition("-la")
-            batching, _, w = mode.partition("-w")
-            lookahead = int(la) if la else None
-            batch_tokens = int(bt) if bt else None
-            share = int(st) if st else None
-            servers.append(embfast_server(args, batching == "on", workers=int(w or 1), queue_policy=policy,
-                                          lookahead=lookahead, batch_tokens=batch_tokens, share_tokens=share))
+            servers.append(embfast_server(args, **parse_mode(mode)))
             if args.baseline:
-                servers.append(embfast_server(args, batching == "on", workers=int(w or 1), baseline=args.baseline,
-                                              queue_policy=policy, lookahead=lookahead, batch_tokens=batch_tokens,
-                                              share_tokens=share))
+                servers.append(embfast_server(args, **parse_mode(mode), baseline=args.baseline))
         elif mode.startswith(("bare", "raw")):
             servers.append(bare_server(args, workers=int(mode.partition("-w")[2] or 2), raw=mode.startswith("raw")))
         elif mode.startswith("two-models"):
@@ -809,10 +827,16 @@ def main(argv=None) -> int:
                 Embedder(precision=args.precision, threads=args.threads)
             made = []
             for mode in [m for m in args.modes if m.startswith(("on", "off"))] or ["on"]:
-                batching, _, w = mode.partition("-w")
-                made.append(DynamicBatcher(model, max_batch_tokens=args.max_batch_tokens,
-                                           max_wait_ms=args.max_wait_ms, max_queue=100000,
-                                           merge_requests=batching == "on", workers=int(w or 1)))
+                m = parse_mode(mode)  # the same settings as that mode's server
+                settings = batcher_settings(args, m["queue_policy"], m["lookahead"], m["batch_tokens"],
+                                            m["share_tokens"])
+                options = {"queue_policy": settings["queue_policy"], "lookahead_texts": m["lookahead"],
+                           "share_tokens": m["share_tokens"]}
+                b = DynamicBatcher(model, max_batch_tokens=settings["max_batch_tokens"],
+                                   max_wait_ms=args.max_wait_ms, max_queue=100000, merge_requests=m["batching"],
+                                   workers=m["workers"], **{k: v for k, v in options.items() if v is not None})
+                b.bench_settings = settings  # recorded in its rows, to pair them with the same mode's server
+                made.append(b)
             return made
 
         # With rounds, the in-process batchers take their turn in each round beside the servers (idle servers

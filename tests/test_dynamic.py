@@ -203,7 +203,8 @@ def test_two_workers_take_their_share_of_a_light_queue(tiny_dir, share, callers,
     """With several workers and at most 2 x workers x share_tokens tokens queued, a batch holds at most
     max(share_tokens, queued tokens / workers) padded tokens (``share`` here in texts of one length): callers of
     one text each, queued while both run slots are held, go in batches of that share (8 texts, share 2: 4, then 2
-    and 2), and each gets its own answer; share_tokens=0, or more queued (8 texts, share 1), merges them all."""
+    and 2), and each gets its own answer; share_tokens=0, or more queued (8 texts, share 1), merges them all. A lone
+    request is never split by the share (its batches would run one after the other anyway)."""
     from embfast import Embedder
 
     model = Embedder(tiny_dir, threads=2)
@@ -228,7 +229,12 @@ def test_two_workers_take_their_share_of_a_light_queue(tiny_dir, share, callers,
         for t in threads:
             t.join()
         wait_for(lambda: sum(sizes) == callers, "every batch's listener")
-    assert sorted(sizes) == expected, sizes
+        split, sizes[:] = list(sizes), []
+        lone = b.encode([text] * callers)
+        wait_for(lambda: sum(sizes) == callers, "the lone request's listeners")
+    assert sorted(split) == expected, split
+    assert sizes == [callers], sizes
+    assert cosine_rows(lone, model.encode([text] * callers)).min() >= 0.9999
     ref = model.encode([text])
     assert all(cosine_rows(out[i][None], ref).min() >= 0.9999 for i in range(callers))
 
