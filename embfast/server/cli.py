@@ -88,8 +88,9 @@ def register_cli(subparsers) -> None:
                         "similar length are grouped to save padding, so a younger text can overtake an older one "
                         "within them); default: DynamicBatcher's (32 on the CPU)")
     p.add_argument("--share-tokens", type=int, default=_env("SHARE_TOKENS", 128),
-                   help="with several workers, a batch holds at most its worker's share of the queued tokens, and "
-                        "at least this many padded tokens (default 128; 0: no split); see DynamicBatcher")
+                   help="with several workers under a light load (at most 2 x workers x this many tokens queued), "
+                        "a batch holds at most its worker's share of the queued tokens, and at least this many "
+                        "padded tokens (default 128; 0: no split); see DynamicBatcher")
     p.add_argument("--call-cost-tokens", default=_env("CALL_COST_TOKENS"),
                    help="the batcher's fixed cost of one ONNX Runtime call in padded tokens, or 'auto' (fitted while "
                         "serving); default: DynamicBatcher's")
