@@ -65,6 +65,7 @@ import collections
 import concurrent.futures
 import copy
 import logging
+import math
 import os
 import threading
 import time
@@ -315,6 +316,52 @@ class _Request:
         self.seq = 0  # arrival order, for ties
 
 
+# Below this many DP steps (texts x candidate batch starts) the plain-Python DP is faster than NumPy's (one vector
+# operation per text costs more than a few list lookups): 5.2 against 43.0 us for 8 texts, 48 against 161 us for
+# 32 (the CPU look-ahead), 177 against 352 us for 64, about equal at 128 (2-core AMD EPYC; benchmarks/bench_plan.py).
+_PLAN_PYTHON_STEPS = 64 * 64
+
+
+def _plan_starts_numpy(width: np.ndarray, max_batch_size: int, max_batch_tokens: int,
+                       call_cost_tokens: float) -> list[int]:
+    """The DP of :func:`plan_by_cost` over ``width`` (padded width per length-sorted text, descending):
+    ``start[i]``, where the last batch of the first i texts starts. One NumPy pass over the candidate starts per
+    text; the reference for :func:`_plan_starts_python`."""
+    n = width.size
+    cost = np.zeros(n + 1)
+    start = [0] * (n + 1)
+    for i in range(1, n + 1):
+        j0 = max(0, i - max_batch_size)
+        rows = np.arange(i - j0, 0, -1)  # group sizes for starts j0 .. i-1
+        padded = rows * width[j0:i]
+        total = cost[j0:i] + call_cost_tokens + padded
+        total[(padded > max_batch_tokens) & (rows > 1)] = np.inf
+        k = int(np.argmin(total))  # ties: the earliest start, i.e. the larger batch
+        cost[i], start[i] = total[k], j0 + k
+    return start
+
+
+def _plan_starts_python(width: np.ndarray, max_batch_size: int, max_batch_tokens: int,
+                        call_cost_tokens: float) -> list[int]:
+    """:func:`_plan_starts_numpy` in plain Python, for small inputs: the same float operations in the same order,
+    and the same tie rule (the earliest start), so the same plan."""
+    w = width.tolist()
+    n = len(w)
+    cost = [0.0] * (n + 1)
+    start = [0] * (n + 1)
+    for i in range(1, n + 1):
+        best, arg = math.inf, 0
+        for j in range(max(0, i - max_batch_size), i):
+            padded = (i - j) * w[j]
+            if padded > max_batch_tokens and i - j > 1:
+                continue
+            total = cost[j] + call_cost_tokens + padded
+            if total < best:
+                best, arg = total, j
+        cost[i], start[i] = best, arg
+    return start
+
+
 def plan_by_cost(lengths: np.ndarray, max_batch_size: int, max_batch_tokens: int,
                  call_cost_tokens: float) -> list[np.ndarray]:
     """Split texts into length-sorted batches that minimize the estimated run time.
@@ -340,16 +387,9 @@ def plan_by_cost(lengths: np.ndarray, max_batch_size: int, max_batch_tokens: int
     order = np.argsort(-lengths, kind="stable")
     width = np.maximum(lengths[order], 1).astype(np.float64)  # width[j]: a group starting at j pads to it
     n = width.size
-    cost = np.zeros(n + 1)
-    start = np.zeros(n + 1, dtype=np.int64)
-    for i in range(1, n + 1):
-        j0 = max(0, i - max_batch_size)
-        rows = np.arange(i - j0, 0, -1)  # group sizes for starts j0 .. i-1
-        padded = rows * width[j0:i]
-        total = cost[j0:i] + call_cost_tokens + padded
-        total[(padded > max_batch_tokens) & (rows > 1)] = np.inf
-        k = int(np.argmin(total))  # ties: the earliest start, i.e. the larger batch
-        cost[i], start[i] = total[k], j0 + k
+    small = n * min(n, max_batch_size) <= _PLAN_PYTHON_STEPS
+    start = (_plan_starts_python if small else _plan_starts_numpy)(width, max_batch_size, max_batch_tokens,
+                                                                   float(call_cost_tokens))
     groups = []
     i = n
     while i > 0:
@@ -1200,29 +1240,53 @@ class DynamicBatcher(SparseCalls):
 
     def _select(self) -> list[tuple[_Request, np.ndarray]]:
         """Plan the most urgent pending texts (earliest deadline, see ``queue_policy``) into length-sorted batches;
-        take the one holding the most urgent text. Lock held."""
+        take the one holding the most urgent text. Lock held.
+
+        Each taken request's rows stay ascending. A lone text skips the planner, and the bookkeeping works on
+        boolean masks: with NumPy set operations, picking one single-text request took 162 us in a worker just
+        woken up (3% of a sentence's whole call on 2 cores), and 3.5x as long as now for 32 queued sentences
+        (benchmarks/bench_plan.py)."""
         pool: list[_Request] = []
+        sizes: list[int] = []
         n = 0
         for req in self._pending:
             pool.append(req)
-            n += len(req.todo)
+            sizes.append(len(req.todo))
+            n += sizes[-1]
             if not self.merge_requests or n >= self.lookahead_texts:
                 break
-        owner = np.repeat(np.arange(len(pool)), [len(r.todo) for r in pool])
-        rows = np.concatenate([r.todo for r in pool])
-        lengths = np.concatenate([r.lengths[r.todo] for r in pool])
+        if n == 1:  # one text (the lone caller's single sentence, or batching off): nothing to plan
+            req = pool[0]
+            take, req.todo = req.todo, req.todo[:0]
+            self._pending_texts -= 1
+            self._pending_tokens -= int(req.lengths[take[0]])
+            if self._pending[0] is req:  # always, as the queue holds only requests with rows left
+                del self._pending[0]
+            else:  # pragma: no cover
+                self._pending = [r for r in self._pending if len(r.todo)]
+            return [(req, take)]
+        lengths = np.concatenate([r.lengths[r.todo] for r in pool]) if len(pool) > 1 else pool[0].lengths[pool[0].todo]
         # Index 0 is the most urgent request's first unbatched text: the batch holding it goes now.
         cost = self.call_cost_tokens
         if self._cost_model is not None:
             cost = self._cost_model.tokens() or cost
         plan = plan_by_cost(lengths, self.max_batch_size, self._batch_tokens(), cost)
         chosen = next(b for b in plan if (b == 0).any())
-        chosen.sort()
+        taken = np.zeros(n, dtype=bool)
+        taken[chosen] = True
         batch: list[tuple[_Request, np.ndarray]] = []
-        for k in np.unique(owner[chosen]):
-            req = pool[int(k)]
-            take = rows[chosen[owner[chosen] == k]]
-            req.todo = np.setdiff1d(req.todo, take, assume_unique=True)
+        start = 0
+        for req, size in zip(pool, sizes, strict=True):
+            mine = taken[start:start + size]
+            start += size
+            if size == 1:
+                if not mine[0]:
+                    continue
+                take, req.todo = req.todo, req.todo[:0]
+            else:
+                if not mine.any():
+                    continue
+                take, req.todo = req.todo[mine], req.todo[~mine]
             self._pending_texts -= len(take)
             self._pending_tokens -= int(req.lengths[take].sum())
             batch.append((req, take))

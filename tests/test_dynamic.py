@@ -328,6 +328,22 @@ def test_plan_by_cost_is_optimal_and_valid(lengths, batch_size, budget, call_cos
     assert cost(plan) == pytest.approx(best)
 
 
+def test_plan_by_cost_python_dp_matches_the_numpy_reference():
+    """Small inputs plan with a plain-Python DP (faster there); it must give the NumPy reference's plan exactly,
+    ties included (lengths drawn from a few values, so equal costs are common)."""
+    from embfast.dynamic import _plan_starts_numpy, _plan_starts_python
+
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        n = int(rng.integers(1, 90))
+        values = rng.integers(1, 400, size=int(rng.integers(1, 6)))
+        width = np.sort(rng.choice(values, size=n))[::-1].astype(np.float64)
+        batch_size, budget = int(rng.integers(1, 40)), int(rng.integers(1, 3000))
+        call_cost = float(rng.choice([0.0, 4.0, 32.0, 100.5, 2048.0]))
+        args = (width, batch_size, budget, call_cost)
+        assert _plan_starts_python(*args) == _plan_starts_numpy(*args), (trial, args)
+
+
 def test_token_budget_splits_batches_and_keeps_order(tiny):
     with DynamicBatcher(tiny, max_batch_tokens=64, max_batch_size=4) as b:
         gate = Gate()
