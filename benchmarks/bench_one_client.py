@@ -39,7 +39,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server import APIS, DEFAULT_SENTENCES, _ints, embfast_server, machine, parse_mode  # noqa: E402
+from bench_server import (  # noqa: E402
+    APIS,
+    DEFAULT_SENTENCES,
+    ON_OFF_MODE,
+    _ints,
+    embfast_server,
+    machine,
+    parse_mode,
+    read_sentences,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,8 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--startup-timeout-s", type=float, default=300.0, help="wait this long for a server to start")
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    pattern = r"(on|off)(-w[1-9][0-9]*)?(-la[1-9][0-9]*)?(-bt[1-9][0-9]*)?(-st[0-9]+)?(-oldest|-deadline)?"
-    if len(args.modes) < (1 if args.baseline else 2) or not all(re.fullmatch(pattern, m) for m in args.modes) \
+    if len(args.modes) < (1 if args.baseline else 2) or not all(re.fullmatch(ON_OFF_MODE, m) for m in args.modes) \
             or len(set(args.modes)) < len(args.modes):
         p.error(f"--modes needs at least two different on/off modes (one with --baseline; as bench_server.py's), "
                 f"got {args.modes}")
@@ -225,14 +233,10 @@ def main(argv=None) -> int:
     from embfast import build_info
     from embfast.export import default_model_path
 
-    path = Path(args.sentences)
-    if not path.is_file():
-        print(f"bench_one_client: sentences file not found: {path} (pass --sentences)", file=sys.stderr)
+    read = read_sentences(args, "bench_one_client")
+    if read is None:
         return 2
-    with path.open(encoding="utf-8") as fh:
-        sentences = [line.strip() for line in fh if line.strip()][: args.limit]
-    if args.model and Path(args.model).exists():  # the servers run from another folder
-        args.model = str(Path(args.model).resolve())
+    path, sentences = read
     header = {"bench": "one_client", "machine": machine(), "build": build_info(),
               "model": args.model or str(default_model_path()), "sentences": str(path),
               "n_sentences": len(sentences), "duration_s": args.duration_s, "warmup_s": args.warmup_s,

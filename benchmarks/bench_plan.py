@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
+import timeit
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,14 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def median_us(fn, repeats: int) -> float:
-    import numpy as np
-
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return round(float(np.median(times)) * 1e6, 2)
+    """``fn()``'s median time over ``repeats`` single calls, in us."""
+    return round(statistics.median(timeit.repeat(fn, number=1, repeat=repeats)) * 1e6, 2)
 
 
 def measure_select(model, sentences: list[str], repeats: int) -> dict[str, float]:
@@ -76,8 +72,7 @@ def measure_select(model, sentences: list[str], repeats: int) -> dict[str, float
                 t0 = time.perf_counter()
                 b._select()
                 times.append(time.perf_counter() - t0)
-        times.sort()
-        out[name] = round(times[len(times) // 2] * 1e6, 2)
+        out[name] = round(statistics.median(times) * 1e6, 2)
     return out
 
 
@@ -90,7 +85,8 @@ def measure_dp(lengths, repeats: int) -> list[dict]:
     for n in (1, 2, 8, 16, 32, 64, 128):
         width = np.sort(np.maximum(np.asarray(lengths[:n], dtype=np.float64), 1))[::-1].copy()
         args = (width, 256, 16384, 32.0)
-        assert _plan_starts_python(*args) == _plan_starts_numpy(*args)
+        if _plan_starts_python(*args) != _plan_starts_numpy(*args):  # a bug, not a timing: say so
+            raise RuntimeError(f"the two DPs disagree on {n} texts")
         rows.append({"texts": n, "python_us": median_us(lambda a=args: _plan_starts_python(*a), repeats),
                      "numpy_us": median_us(lambda a=args: _plan_starts_numpy(*a), repeats)})
     return rows

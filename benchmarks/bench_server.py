@@ -68,6 +68,24 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+# an on/off mode: on-w2-la16-bt128-st0-oldest and every shorter form (see parse_mode)
+ON_OFF_MODE = r"(on|off)(-w[1-9][0-9]*)?(-la[1-9][0-9]*)?(-bt[1-9][0-9]*)?(-st[0-9]+)?(-oldest|-deadline)?"
+
+
+def read_sentences(args, prog: str) -> tuple[Path, list[str]] | None:
+    """``--sentences`` (its first ``--limit`` non-empty lines), with ``--model`` made absolute (the servers run
+    from another folder); None, after saying why on stderr, when the file is missing."""
+    path = Path(args.sentences)
+    if not path.is_file():
+        print(f"{prog}: sentences file not found: {path} (pass --sentences)", file=sys.stderr)
+        return None
+    with path.open(encoding="utf-8") as fh:
+        sentences = [line.strip() for line in fh if line.strip()][: args.limit]
+    if args.model and Path(args.model).exists():
+        args.model = str(Path(args.model).resolve())
+    return path, sentences
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sentences", default=str(DEFAULT_SENTENCES), help="text file, one sentence per line")
@@ -141,8 +159,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--startup-timeout-s", type=float, default=300.0, help="wait this long for a server to start")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    pattern = (r"(on|off)(-w[1-9][0-9]*)?(-la[1-9][0-9]*)?(-bt[1-9][0-9]*)?(-st[0-9]+)?(-oldest|-deadline)?"
-               r"|two-models(-w[1-9][0-9]*)?"
+    pattern = (ON_OFF_MODE + r"|two-models(-w[1-9][0-9]*)?"
                r"|two-processes"
                r"|(bare|raw)(-w[1-9][0-9]*)?")
     if not all(re.fullmatch(pattern, m) for m in modes):
@@ -764,14 +781,10 @@ def main(argv=None) -> int:
     from embfast import build_info
     from embfast.export import default_model_path
 
-    path = Path(args.sentences)
-    if not path.is_file():
-        print(f"bench_server: sentences file not found: {path} (pass --sentences)", file=sys.stderr)
+    read = read_sentences(args, "bench_server")
+    if read is None:
         return 2
-    with path.open(encoding="utf-8") as fh:
-        sentences = [line.strip() for line in fh if line.strip()][: args.limit]
-    if args.model and Path(args.model).exists():  # the servers run from another folder
-        args.model = str(Path(args.model).resolve())
+    path, sentences = read
     model_dir = args.model or str(default_model_path())
     if args.pin_model_core:  # this process, and so every server and wrk it starts, off the model's core
         os.sched_setaffinity(0, model_core()[1])
